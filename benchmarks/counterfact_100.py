@@ -1,0 +1,530 @@
+"""CounterFact in one batch: MEMIT, AlphaEdit and AlphaEdit+SPHERE on the embedded SmolLM2.
+
+The first ``--n`` CounterFact cases are applied as ONE batch, by each method in turn,
+every time starting from the same base weights (the session is rolled back between
+methods and the weights checked bitwise against a copy). The target vectors v* depend
+only on the base model and the requests, so they are computed once and handed to every
+method (``EditSession.apply(precomputed_targets=...)``).
+
+Reported for the base model and after each method: efficacy on the rewrite prompt as
+P(new) > P(old) (total log-probability of each target's tokens) and as top-1 accuracy
+(every target token the argmax under teacher forcing), the same on the paraphrase
+prompt, and on the neighbourhood prompt the top-1 accuracy of its true answer and
+P(true) > P(new); the hyperspherical-energy change per edited layer; the wall time of
+every phase; and the peak resident memory (``ru_maxrss``).
+
+    python benchmarks/counterfact_100.py --n 100 --out runs/counterfact_100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sphere_edit.context import generate_context_templates
+from sphere_edit.evaluate import TargetComparison, compare_targets
+from sphere_edit.methods import MEMIT, AlphaEdit, EditMethod
+from sphere_edit.models import DEFAULT_MODEL, LoadedModel, load_model
+from sphere_edit.requests import EditRequest, RequestError, validate_batch
+from sphere_edit.session import BatchResult, EditSession
+from sphere_edit.sphere import SphereProjection
+from sphere_edit.stats import layer_second_moments, load_corpus
+from sphere_edit.targets import TargetConfig, TargetResult, compute_targets
+
+REPO = Path(__file__).resolve().parents[1]
+FALLBACK_LAYERS = [3, 4, 5, 6, 7]
+METHODS = ("memit", "alphaedit", "alphaedit+sphere")
+SPHERE = SphereProjection(eta=0.5, alpha=0.5)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    request: EditRequest
+    paraphrase: str
+    neighbourhood: str
+    neighbourhood_truth: str
+    case_id: Any = None
+
+
+def _target_str(value: Any) -> Any:
+    return value["str"] if isinstance(value, dict) else value
+
+
+def case_from_record(record: Any, index: int) -> Case:
+    """A CounterFact case in the flat (EasyEdit) or the original ROME format."""
+    if not isinstance(record, dict):
+        raise RequestError(f"must be a JSON object, got {type(record).__name__}", index=index)
+    if "requested_rewrite" in record:  # ROME format
+        rewrite = record["requested_rewrite"]
+        request = EditRequest.from_dict(rewrite, index=index)
+        paraphrases = record.get("paraphrase_prompts") or []
+        neighbours = record.get("neighborhood_prompts") or []
+        paraphrase = paraphrases[0] if paraphrases else None
+        neighbour = neighbours[0] if neighbours else None
+        if isinstance(neighbour, dict):
+            neighbour = neighbour.get("prompt")
+        truth = _target_str(rewrite.get("target_true"))
+    else:
+        request = EditRequest.from_dict(record, index=index)
+        paraphrase = record.get("rephrase_prompt")
+        neighbour = record.get("locality_prompt")
+        truth = record.get("locality_ground_truth")
+    for field, value in (
+        ("paraphrase prompt", paraphrase),
+        ("neighbourhood prompt", neighbour),
+        ("neighbourhood answer", truth),
+        ("ground_truth", request.target_true),
+    ):
+        if not isinstance(value, str) or not value.strip():
+            raise RequestError("is missing or empty", index=index, field=field)
+    return Case(request, paraphrase, neighbour, truth, record.get("case_id"))
+
+
+def load_cases(path: Path, n: int) -> list[Case]:
+    if not path.exists():
+        raise SystemExit(
+            f"{path} does not exist; give the data folder with --data or SPHERE_EDIT_DATA"
+        )
+    records = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(records, list):
+        raise SystemExit(f"{path} must hold a JSON list of CounterFact records")
+    if len(records) < n:
+        raise SystemExit(f"{path} holds {len(records)} records, fewer than --n {n}")
+    cases = [case_from_record(record, i) for i, record in enumerate(records[:n])]
+    validate_batch([c.request for c in cases])
+    return cases
+
+
+# -- options ------------------------------------------------------------------------------
+
+
+def parse_layers(text: str) -> list[int]:
+    layers: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            low, high = part.split("-", 1)
+            layers.extend(range(int(low), int(high) + 1))
+        elif part:
+            layers.append(int(part))
+    if not layers:
+        raise argparse.ArgumentTypeError("give at least one layer, e.g. 3,4,5,6,7 or 3-7")
+    return sorted(set(layers))
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}"
+        )
+    return names
+
+
+def preset_layers(model_name: str) -> list[int] | None:
+    """The layers of the model's preset, if this version of sphere_edit has presets."""
+    try:
+        import sphere_edit.presets as presets
+    except ImportError:
+        return None
+    for getter in ("load_preset", "get_preset", "preset_for"):
+        function = getattr(presets, getter, None)
+        if callable(function):
+            try:
+                preset = function(model_name)
+            except (KeyError, ValueError, FileNotFoundError):
+                return None
+            layers = (
+                preset.get("layers")
+                if isinstance(preset, dict)
+                else getattr(preset, "layers", None)
+            )
+            return [int(x) for x in layers] if layers else None
+    try:
+        path = resources.files("sphere_edit").joinpath("presets", f"{model_name}.json")
+        if path.is_file():
+            layers = json.loads(path.read_text(encoding="utf-8")).get("layers")
+            return [int(x) for x in layers] if layers else None
+    except (OSError, ValueError, TypeError):
+        return None
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_data = os.environ.get("SPHERE_EDIT_DATA") or str(REPO.parent / "shared" / "data")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    # fmt: off
+    add("--data", type=Path, default=Path(default_data),
+        help="data folder with counterfact/ and corpus/ (default: $SPHERE_EDIT_DATA, "
+        "else ../shared/data)")
+    add("--n", type=int, default=100, help="number of cases (default 100)")
+    add("--model", default=DEFAULT_MODEL, help="model (default %(default)s)")
+    add("--layers", type=parse_layers, default=None,
+        help="edited layers, e.g. 3,4,5,6,7 or 3-7 (default: the model's preset, else 3-7)")
+    add("--stats-tokens", type=int, default=100_000,
+        help="corpus tokens for C0 = E[k kᵀ] (default %(default)s; cached on disk)")
+    add("--corpus", type=Path, default=None,
+        help="corpus for the statistics (default DATA/corpus/wiki_corpus.jsonl)")
+    add("--lr", type=float, default=TargetConfig.lr,
+        help="v* learning rate (default %(default)s)")
+    add("--steps", type=int, default=TargetConfig.steps,
+        help="v* optimisation steps (default %(default)s)")
+    add("--methods", type=parse_methods, default=list(METHODS),
+        help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
+    add("--bf16", action="store_true", help="v* optimisation under bfloat16 autocast")
+    add("--batch-size", type=int, default=64,
+        help="rows per forward pass in evaluation (default %(default)s)")
+    add("--seed", type=int, default=0, help="seed of the context templates (default 0)")
+    add("--threads", type=int, default=None,
+        help="torch.set_num_threads (default: torch's own default)")
+    add("--out", type=Path, default=None, help="write the results as JSON to this path")
+    # fmt: on
+    return parser
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+
+def evaluate(loaded: LoadedModel, cases: list[Case], batch_size: int) -> dict[str, Any]:
+    model, tok = loaded.model, loaded.tokenizer
+    news = [c.request.target_new for c in cases]
+    olds = [c.request.target_true for c in cases]
+    rewrite = compare_targets(
+        model, tok, [c.request.text for c in cases], news, olds, batch_size=batch_size
+    )
+    paraphrase = compare_targets(
+        model, tok, [c.paraphrase for c in cases], news, olds, batch_size=batch_size
+    )
+    # On the neighbourhood prompt the true answer is the "new" side of the comparison.
+    neighbour = compare_targets(
+        model,
+        tok,
+        [c.neighbourhood for c in cases],
+        [c.neighbourhood_truth for c in cases],
+        news,
+        batch_size=batch_size,
+    )
+
+    def rate(values: list[bool]) -> float:
+        return sum(values) / len(values)
+
+    def summary(rows: list[TargetComparison]) -> dict[str, float]:
+        return {
+            "p_new_gt_old": rate([r.new_more_likely for r in rows]),
+            "p_new_gt_old_per_token": rate([r.new_more_likely_per_token for r in rows]),
+            "top1": rate([r.new.top1 for r in rows]),
+            "mean_logprob_gap": sum(r.new.logprob - r.old.logprob for r in rows) / len(rows),
+        }
+
+    per_case = [
+        {
+            "case_id": case.case_id,
+            "rewrite_p_new_gt_old": rw.new_more_likely,
+            "rewrite_top1": rw.new.top1,
+            "rewrite_logprob_new": rw.new.logprob,
+            "rewrite_logprob_old": rw.old.logprob,
+            "paraphrase_p_new_gt_old": pp.new_more_likely,
+            "paraphrase_top1": pp.new.top1,
+            "neighbourhood_top1": nb.new.top1,
+            "neighbourhood_p_true_gt_new": nb.new_more_likely,
+        }
+        for case, rw, pp, nb in zip(cases, rewrite, paraphrase, neighbour, strict=True)
+    ]
+    return {
+        "rewrite": summary(rewrite),
+        "paraphrase": summary(paraphrase),
+        "neighbourhood": {
+            "top1": rate([r.new.top1 for r in neighbour]),
+            "p_true_gt_new": rate([r.new_more_likely for r in neighbour]),
+        },
+        "cases": per_case,
+    }
+
+
+# -- editing ------------------------------------------------------------------------------
+
+
+def make_method(name: str) -> tuple[EditMethod, SphereProjection | None]:
+    if name == "memit":
+        return MEMIT(), None
+    if name == "alphaedit":
+        return AlphaEdit(), None
+    return AlphaEdit(), SPHERE
+
+
+def edited_weights(loaded: LoadedModel, layers: list[int]) -> dict[int, torch.Tensor]:
+    return {layer: loaded.layout.mlp_out(layer).weight.detach().clone() for layer in layers}
+
+
+def run_method(
+    name: str,
+    loaded: LoadedModel,
+    cases: list[Case],
+    layers: list[int],
+    moments: dict[int, torch.Tensor],
+    templates: list[str],
+    config: TargetConfig,
+    vstar: TargetResult,
+    base: dict[int, torch.Tensor],
+    batch_size: int,
+) -> dict[str, Any]:
+    method, transform = make_method(name)
+    session = EditSession(
+        loaded, method, layers, moments, transform=transform, target=config, templates=templates
+    )
+    clock = time.perf_counter()
+    result: BatchResult = session.apply([c.request for c in cases], precomputed_targets=vstar)
+    apply_s = time.perf_counter() - clock
+    clock = time.perf_counter()
+    metrics = evaluate(loaded, cases, batch_size)
+    eval_s = time.perf_counter() - clock
+    session.rollback(1)
+    for layer, weight in base.items():
+        if not torch.equal(loaded.layout.mlp_out(layer).weight, weight):
+            raise RuntimeError(f"layer {layer} was not restored to the base weights after {name}")
+    timings = {
+        "keys": result.timings.get("keys", 0.0),
+        "solve": result.timings.get("solve", 0.0),
+        "projection": result.timings.get("projection", 0.0),
+        "energy": result.timings.get("energy", 0.0),
+        "apply_total": apply_s,
+        "evaluation": eval_s,
+    }
+    return {
+        "method": method.describe(),
+        "transform": asdict(transform) if transform is not None else None,
+        "metrics": metrics,
+        "energy": {
+            str(layer): {
+                "before": result.energy_before[layer],
+                "after": result.energy_after[layer],
+                "change": result.energy_change[layer],
+            }
+            for layer in layers
+        },
+        "update_norms": {str(k): v for k, v in result.update_norms.items()},
+        "timings": timings,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: do not squeeze to 80 columns
+        console = Console(width=120)
+    layers = report["config"]["layers"]
+    metrics = Table(title=f"CounterFact, {report['config']['n']} cases in one batch")
+    for column in ("", "eff P>", "eff top1", "para P>", "para top1", "neigh top1", "neigh P>"):
+        metrics.add_column(column, justify="left" if not column else "right")
+
+    def row(label: str, m: dict[str, Any]) -> None:
+        metrics.add_row(
+            label,
+            *(f"{100 * x:.1f}" for x in (
+                m["rewrite"]["p_new_gt_old"], m["rewrite"]["top1"],
+                m["paraphrase"]["p_new_gt_old"], m["paraphrase"]["top1"],
+                m["neighbourhood"]["top1"], m["neighbourhood"]["p_true_gt_new"],
+            )),
+        )  # fmt: skip
+
+    row("base (before)", report["baseline"]["metrics"])
+    for name, result in report["methods"].items():
+        row(name, result["metrics"])
+    console.print(metrics)
+    console.print(
+        "[dim]% of cases. eff/para: rewrite/paraphrase prompt, P(new) > P(old) by total "
+        "log-prob, and top-1 of every target token; neigh: neighbourhood prompt, top-1 of "
+        "its true answer, and P(true) > P(new).[/dim]"
+    )
+
+    energy = Table(title="Hyperspherical energy change (after − before) per layer")
+    energy.add_column("")
+    for layer in layers:
+        energy.add_column(f"L{layer}", justify="right")
+    for name, result in report["methods"].items():
+        energy.add_row(
+            name, *(f"{result['energy'][str(layer)]['change']:+.3e}" for layer in layers)
+        )
+    if report["methods"]:
+        first = next(iter(report["methods"].values()))
+        energy.add_row(
+            "[dim]HE before[/dim]",
+            *(f"[dim]{first['energy'][str(layer)]['before']:.5f}[/dim]" for layer in layers),
+        )
+    console.print(energy)
+
+    timing = Table(title="Wall time (s) and peak memory")
+    timing.add_column("phase")
+    timing.add_column("once", justify="right")
+    for name in report["methods"]:
+        timing.add_column(name, justify="right")
+    once = report["timings"]
+    names = list(report["methods"])
+    for phase in ("load model", "statistics", "context templates", "v*"):
+        timing.add_row(phase, f"{once[phase]:.1f}", *("" for _ in names))
+    timing.add_row(
+        "evaluation (base)", f"{report['baseline']['seconds']:.1f}", *("" for _ in names)
+    )
+    for phase in ("keys", "solve", "projection", "energy", "evaluation"):
+        timing.add_row(phase, "", *(f"{report['methods'][n]['timings'][phase]:.2f}" for n in names))
+    timing.add_row(
+        "peak RSS (MiB)",
+        f"{report['peak_rss_mib']['before_methods']:.0f}",
+        *(f"{report['methods'][n]['peak_rss_mib']:.0f}" for n in names),
+    )
+    console.print(timing)
+    vstar = report["vstar"]
+    console.print(
+        f"v*: {vstar['converged']}/{report['config']['n']} converged, mean final loss "
+        f"{vstar['mean_loss']:.3f}, mean NLL {vstar['mean_nll']:.3f}, mean steps "
+        f"{vstar['mean_steps']:.1f}; total {report['total_seconds']:.1f} s, "
+        f"{report['config']['threads']} threads"
+    )
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.n < 1:
+        raise SystemExit("--n must be at least 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    once: dict[str, float] = {}
+
+    cases = load_cases(args.data / "counterfact" / "train.json", args.n)
+    requests = [c.request for c in cases]
+
+    clock = time.perf_counter()
+    loaded = load_model(args.model)
+    once["load model"] = time.perf_counter() - clock
+    layers = args.layers or preset_layers(args.model) or FALLBACK_LAYERS
+    num_layers = loaded.layout.num_layers
+    if max(layers) >= num_layers:
+        raise SystemExit(f"--layers {layers}: the model has layers 0..{num_layers - 1}")
+    target_fields = {f.name for f in fields(TargetConfig)}
+    options: dict[str, Any] = {"lr": args.lr, "steps": args.steps}
+    if args.bf16:
+        if "bf16" in target_fields:
+            options["bf16"] = True
+        else:
+            log("warning: this TargetConfig has no bf16 field; --bf16 ignored")
+    config = TargetConfig(**options)
+    log(f"{args.model}: editing layers {layers}, {len(cases)} cases, methods {args.methods}")
+
+    corpus_path = args.corpus or args.data / "corpus" / "wiki_corpus.jsonl"
+    clock = time.perf_counter()
+    corpus = load_corpus(str(corpus_path))
+    found = layer_second_moments(loaded, layers, corpus, max_tokens=args.stats_tokens)
+    moments = {layer: found[layer].moment for layer in layers}
+    once["statistics"] = time.perf_counter() - clock
+    log(f"statistics: {once['statistics']:.1f} s ({found[layers[0]].count} keys per layer)")
+
+    clock = time.perf_counter()
+    templates = generate_context_templates(loaded.model, loaded.tokenizer, seed=args.seed)
+    once["context templates"] = time.perf_counter() - clock
+
+    base = edited_weights(loaded, layers)
+    clock = time.perf_counter()
+    baseline = evaluate(loaded, cases, args.batch_size)
+    baseline_s = time.perf_counter() - clock
+    log(f"base model evaluated in {baseline_s:.1f} s")
+
+    log(f"v*: {config.steps} steps for {len(cases)} requests ...")
+    clock = time.perf_counter()
+    vstar = compute_targets(
+        loaded.model, loaded.tokenizer, loaded.layout, layers[-1], requests, templates, config
+    )
+    once["v*"] = time.perf_counter() - clock
+    log(f"v*: {once['v*']:.1f} s, mean final loss {float(vstar.loss.mean()):.3f}")
+    rss_before_methods = peak_rss_mib()
+
+    results: dict[str, Any] = {}
+    for name in args.methods:
+        log(f"{name}: applying and evaluating ...")
+        results[name] = run_method(
+            name, loaded, cases, layers, moments, templates, config, vstar, base,
+            args.batch_size,
+        )  # fmt: skip
+        m = results[name]["metrics"]
+        log(
+            f"{name}: efficacy {m['rewrite']['p_new_gt_old']:.2f}, "
+            f"top1 {m['rewrite']['top1']:.2f}, "
+            f"{results[name]['timings']['apply_total']:.1f} s"
+        )
+
+    report = {
+        "config": {
+            "model": args.model,
+            "n": len(cases),
+            "layers": layers,
+            "stats_tokens": args.stats_tokens,
+            "corpus": str(corpus_path),
+            "data": str(args.data),
+            "methods": args.methods,
+            "sphere": asdict(SPHERE),
+            "target": asdict(config),
+            "seed": args.seed,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "templates": templates,
+        "vstar": {
+            "converged": int((vstar.loss < config.loss_tolerance).sum()),
+            "mean_loss": float(vstar.loss.mean()),
+            "mean_nll": float(vstar.nll.mean()),
+            "mean_steps": float(vstar.steps.float().mean()),
+            "loss": [float(x) for x in vstar.loss],
+            "steps": [int(x) for x in vstar.steps],
+            "history": vstar.history,
+        },
+        "baseline": {"metrics": baseline, "seconds": baseline_s},
+        "methods": results,
+        "timings": once,
+        "peak_rss_mib": {"before_methods": rss_before_methods, "end": peak_rss_mib()},
+        "total_seconds": time.perf_counter() - started,
+    }
+    print_report(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        log(f"results written to {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Which layers to edit: MEMIT on CounterFact cases in one batch, for several windows.
+
+For each window of consecutive layers, the first ``--n`` CounterFact cases are applied
+with MEMIT from the base weights (rolled back between windows) and scored: rewrite top-1
+(efficacy), paraphrase top-1 (generalization), neighbourhood top-1 (specificity), and the
+P(new) > P(old) rates. The preset files record the chosen window and this sweep's numbers.
+
+    python benchmarks/layer_sweep.py --model smollm2-135m --windows 2-6,4-8,8-12,12-16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from counterfact_100 import evaluate, load_cases
+
+from sphere_edit.context import generate_context_templates
+from sphere_edit.editor import parse_layers
+from sphere_edit.methods import MEMIT
+from sphere_edit.models import load_model
+from sphere_edit.session import EditSession
+from sphere_edit.stats import layer_second_moments, load_corpus
+from sphere_edit.targets import TargetConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", required=True, help="e.g. 2-6,4-8,8-12")
+    parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--stats-tokens", type=int, default=100_000)
+    parser.add_argument("--data", default=os.environ.get("SPHERE_EDIT_DATA", "../shared/data"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    loaded = load_model(args.model)
+    n_layers = loaded.layout.num_layers
+    windows = [parse_layers(w, n_layers) for w in args.windows.split(",")]
+    cases = load_cases(data / "counterfact" / "train.json", args.n)
+    corpus = load_corpus(str(data / "corpus" / "wiki_corpus.jsonl"))
+    needed = sorted({layer for w in windows for layer in w})
+    moments = layer_second_moments(loaded, needed, corpus, max_tokens=args.stats_tokens)
+    templates = generate_context_templates(loaded.model, loaded.tokenizer, seed=0)
+    base = evaluate(loaded, cases, 64)
+    print(f"base: {json.dumps({k: v for k, v in base.items() if k != 'cases'})}", flush=True)
+    results = []
+    for window in windows:
+        session = EditSession(
+            loaded, MEMIT(), window, {layer: moments[layer].moment for layer in window},
+            target=TargetConfig(lr=args.lr), templates=templates,
+        )  # fmt: skip
+        start = time.perf_counter()
+        batch = session.apply([c.request for c in cases])
+        seconds = time.perf_counter() - start
+        scores = evaluate(loaded, cases, 64)
+        session.rollback(1)
+        row = {
+            "layers": window,
+            "efficacy_top1": scores["rewrite"]["top1"],
+            "efficacy_p_new_gt_old": scores["rewrite"]["p_new_gt_old"],
+            "generalization_top1": scores["paraphrase"]["top1"],
+            "generalization_p_new_gt_old": scores["paraphrase"]["p_new_gt_old"],
+            "specificity_top1": scores["neighbourhood"]["top1"],
+            "specificity_base_top1": base["neighbourhood"]["top1"],
+            "mean_v_loss": sum(batch.target_loss) / len(batch.target_loss),
+            "seconds": round(seconds, 1),
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"model": args.model, "n": args.n, "lr": args.lr,
+                                        "results": results}, indent=2))  # fmt: skip
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

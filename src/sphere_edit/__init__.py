@@ -1,0 +1,42 @@
+"""sphere-edit: sequential knowledge editing with the SPHERE projection.
+
+    from sphere_edit import load_model, build_session, EditRequest
+    loaded = load_model("smollm2-135m")
+    session = build_session(loaded, "alphaedit+sphere")
+    session.apply([EditRequest.create("{} plays the", "Jimi Hendrix", "violin", "guitar")])
+"""
+
+from .arch import ARCHITECTURES, ArchSpec, ModelLayout, register_architecture
+from .editor import MethodSpec, build_session
+from .energy import hyperspherical_energy
+from .methods import MEMIT, AlphaEdit, EditMethod, LayerState, make_method
+from .models import LoadedModel, load_model
+from .requests import EditRequest, RequestError, load_requests
+from .session import BatchResult, EditSession
+from .sphere import SphereProjection
+from .targets import TargetConfig
+
+__all__ = [
+    "ARCHITECTURES",
+    "AlphaEdit",
+    "ArchSpec",
+    "BatchResult",
+    "EditMethod",
+    "EditRequest",
+    "EditSession",
+    "LayerState",
+    "LoadedModel",
+    "MEMIT",
+    "MethodSpec",
+    "ModelLayout",
+    "RequestError",
+    "SphereProjection",
+    "TargetConfig",
+    "build_session",
+    "hyperspherical_energy",
+    "load_model",
+    "load_requests",
+    "make_method",
+    "register_architecture",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,236 @@
+"""The ``sphere-edit`` command line."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Sequential knowledge editing of language models with the SPHERE projection.",
+)
+console = Console()
+err = Console(stderr=True)
+DEBUG = {"on": False}
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Embedded name, local folder or hub id.")
+]
+CorpusOpt = Annotated[
+    str | None,
+    typer.Option(help="Text for key statistics: .jsonl/.txt file or hub dataset name. "
+                 "Default: text sampled from the model."),
+]  # fmt: skip
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    DEBUG["on"] = debug
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One-line errors with a non-zero exit code; ``--debug`` shows the traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            err.print("interrupted; completed batches are in the journal")
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the CLI boundary
+            if DEBUG["on"]:
+                traceback.print_exc()
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            err.print(f"[red]error:[/] {message}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(model: str):
+    from .models import load_model
+
+    with console.status(f"loading {model}"):
+        return load_model(model)
+
+
+@app.command()
+@friendly
+def demo(
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="memit, alphaedit, add '+sphere'.")] = (
+        "alphaedit+sphere"
+    ),
+    corpus: CorpusOpt = None,
+    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the journal here.")] = None,
+) -> None:
+    """Edit a dozen facts in three batches and show completions and HE before and after."""
+    from .demo import run_demo
+
+    loaded = _load(model)
+    run_demo(
+        loaded, method, corpus=corpus, stats_tokens=stats_tokens,
+        run_dir=str(out) if out else None, console=console,
+    )  # fmt: skip
+
+
+@app.command()
+@friendly
+def edit(
+    requests: Annotated[Path, typer.Option(help="JSON list or JSONL of edit requests.")],
+    out: Annotated[Path, typer.Option(help="Run directory for the journal and deltas.")],
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="memit, alphaedit, add '+sphere'.")] = (
+        "alphaedit+sphere"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1)] = 100,
+    layers: Annotated[str | None, typer.Option(help="e.g. '3,4,5' or '3-7'.")] = None,
+    eta: Annotated[float | None, typer.Option(help="SPHERE eigenvalue share, in (0, 1].")] = None,
+    alpha: Annotated[float | None, typer.Option(help="SPHERE strength, in [0, 1].")] = None,
+    basis: Annotated[str, typer.Option(help="SPHERE basis: current or pre_edit.")] = "current",
+    corpus: CorpusOpt = None,
+    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    lr: Annotated[float | None, typer.Option(help="v* learning rate.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="v* Adam steps.")] = None,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast in the v* loop.")] = False,
+    export: Annotated[Path | None, typer.Option(help="Also save_pretrained here.")] = None,
+    seed: int = 0,
+) -> None:
+    """Apply edit requests sequentially in batches, journaling every batch."""
+    from .editor import MethodSpec, build_session, parse_layers
+    from .requests import load_requests, validate_batch
+
+    spec = MethodSpec.parse(method)
+    if eta is not None and not 0 < eta <= 1:
+        raise ValueError(f"--eta must be in (0, 1], got {eta}")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
+    if basis not in ("current", "pre_edit"):
+        raise ValueError(f"--basis must be 'current' or 'pre_edit', got {basis!r}")
+    if (out / "session.json").exists():
+        raise ValueError(f"--out {out} already holds a run; choose a new directory")
+    all_requests = load_requests(requests)
+    batches = [all_requests[i : i + batch_size] for i in range(0, len(all_requests), batch_size)]
+    for b, batch in enumerate(batches):
+        try:
+            validate_batch(batch)
+        except ValueError as error:
+            raise ValueError(f"batch {b + 1}: {error}") from None
+    loaded = _load(model)
+    overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
+    if bf16:
+        overrides["bf16"] = True
+    session = build_session(
+        loaded, spec,
+        layers=parse_layers(layers, loaded.layout.num_layers) if layers else None,
+        corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis,
+        target_overrides=overrides, run_dir=out, seed=seed, log=console.print,
+    )  # fmt: skip
+    console.print(f"{spec} on layers {session.layers}: {len(all_requests)} requests, "
+                  f"{len(batches)} batches")  # fmt: skip
+    for batch in batches:
+        start = time.perf_counter()
+        result = session.apply(batch)
+        change = ", ".join(f"L{k} {v:+.2e}" for k, v in result.energy_change.items())
+        console.print(
+            f"batch {result.index}/{len(batches)}: {len(batch)} edits in "
+            f"{time.perf_counter() - start:.1f}s; HE change {change}"
+        )
+    if export:
+        session.export(export)
+        console.print(f"edited model saved to {export}")
+    console.print(f"journal in {out}")
+
+
+@app.command()
+@friendly
+def stats(
+    model: ModelOpt = "smollm2-135m",
+    layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
+    corpus: CorpusOpt = None,
+    tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+) -> None:
+    """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
+    from .editor import parse_layers
+    from .presets import preset_for
+    from .stats import layer_second_moments, load_corpus, stats_cache_path
+
+    loaded = _load(model)
+    preset = preset_for(loaded.name, loaded.layout.num_layers)
+    chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
+    source = load_corpus(corpus, loaded)
+    console.print(f"statistics: {source.description}")
+    n_tokens = tokens or preset.stats_tokens
+    start = time.perf_counter()
+    moments = layer_second_moments(loaded, chosen, source, max_tokens=n_tokens)
+    elapsed = time.perf_counter() - start
+    for layer, moment in moments.items():
+        path = stats_cache_path(loaded.fingerprint, source.fingerprint, layer, n_tokens, "float32")
+        console.print(f"layer {layer}: {moment.count} keys -> {path}")
+    console.print(f"done in {elapsed:.1f}s")
+
+
+@app.command()
+@friendly
+def energy(
+    model: ModelOpt = "smollm2-135m",
+    layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
+    run: Annotated[Path | None, typer.Option(help="An edit run: its HE journal.")] = None,
+    s: Annotated[float, typer.Option(min=0.0, help="Riesz exponent; 0 = log energy.")] = 1.0,
+) -> None:
+    """Print the hyperspherical energy of a model's layers, or the HE series of a run."""
+    if run is not None:
+        from .journal import read_index
+
+        index = read_index(run)
+        table = Table(title=f"HE per batch: {run} ({index.get('method_spec', '')})")
+        table.add_column("batch")
+        for layer in index["layers"]:
+            table.add_column(f"layer {layer}", justify="right")
+        for entry in index["batches"]:
+            row = entry.get("energy", {})
+            table.add_row(
+                str(entry["index"]),
+                *[
+                    f"{row[str(layer)]['after']:.6f} ({row[str(layer)]['change']:+.2e})"
+                    if str(layer) in row else "-"
+                    for layer in index["layers"]
+                ],
+            )  # fmt: skip
+        console.print(table)
+        return
+    from .editor import parse_layers
+    from .energy import hyperspherical_energy
+    from .presets import preset_for
+
+    loaded = _load(model)
+    n = loaded.layout.num_layers
+    chosen = parse_layers(layers, n) if layers else list(preset_for(loaded.name, n).layers)
+    table = Table(title=f"Hyperspherical energy (s={s}) of {loaded.name}")
+    table.add_column("layer")
+    table.add_column("module")
+    table.add_column("HE", justify="right")
+    for layer in chosen:
+        value = hyperspherical_energy(loaded.layout.read_weight(layer), s)
+        table.add_row(str(layer), loaded.layout.mlp_out_weight_name(layer), f"{value:.6f}")
+    console.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

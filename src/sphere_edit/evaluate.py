@@ -1,0 +1,268 @@
+"""Batched teacher-forced scoring of targets after prompts, and greedy completion.
+
+A prompt and its target are scored as one row, the prompt's tokens followed by every
+target token but the last: the last ``len(target)`` positions of that row then predict the
+target tokens. Rows are left-padded with explicit ``position_ids`` (see :mod:`.text`), so
+every row ends in the same column and the unembedding runs only over the last ``K``
+positions of the batch (``logits_to_keep=K``, ``K`` the longest target of the batch).
+:func:`score_one_by_one` does the same one prompt at a time without any padding; the
+tests hold the two to each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .context import cache_argument
+from .text import encode, pad_id_of, pad_left, target_token_ids
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """How a model scores one target after one prompt under teacher forcing.
+
+    ``logprob`` is the sum of the log-probabilities of the target's tokens, each given
+    the prompt and the target tokens before it; ``top1`` says whether every target token
+    is the argmax of its position (so greedy decoding would produce the whole target).
+    """
+
+    logprob: float
+    mean_logprob: float
+    top1: bool
+    n_tokens: int
+    token_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetComparison:
+    """The scores of a new and an old target after the same prompt."""
+
+    new: TargetScore
+    old: TargetScore
+
+    @property
+    def new_more_likely(self) -> bool:
+        """P(new) > P(old), comparing the total log-probability of each token sequence."""
+        return self.new.logprob > self.old.logprob
+
+    @property
+    def new_more_likely_per_token(self) -> bool:
+        """The same comparison on the mean log-probability per token (ROME's evaluation
+        code averages the NLL over each target's tokens before comparing)."""
+        return self.new.mean_logprob > self.old.mean_logprob
+
+
+def _check_pairs(prompts: Sequence[str], targets: Sequence[str], batch_size: int) -> None:
+    if isinstance(prompts, str) or isinstance(targets, str):
+        raise TypeError("prompts and targets must be sequences of strings, not one string")
+    if len(prompts) != len(targets):
+        raise ValueError(
+            f"got {len(prompts)} prompts but {len(targets)} targets; give one target per prompt"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def _score_rows(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """For every pair, the row to run (prompt ids + target ids[:-1]) and the target ids."""
+    rows, target_ids = [], []
+    for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        prompt_ids = encode(tokenizer, prompt)
+        ids = target_token_ids(tokenizer, prompt, target)
+        if not prompt_ids:
+            raise ValueError(
+                f"prompt {i} ({prompt!r}) tokenises to nothing, so nothing predicts the "
+                "first target token; give a non-empty prompt"
+            )
+        rows.append(prompt_ids + ids[:-1])
+        target_ids.append(ids)
+    return rows, target_ids
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_targets(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 64,
+) -> list[TargetScore]:
+    """Teacher-forced scores of ``targets[i]`` after ``prompts[i]``, many rows per pass.
+
+    Rows are sorted by length before batching (less padding) and the scores returned in
+    the order of the input.
+    """
+    _check_pairs(prompts, targets, batch_size)
+    if not prompts:
+        return []
+    device = _device(model)
+    rows, target_ids = _score_rows(tokenizer, prompts, targets)
+    pad = pad_id_of(tokenizer)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    scores: list[TargetScore | None] = [None] * len(rows)
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin : begin + batch_size]
+        batch = pad_left([rows[i] for i in chunk], [0] * len(chunk), pad, device)
+        keep = max(len(target_ids[i]) for i in chunk)
+        # Right-align the targets: kept position j of a row predicts wanted[row, j].
+        wanted = torch.zeros(len(chunk), keep, dtype=torch.long)
+        mask = torch.zeros(len(chunk), keep, dtype=torch.bool)
+        for r, i in enumerate(chunk):
+            n = len(target_ids[i])
+            wanted[r, keep - n :] = torch.tensor(target_ids[i], dtype=torch.long)
+            mask[r, keep - n :] = True
+        logits = model(**batch.model_inputs(), logits_to_keep=keep, use_cache=False).logits
+        log_probs = torch.log_softmax(logits[:, -keep:].float(), dim=-1)
+        on_device = wanted.to(log_probs.device)
+        token_lp = log_probs.gather(2, on_device.unsqueeze(-1)).squeeze(-1).cpu()
+        hits = (log_probs.argmax(dim=-1) == on_device).cpu()
+        for r, i in enumerate(chunk):
+            scores[i] = _make_score(token_lp[r][mask[r]], hits[r][mask[r]])
+    assert all(s is not None for s in scores)
+    return scores  # type: ignore[return-value]
+
+
+def _make_score(token_lp: torch.Tensor, hits: torch.Tensor) -> TargetScore:
+    values = tuple(float(x) for x in token_lp.double())
+    total = float(sum(values))
+    return TargetScore(
+        logprob=total,
+        mean_logprob=total / len(values),
+        top1=bool(hits.all()),
+        n_tokens=len(values),
+        token_logprobs=values,
+    )
+
+
+@torch.no_grad()
+def score_one_by_one(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+) -> list[TargetScore]:
+    """Reference for :func:`score_targets`: one unpadded row per pass, full logits."""
+    _check_pairs(prompts, targets, 1)
+    device = _device(model)
+    rows, target_ids = _score_rows(tokenizer, prompts, targets)
+    scores = []
+    for row, ids in zip(rows, target_ids, strict=True):
+        logits = model(input_ids=torch.tensor([row], device=device), use_cache=False).logits
+        log_probs = torch.log_softmax(logits[0, -len(ids) :].float(), dim=-1).cpu()
+        wanted = torch.tensor(ids, dtype=torch.long)
+        token_lp = log_probs.gather(1, wanted.unsqueeze(-1)).squeeze(-1)
+        scores.append(_make_score(token_lp, log_probs.argmax(dim=-1) == wanted))
+    return scores
+
+
+def compare_targets(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    new: str | Sequence[str],
+    old: str | Sequence[str],
+    *,
+    batch_size: int = 64,
+) -> list[TargetComparison]:
+    """Score ``new[i]`` and ``old[i]`` after ``prompts[i]`` (a single string is used for
+    every prompt); both sets of rows go through the same batched passes."""
+    n = len(prompts)
+    new_list = [new] * n if isinstance(new, str) else list(new)
+    old_list = [old] * n if isinstance(old, str) else list(old)
+    for name, values in (("new", new_list), ("old", old_list)):
+        if len(values) != n:
+            raise ValueError(f"got {n} prompts but {len(values)} {name} targets")
+    scores = score_targets(
+        model, tokenizer, [*prompts, *prompts], new_list + old_list, batch_size=batch_size
+    )
+    return [TargetComparison(new=scores[i], old=scores[n + i]) for i in range(n)]
+
+
+@torch.no_grad()
+def greedy_token_ids(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Greedy continuations (token ids, without the end-of-sequence token), batched with
+    left padding, explicit positions and the KV cache; a row stops at end of sequence."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, not one string")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = _device(model)
+    pad = pad_id_of(tokenizer)
+    eos = tokenizer.eos_token_id
+    cache_arg = cache_argument(model)
+    rows = [encode(tokenizer, p) for p in prompts]
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to nothing")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    results: list[list[int]] = [[] for _ in rows]
+    if max_new_tokens == 0:
+        return results
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin : begin + batch_size]
+        batch = pad_left([rows[i] for i in chunk], [0] * len(chunk), pad, device)
+        mask = batch.attention_mask
+        step_ids, step_pos = batch.input_ids, batch.position_ids
+        finished = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        past = None
+        for _ in range(max_new_tokens):
+            cache_kwargs = {} if past is None else {cache_arg: past}
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs,
+            )
+            past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            next_ids = out.logits[:, -1].float().argmax(dim=-1)
+            for r, i in enumerate(chunk):
+                if not bool(finished[r]):
+                    token = int(next_ids[r])
+                    if eos is not None and token == eos:
+                        finished[r] = True
+                    else:
+                        results[i].append(token)
+            if bool(finished.all()):
+                break
+            step_ids = next_ids.unsqueeze(1)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+    return results
+
+
+def greedy_completion(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 8,
+    *,
+    batch_size: int = 32,
+) -> list[str]:
+    """The greedy continuation of every prompt as text (the prompt itself not included)."""
+    ids = greedy_token_ids(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]

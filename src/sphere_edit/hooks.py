@@ -1,0 +1,89 @@
+"""Small context managers around forward hooks (in the spirit of baukit's nethook)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early (everything needed is captured)."""
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output: Any, tensor: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    return tensor
+
+
+class Capture:
+    """Holds what a hook saw on the last forward pass."""
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+
+
+@contextmanager
+def capture(module: nn.Module, *, stop: bool = False) -> Iterator[Capture]:
+    """Record the first positional input and the output of ``module``.
+
+    With ``stop=True`` the forward pass is ended right after the module runs; wrap the
+    call in :func:`run_until_stopped`.
+    """
+    seen = Capture()
+
+    def hook(_module: nn.Module, args: tuple, output: Any) -> None:
+        seen.input = args[0] if args else None
+        seen.output = _first(output)
+        if stop:
+            raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def edit_output(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the (first) output tensor of ``module`` by ``edit(output)``."""
+
+    def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        return _replace_first(output, edit(_first(output)))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until_stopped(fn: Callable[[], Any]) -> None:
+    """Call ``fn`` and swallow the :class:`StopForward` a capture hook raises."""
+    try:
+        fn()
+    except StopForward:
+        pass
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Turn off gradients of every parameter (restoring the flags afterwards)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -1,0 +1,60 @@
+"""AlphaEdit: the update is confined to the null space of the preserved keys.
+
+P projects onto the eigenvectors of C0 = E[k kᵀ] whose eigenvalues are below
+``nullspace_threshold``: directions the corpus keys barely use. With K_p K_pᵀ the keys
+of all earlier edits, ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + L2·I)⁻¹. The solution X of
+(P A + L2·I) X = P K Rᵀ satisfies (I − P) X = 0, so ΔW = Xᵀ maps every key outside
+P's range to zero: the preserved knowledge is untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .base import LayerState
+
+
+def nullspace_projector(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(second_moment.double())
+    small = vectors[:, values < threshold]
+    return small @ small.T
+
+
+@dataclass(frozen=True)
+class AlphaEdit:
+    name: ClassVar[str] = "alphaedit"
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.nullspace_threshold <= 0:
+            raise ValueError("alphaedit nullspace_threshold must be positive")
+        if self.l2 < 0:
+            raise ValueError(f"alphaedit l2 must be >= 0, got {self.l2}")
+
+    def projector(self, state: LayerState) -> torch.Tensor:
+        cached = state.cache.get("alphaedit_projector")
+        if cached is None or cached[0] != self.nullspace_threshold:
+            cached = (
+                self.nullspace_threshold,
+                nullspace_projector(state.second_moment, self.nullspace_threshold),
+            )
+            state.cache["alphaedit_projector"] = cached
+        return cached[1]
+
+    def update(
+        self, keys: torch.Tensor, residuals: torch.Tensor, state: LayerState
+    ) -> torch.Tensor:
+        p = self.projector(state)
+        k = keys.double().T  # (d_k, n)
+        r = residuals.double().T  # (d_out, n)
+        d = k.shape[0]
+        system = p @ (state.edited_keys.double() + k @ k.T)
+        system += self.l2 * torch.eye(d, dtype=system.dtype)
+        return torch.linalg.solve(system, p @ k @ r.T).T
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **asdict(self)}

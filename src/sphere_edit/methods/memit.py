@@ -1,0 +1,33 @@
+"""MEMIT: ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹, the least-squares update that fits the new keys
+while staying close on the corpus keys (weight λ, the mom2 update weight)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .base import LayerState
+
+
+@dataclass(frozen=True)
+class MEMIT:
+    name: ClassVar[str] = "memit"
+    mom2_weight: float = 15000.0
+
+    def __post_init__(self) -> None:
+        if self.mom2_weight < 0:
+            raise ValueError(f"memit mom2_weight must be >= 0, got {self.mom2_weight}")
+
+    def update(
+        self, keys: torch.Tensor, residuals: torch.Tensor, state: LayerState
+    ) -> torch.Tensor:
+        k = keys.double().T  # (d_k, n)
+        r = residuals.double().T  # (d_out, n)
+        system = self.mom2_weight * state.second_moment.double() + k @ k.T
+        # ΔW = R Kᵀ A⁻¹ = R (A⁻¹ K)ᵀ since A is symmetric.
+        return r @ torch.linalg.solve(system, k).T
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **asdict(self)}

@@ -1,0 +1,184 @@
+"""Edit requests: what to change, validated before any model is touched."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MAX_FIELD_CHARS = 2000
+
+
+class RequestError(ValueError):
+    """A request (or a request file) is invalid; names the request and field."""
+
+    def __init__(self, message: str, *, index: int | None = None, field: str | None = None):
+        where = []
+        if index is not None:
+            where.append(f"request {index}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        prefix = (", ".join(where) + ": ") if where else ""
+        super().__init__(prefix + message)
+        self.index = index
+        self.field = field
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Make the model complete ``prompt`` (with ``subject`` in it) with ``target_new``.
+
+    ``prompt`` is a template with ``{}`` where the subject goes, e.g.
+    ``"{} plays the"``; a prompt in which the subject occurs verbatim is accepted and
+    turned into a template at its first occurrence.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject, 1)
+
+    @classmethod
+    def create(
+        cls,
+        prompt: str,
+        subject: str,
+        target_new: str,
+        target_true: str | None = None,
+        *,
+        index: int | None = None,
+    ) -> EditRequest:
+        for name, value in (("prompt", prompt), ("subject", subject), ("target_new", target_new)):
+            if not isinstance(value, str):
+                raise RequestError(
+                    f"must be a string, got {type(value).__name__}", index=index, field=name
+                )
+            if not value.strip():
+                raise RequestError("must not be empty", index=index, field=name)
+            if len(value) > MAX_FIELD_CHARS:
+                raise RequestError(
+                    f"is {len(value)} characters long; at most {MAX_FIELD_CHARS} are allowed",
+                    index=index,
+                    field=name,
+                )
+        if target_true is not None and not isinstance(target_true, str):
+            raise RequestError(
+                f"must be a string or null, got {type(target_true).__name__}",
+                index=index,
+                field="target_true",
+            )
+        if prompt.count("{}") > 1:
+            raise RequestError(
+                "contains more than one '{}' placeholder; use exactly one for the subject",
+                index=index,
+                field="prompt",
+            )
+        if "{}" not in prompt:
+            if subject not in prompt:
+                raise RequestError(
+                    f"subject {subject!r} does not occur in the prompt {prompt!r}; write the "
+                    "subject verbatim in the prompt or put '{}' where it goes",
+                    index=index,
+                    field="subject",
+                )
+            prompt = prompt.replace(subject, "{}", 1)
+        if prompt.strip() == "{}":
+            raise RequestError("must contain text besides the subject", index=index, field="prompt")
+        if target_true is not None and target_true.strip() == target_new.strip():
+            raise RequestError(
+                "target_new equals target_true; the edit would change nothing",
+                index=index,
+                field="target_new",
+            )
+        return cls(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true)
+
+    @classmethod
+    def from_dict(cls, record: Any, *, index: int | None = None) -> EditRequest:
+        if not isinstance(record, dict):
+            raise RequestError(f"must be a JSON object, got {type(record).__name__}", index=index)
+        for name in ("prompt", "subject", "target_new"):
+            if name not in record:
+                raise RequestError("is missing", index=index, field=name)
+        target_new = _unwrap_target(record["target_new"], index, "target_new")
+        target_true = record.get("target_true", record.get("ground_truth"))
+        if target_true is not None:
+            target_true = _unwrap_target(target_true, index, "target_true")
+        return cls.create(record["prompt"], record["subject"], target_new, target_true, index=index)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _unwrap_target(value: Any, index: int | None, field: str) -> Any:
+    # ROME-format files write targets as {"str": "...", "id": "..."}.
+    if isinstance(value, dict):
+        if "str" not in value:
+            raise RequestError("is an object without a 'str' entry", index=index, field=field)
+        return value["str"]
+    return value
+
+
+def validate_batch(requests: Sequence[EditRequest]) -> None:
+    """Reject empty batches, duplicates and contradictions within one batch."""
+    if not requests:
+        raise RequestError("the batch is empty; give at least one request")
+    seen: dict[tuple[str, str], int] = {}
+    for i, request in enumerate(requests):
+        key = (request.prompt, request.subject)
+        if key in seen:
+            first = seen[key]
+            same = requests[first].target_new.strip() == request.target_new.strip()
+            kind = "duplicates" if same else "contradicts"
+            raise RequestError(
+                f"{kind} request {first} (same prompt and subject); "
+                "remove one or put them in different batches",
+                index=i,
+                field="prompt",
+            )
+        seen[key] = i
+
+
+def load_requests(path: str | Path) -> list[EditRequest]:
+    """Read requests from a JSON list or a JSONL file (one object per line)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise RequestError(f"cannot read request file {path}: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is not content
+    except UnicodeDecodeError as error:
+        raise RequestError(f"{path} is not UTF-8 (byte {error.start}); save it as UTF-8") from None
+    if not text.strip():
+        raise RequestError(f"{path} is empty; it must hold a JSON list or JSONL records")
+    records: Iterable[Any]
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RequestError(
+                f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+            ) from None
+    else:
+        parsed = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                parsed.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise RequestError(
+                    f"{path} line {lineno} is not valid JSON ({error.msg})"
+                ) from None
+        records = parsed
+    requests = [EditRequest.from_dict(record, index=i) for i, record in enumerate(records)]
+    if not requests:
+        raise RequestError(f"{path} holds no requests")
+    return requests

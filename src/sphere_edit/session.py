@@ -1,0 +1,412 @@
+"""Sequential editing: batches applied one after another to the same model.
+
+The session owns each edited layer's state (C0, the method's derived cache, the keys of
+every earlier edit) and a journal of every applied batch, from which the edited model can
+be saved as deltas, replayed onto the base model, rolled back or exported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .context import generate_context_templates
+from .energy import hyperspherical_energy
+from .journal import BatchEntry, JournalError, read_batch, read_index, write_batch, write_index
+from .keys import read_layer, residual_to_mlp_delta
+from .methods import EditMethod, LayerState
+from .models import LoadedModel
+from .requests import EditRequest, validate_batch
+from .sphere import SphereProjection
+from .targets import TargetConfig, TargetResult, compute_targets
+
+
+class NumericalError(ValueError):
+    """A batch produced NaN or Inf; the model and journal were left as they were."""
+
+
+@dataclass
+class BatchResult:
+    index: int
+    requests: list[EditRequest]
+    energy_before: dict[int, float]
+    energy_after: dict[int, float]
+    timings: dict[str, float]
+    target_loss: list[float]
+    target_steps: list[int]
+    update_norms: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def energy_change(self) -> dict[int, float]:
+        return {k: self.energy_after[k] - self.energy_before[k] for k in self.energy_after}
+
+
+class EditSession:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        method: EditMethod,
+        layers: Sequence[int],
+        second_moments: dict[int, torch.Tensor],
+        *,
+        transform: SphereProjection | None = None,
+        target: TargetConfig = TargetConfig(),
+        templates: Sequence[str] | None = None,
+        seed: int = 0,
+        run_dir: str | Path | None = None,
+        energy_s: float = 1.0,
+        extra_header: dict[str, Any] | None = None,
+    ) -> None:
+        layout = loaded.layout
+        if not layers:
+            raise ValueError("layers: give at least one layer to edit")
+        if list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers must be increasing and distinct, got {list(layers)}")
+        for layer in layers:
+            if not 0 <= layer < layout.num_layers:
+                last = layout.num_layers - 1
+                raise ValueError(f"layer {layer} is out of range: the model has layers 0..{last}")
+            if layer not in second_moments:
+                raise ValueError(f"second_moments has no entry for layer {layer}")
+        self.loaded = loaded
+        self.layout = layout
+        self.method = method
+        self.layers = list(layers)
+        self.transform = transform
+        self.target = target
+        self.seed = seed
+        self.energy_s = energy_s
+        self.templates = list(templates) if templates is not None else None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.extra_header = dict(extra_header or {})
+        self.states: dict[int, LayerState] = {}
+        for layer in self.layers:
+            weight = layout.read_weight(layer).detach()
+            d_k = weight.shape[1]
+            moment = second_moments[layer].double()
+            if moment.shape != (d_k, d_k):
+                raise ValueError(
+                    f"second moment of layer {layer} has shape {tuple(moment.shape)}, "
+                    f"expected {(d_k, d_k)}"
+                )
+            self.states[layer] = LayerState(
+                layer=layer,
+                weight_name=layout.mlp_out_weight_name(layer),
+                pre_edit=weight.clone().cpu(),
+                second_moment=moment,
+                edited_keys=torch.zeros(d_k, d_k, dtype=torch.float64),
+            )
+        self._base_storage = {
+            layer: layout.mlp_out(layer).weight.detach().clone() for layer in self.layers
+        }
+        self.batches: list[tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]] = []
+        self.entries: list[BatchEntry] = []
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def context_templates(self) -> list[str]:
+        if self.templates is None:
+            self.templates = generate_context_templates(
+                self.loaded.model, self.loaded.tokenizer, seed=self.seed
+            )
+        return self.templates
+
+    def energy(self) -> dict[int, float]:
+        return {
+            layer: hyperspherical_energy(self.layout.read_weight(layer), self.energy_s)
+            for layer in self.layers
+        }
+
+    def apply(
+        self,
+        requests: Sequence[EditRequest],
+        *,
+        precomputed_targets: TargetResult | None = None,
+    ) -> BatchResult:
+        """Edit the model so that every request holds; on any error the weights stay as
+        they were before the call.
+
+        ``precomputed_targets`` skips the v* optimisation and uses these target vectors
+        instead; they must come from :func:`compute_targets` for the same requests, the
+        same templates and layer ``layers[-1]``, on the weights the model has now (e.g.
+        to give several methods applied to the same base model the same v*).
+        """
+        requests = list(requests)
+        validate_batch(requests)
+        if precomputed_targets is not None:
+            hidden_size = self.loaded.model.config.get_text_config().hidden_size
+            shape = tuple(precomputed_targets.targets.shape)
+            if shape != (len(requests), hidden_size):
+                raise ValueError(
+                    f"precomputed_targets has targets of shape {shape}, expected "
+                    f"{(len(requests), hidden_size)} for {len(requests)} requests"
+                )
+        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        templates = self.context_templates()
+        timings["context"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        energy_before = self.energy()
+        timings["energy"] = time.perf_counter() - clock
+
+        z_layer = self.layers[-1]
+        clock = time.perf_counter()
+        if precomputed_targets is None:
+            result = compute_targets(model, tok, layout, z_layer, requests, templates, self.target)
+        else:
+            result = precomputed_targets
+        timings["targets"] = time.perf_counter() - clock
+        _require_finite(result.targets, requests, "target vector")
+
+        backup = {layer: layout.mlp_out(layer).weight.detach().clone() for layer in self.layers}
+        try:
+            deltas, keys, norms = self._spread(requests, templates, result, timings)
+        except BaseException:
+            with torch.no_grad():
+                for layer, weight in backup.items():
+                    layout.mlp_out(layer).weight.copy_(weight)
+            raise
+
+        for layer in self.layers:
+            k = keys[layer].double()
+            self.states[layer].edited_keys += k.T @ k
+            self.states[layer].n_edits += len(requests)
+        clock = time.perf_counter()
+        energy_after = self.energy()
+        timings["energy"] += time.perf_counter() - clock
+        self.batches.append((deltas, keys))
+        batch = BatchResult(
+            index=len(self.batches),
+            requests=requests,
+            energy_before=energy_before,
+            energy_after=energy_after,
+            timings=timings,
+            target_loss=[float(x) for x in result.loss],
+            target_steps=[int(x) for x in result.steps],
+            update_norms=norms,
+        )
+        if self.run_dir is not None:
+            self._journal(batch)
+        return batch
+
+    def _spread(
+        self,
+        requests: list[EditRequest],
+        templates: list[str],
+        result: TargetResult,
+        timings: dict[str, float],
+    ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor], dict[int, float]]:
+        """MEMIT's schedule: layer by layer, recompute keys and the remaining residual at
+        the last edited layer, and give this layer its share of it."""
+        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
+        z_layer = self.layers[-1]
+        deltas, keys, norms = {}, {}, {}
+        for i, layer in enumerate(self.layers):
+            clock = time.perf_counter()
+            readout = read_layer(model, tok, layout, layer, z_layer, requests, templates)
+            _require_finite(readout.keys, requests, f"key at layer {layer}")
+            remaining = (result.targets - readout.z_out) / (len(self.layers) - i)
+            residuals = residual_to_mlp_delta(layout, layer, readout.mlp_out, remaining)
+            # The closed forms run on the CPU in float64, next to the layer state.
+            layer_keys, residuals = readout.keys.cpu(), residuals.cpu()
+            timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            state = self.states[layer]
+            delta = self.method.update(layer_keys, residuals, state)
+            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            if self.transform is not None:
+                current = layout.read_weight(layer).detach().cpu()
+                delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
+            timings["projection"] = timings.get("projection", 0.0) + time.perf_counter() - clock
+
+            if not bool(torch.isfinite(delta).all()):
+                raise NumericalError(
+                    f"the update of layer {layer} is not finite (requests 0..{len(requests) - 1}); "
+                    "the batch was rejected and the model left unchanged"
+                )
+            weight = layout.mlp_out(layer).weight
+            stored = layout.to_storage_layout(delta).to(weight.device, weight.dtype).contiguous()
+            with torch.no_grad():
+                weight.add_(stored)
+            deltas[state.weight_name] = stored.clone()
+            keys[layer] = layer_keys.float()
+            norms[layer] = float(delta.norm())
+        return deltas, keys, norms
+
+    # -- journal ----------------------------------------------------------------------------
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "model": self.loaded.name,
+            "base_fingerprint": self.loaded.fingerprint,
+            "method": self.method.describe(),
+            "transform": asdict(self.transform) if self.transform is not None else None,
+            "layers": self.layers,
+            "target": asdict(self.target),
+            "templates": self.templates,
+            "seed": self.seed,
+            "energy_s": self.energy_s,
+            **self.extra_header,
+        }
+
+    def _journal(self, batch: BatchResult) -> None:
+        assert self.run_dir is not None
+        deltas, keys = self.batches[-1]
+        record = {
+            "index": batch.index,
+            "requests": [r.to_dict() for r in batch.requests],
+            "target_loss": batch.target_loss,
+            "target_steps": batch.target_steps,
+            "timings": batch.timings,
+            "update_norms": {str(k): v for k, v in batch.update_norms.items()},
+        }
+        tensors_file, digest, requests_file = write_batch(
+            self.run_dir, batch.index, deltas, keys, record
+        )
+        energy = {
+            str(layer): {
+                "before": batch.energy_before[layer],
+                "after": batch.energy_after[layer],
+                "change": batch.energy_change[layer],
+            }
+            for layer in self.layers
+        }
+        self.entries.append(BatchEntry(batch.index, tensors_file, digest, requests_file, energy))
+        write_index(self.run_dir, self.header(), self.entries)
+
+    def save(self, run_dir: str | Path) -> None:
+        """Write the whole journal to ``run_dir`` (a session started without one)."""
+        self.run_dir = Path(run_dir)
+        self.entries = []
+        history = list(self.batches)
+        for i, (deltas, keys) in enumerate(history, 1):
+            tensors_file, digest, requests_file = write_batch(
+                self.run_dir, i, deltas, keys, {"index": i}
+            )
+            self.entries.append(BatchEntry(i, tensors_file, digest, requests_file, {}))
+        write_index(self.run_dir, self.header(), self.entries)
+
+    def rollback(self, n_batches: int = 1) -> None:
+        """Undo the last ``n_batches``: the weights become bitwise what they were, by
+        replaying the remaining deltas onto the saved base weights in the same order."""
+        if not 0 <= n_batches <= len(self.batches):
+            raise ValueError(
+                f"cannot roll back {n_batches} batches: the session has {len(self.batches)}"
+            )
+        keep = len(self.batches) - n_batches
+        self.batches = self.batches[:keep]
+        self.entries = self.entries[:keep]
+        with torch.no_grad():
+            for layer in self.layers:
+                self.layout.mlp_out(layer).weight.copy_(self._base_storage[layer])
+            for deltas, _ in self.batches:
+                self._add_deltas(deltas)
+        for layer in self.layers:
+            state = self.states[layer]
+            state.edited_keys.zero_()
+            state.n_edits = 0
+            for _, keys in self.batches:
+                k = keys[layer].double()
+                state.edited_keys += k.T @ k
+                state.n_edits += k.shape[0]
+        if self.run_dir is not None:
+            write_index(self.run_dir, self.header(), self.entries)
+
+    def _add_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        by_name = {self.states[layer].weight_name: layer for layer in self.layers}
+        for name, delta in deltas.items():
+            if name not in by_name:
+                raise JournalError(f"the journal edits {name}, which this session does not edit")
+            weight = self.layout.mlp_out(by_name[name]).weight
+            if weight.shape != delta.shape:
+                raise JournalError(
+                    f"{name}: journal delta has shape {tuple(delta.shape)}, "
+                    f"the model's weight {tuple(weight.shape)}"
+                )
+            weight.add_(delta.to(weight.device, weight.dtype))
+
+    @classmethod
+    def load(
+        cls,
+        run_dir: str | Path,
+        loaded: LoadedModel,
+        method: EditMethod,
+        second_moments: dict[int, torch.Tensor],
+        *,
+        transform: SphereProjection | None = None,
+        target: TargetConfig | None = None,
+    ) -> EditSession:
+        """Replay a journal onto the unedited base model ``loaded``."""
+        run_dir = Path(run_dir)
+        index = read_index(run_dir)
+        if index["base_fingerprint"] != loaded.fingerprint:
+            raise JournalError(
+                f"{run_dir} was recorded on a different base model "
+                f"(fingerprint {index['base_fingerprint'][:12]}…, this model "
+                f"{loaded.fingerprint[:12]}…)"
+            )
+        session = cls(
+            loaded,
+            method,
+            index["layers"],
+            second_moments,
+            transform=transform,
+            target=target or TargetConfig(**index["target"]),
+            templates=index["templates"],
+            seed=index["seed"],
+            energy_s=index.get("energy_s", 1.0),
+        )
+        try:
+            session._replay(run_dir, index["batches"])
+        except BaseException:
+            # Leave the caller's model as it came: unedited.
+            session.batches = []
+            session.rollback(0)
+            raise
+        session.run_dir = run_dir
+        return session
+
+    def _replay(self, run_dir: Path, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            deltas, keys = read_batch(run_dir, entry)
+            with torch.no_grad():
+                self._add_deltas(deltas)
+            for layer in self.layers:
+                k = keys[layer].double()
+                self.states[layer].edited_keys += k.T @ k
+                self.states[layer].n_edits += k.shape[0]
+            self.batches.append((deltas, keys))
+            self.entries.append(
+                BatchEntry(
+                    entry["index"],
+                    entry["tensors_file"],
+                    entry["tensors_sha256"],
+                    entry["requests_file"],
+                    entry.get("energy", {}),
+                )
+            )
+
+    def export(self, directory: str | Path) -> None:
+        """Save the edited model as an ordinary checkpoint (``save_pretrained``)."""
+        self.loaded.model.save_pretrained(directory, safe_serialization=True)
+        self.loaded.tokenizer.save_pretrained(directory)
+
+
+def _require_finite(values: torch.Tensor, requests: Sequence[EditRequest], what: str) -> None:
+    bad = (~torch.isfinite(values.reshape(len(requests), -1))).any(dim=1).nonzero().flatten()
+    if len(bad):
+        names = ", ".join(f"{int(i)} ({requests[int(i)].subject!r})" for i in bad[:5])
+        raise NumericalError(
+            f"{what} is NaN or Inf for request(s) {names}; the batch was rejected and the "
+            "model left unchanged"
+        )

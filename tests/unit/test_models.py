@@ -1,0 +1,42 @@
+"""LoadedModel's fingerprint and the cache folder (no model files needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sphere_edit.models import LoadedModel, cache_dir, weights_fingerprint
+from tests.tiny_models import make_tiny_model
+
+
+def test_fingerprint_identifies_the_weights(tiny_tokenizer):
+    a = make_tiny_model("qwen2", tiny_tokenizer, seed=0)
+    b = make_tiny_model("qwen2", tiny_tokenizer, seed=0)
+    c = make_tiny_model("qwen2", tiny_tokenizer, seed=1)
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    assert weights_fingerprint(a) != weights_fingerprint(c)
+    with torch.no_grad():
+        b.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-6
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+
+
+def test_fingerprint_is_of_the_weights_as_loaded(tiny_tokenizer):
+    """Read for the first time after an edit, it still names the unedited weights."""
+    model = make_tiny_model("llama", tiny_tokenizer, seed=0)
+    base = weights_fingerprint(model)
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer, name="tiny-llama")
+    with torch.no_grad():
+        loaded.layout.mlp_out(1).weight.add_(1.0)
+    assert loaded.fingerprint == base
+    assert weights_fingerprint(model) != base
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPHERE_EDIT_CACHE", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("SPHERE_EDIT_CACHE")
+    assert cache_dir() == tmp_path / "xdg" / "sphere-edit"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path.home() / ".cache" / "sphere-edit"
