@@ -25,17 +25,18 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
-from importlib import resources
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sphere_edit.context import generate_context_templates
+from sphere_edit.editor import MethodSpec, parse_layers
 from sphere_edit.evaluate import TargetComparison, compare_targets
-from sphere_edit.methods import MEMIT, AlphaEdit, EditMethod
+from sphere_edit.methods import EditMethod, make_method
 from sphere_edit.models import DEFAULT_MODEL, LoadedModel, load_model
+from sphere_edit.presets import Preset, preset_for
 from sphere_edit.requests import EditRequest, RequestError, validate_batch
 from sphere_edit.session import BatchResult, EditSession
 from sphere_edit.sphere import SphereProjection
@@ -43,9 +44,7 @@ from sphere_edit.stats import layer_second_moments, load_corpus
 from sphere_edit.targets import TargetConfig, TargetResult, compute_targets
 
 REPO = Path(__file__).resolve().parents[1]
-FALLBACK_LAYERS = [3, 4, 5, 6, 7]
 METHODS = ("memit", "alphaedit", "alphaedit+sphere")
-SPHERE = SphereProjection(eta=0.5, alpha=0.5)
 
 
 def log(message: str) -> None:
@@ -122,57 +121,16 @@ def load_cases(path: Path, n: int) -> list[Case]:
 # -- options ------------------------------------------------------------------------------
 
 
-def parse_layers(text: str) -> list[int]:
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            low, high = part.split("-", 1)
-            layers.extend(range(int(low), int(high) + 1))
-        elif part:
-            layers.append(int(part))
-    if not layers:
-        raise argparse.ArgumentTypeError("give at least one layer, e.g. 3,4,5,6,7 or 3-7")
-    return sorted(set(layers))
-
-
 def parse_methods(text: str) -> list[str]:
     names = [m.strip().lower() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}"
-        )
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one method, e.g. memit,alphaedit+sphere")
+    for name in names:
+        try:
+            MethodSpec.parse(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     return names
-
-
-def preset_layers(model_name: str) -> list[int] | None:
-    """The layers of the model's preset, if this version of sphere_edit has presets."""
-    try:
-        import sphere_edit.presets as presets
-    except ImportError:
-        return None
-    for getter in ("load_preset", "get_preset", "preset_for"):
-        function = getattr(presets, getter, None)
-        if callable(function):
-            try:
-                preset = function(model_name)
-            except (KeyError, ValueError, FileNotFoundError):
-                return None
-            layers = (
-                preset.get("layers")
-                if isinstance(preset, dict)
-                else getattr(preset, "layers", None)
-            )
-            return [int(x) for x in layers] if layers else None
-    try:
-        path = resources.files("sphere_edit").joinpath("presets", f"{model_name}.json")
-        if path.is_file():
-            layers = json.loads(path.read_text(encoding="utf-8")).get("layers")
-            return [int(x) for x in layers] if layers else None
-    except (OSError, ValueError, TypeError):
-        return None
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,18 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
         "else ../shared/data)")
     add("--n", type=int, default=100, help="number of cases (default 100)")
     add("--model", default=DEFAULT_MODEL, help="model (default %(default)s)")
-    add("--layers", type=parse_layers, default=None,
-        help="edited layers, e.g. 3,4,5,6,7 or 3-7 (default: the model's preset, else 3-7)")
+    add("--layers", default=None,
+        help="edited layers, e.g. 3,4,5,6,7 or 3-7 (default: the model's preset)")
     add("--stats-tokens", type=int, default=100_000,
         help="corpus tokens for C0 = E[k kᵀ] (default %(default)s; cached on disk)")
     add("--corpus", type=Path, default=None,
         help="corpus for the statistics (default DATA/corpus/wiki_corpus.jsonl)")
-    add("--lr", type=float, default=TargetConfig.lr,
-        help="v* learning rate (default %(default)s)")
+    add("--lr", type=float, default=None,
+        help="v* learning rate (default: the model's preset)")
     add("--steps", type=int, default=TargetConfig.steps,
         help="v* optimisation steps (default %(default)s)")
     add("--methods", type=parse_methods, default=list(METHODS),
-        help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
+        help=f"comma-separated method specs (default: {','.join(METHODS)})")
     add("--bf16", action="store_true", help="v* optimisation under bfloat16 autocast")
     add("--batch-size", type=int, default=64,
         help="rows per forward pass in evaluation (default %(default)s)")
@@ -270,20 +228,23 @@ def evaluate(loaded: LoadedModel, cases: list[Case], batch_size: int) -> dict[st
 # -- editing ------------------------------------------------------------------------------
 
 
-def make_method(name: str) -> tuple[EditMethod, SphereProjection | None]:
-    if name == "memit":
-        return MEMIT(), None
-    if name == "alphaedit":
-        return AlphaEdit(), None
-    return AlphaEdit(), SPHERE
-
-
 def edited_weights(loaded: LoadedModel, layers: list[int]) -> dict[int, torch.Tensor]:
     return {layer: loaded.layout.mlp_out(layer).weight.detach().clone() for layer in layers}
 
 
+def method_for(name: str, preset: Preset) -> tuple[EditMethod, SphereProjection | None]:
+    """The method and projection of ``name`` (e.g. ``alphaedit+sphere``) with the preset's
+    options, exactly as ``sphere-edit edit`` builds them."""
+    spec = MethodSpec.parse(name)
+    method = make_method(spec.method, **preset.method_options(spec.method))
+    if not spec.sphere:
+        return method, None
+    return method, SphereProjection(eta=preset.sphere_eta(), alpha=preset.sphere_alpha(spec.method))
+
+
 def run_method(
     name: str,
+    preset: Preset,
     loaded: LoadedModel,
     cases: list[Case],
     layers: list[int],
@@ -294,7 +255,7 @@ def run_method(
     base: dict[int, torch.Tensor],
     batch_size: int,
 ) -> dict[str, Any]:
-    method, transform = make_method(name)
+    method, transform = method_for(name, preset)
     session = EditSession(
         loaded, method, layers, moments, transform=transform, target=config, templates=templates
     )
@@ -432,17 +393,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clock = time.perf_counter()
     loaded = load_model(args.model)
     once["load model"] = time.perf_counter() - clock
-    layers = args.layers or preset_layers(args.model) or FALLBACK_LAYERS
     num_layers = loaded.layout.num_layers
-    if max(layers) >= num_layers:
-        raise SystemExit(f"--layers {layers}: the model has layers 0..{num_layers - 1}")
-    target_fields = {f.name for f in fields(TargetConfig)}
-    options: dict[str, Any] = {"lr": args.lr, "steps": args.steps}
-    if args.bf16:
-        if "bf16" in target_fields:
-            options["bf16"] = True
-        else:
-            log("warning: this TargetConfig has no bf16 field; --bf16 ignored")
+    preset = preset_for(args.model, num_layers)
+    layers = parse_layers(args.layers, num_layers) if args.layers else list(preset.layers)
+    options: dict[str, Any] = {**preset.target, "steps": args.steps, "bf16": args.bf16}
+    if args.lr is not None:
+        options["lr"] = args.lr
     config = TargetConfig(**options)
     log(f"{args.model}: editing layers {layers}, {len(cases)} cases, methods {args.methods}")
 
@@ -477,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.methods:
         log(f"{name}: applying and evaluating ...")
         results[name] = run_method(
-            name, loaded, cases, layers, moments, templates, config, vstar, base,
+            name, preset, loaded, cases, layers, moments, templates, config, vstar, base,
             args.batch_size,
         )  # fmt: skip
         m = results[name]["metrics"]
@@ -496,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "corpus": str(corpus_path),
             "data": str(args.data),
             "methods": args.methods,
-            "sphere": asdict(SPHERE),
+            "preset": preset.name,
             "target": asdict(config),
             "seed": args.seed,
             "threads": torch.get_num_threads(),

@@ -70,8 +70,10 @@ def load_corpus(
     path = Path(source)
     if path.exists():
         return _load_corpus_file(path)
-    if "/" in source and not source.count("/") == 1:
-        raise CorpusError(f"corpus file {source} does not exist")
+    if path.suffix in {".jsonl", ".json", ".txt"} or source.startswith((".", "/", "~")):
+        raise CorpusError(
+            f"corpus file {source} does not exist; give a .jsonl/.txt file or a hub dataset name"
+        )
     return _load_hub_dataset(source)
 
 
