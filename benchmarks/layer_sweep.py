@@ -1,9 +1,11 @@
 """Which layers to edit: MEMIT on CounterFact cases in one batch, for several windows.
 
-For each window of consecutive layers, the first ``--n`` CounterFact cases are applied
-with MEMIT from the base weights (rolled back between windows) and scored: rewrite top-1
-(efficacy), paraphrase top-1 (generalization), neighbourhood top-1 (specificity), and the
-P(new) > P(old) rates. The preset files record the chosen window and this sweep's numbers.
+For each window of consecutive layers, v* is computed once at the window's last layer;
+then the first ``--n`` CounterFact cases are applied from the base weights (rolled back
+after each run) with MEMIT at every ``--mom2`` weight and with AlphaEdit, and scored:
+rewrite top-1 (efficacy), paraphrase top-1 (generalization), neighbourhood top-1
+(specificity), and the P(new) > P(old) rates. The preset files record the chosen window
+and this sweep's numbers.
 
     python benchmarks/layer_sweep.py --model smollm2-135m --windows 2-6,4-8,8-12,12-16
 """
@@ -21,11 +23,11 @@ from counterfact_100 import evaluate, load_cases
 
 from sphere_edit.context import generate_context_templates
 from sphere_edit.editor import parse_layers
-from sphere_edit.methods import MEMIT
+from sphere_edit.methods import MEMIT, AlphaEdit
 from sphere_edit.models import load_model
 from sphere_edit.session import EditSession
 from sphere_edit.stats import layer_second_moments, load_corpus
-from sphere_edit.targets import TargetConfig
+from sphere_edit.targets import TargetConfig, compute_targets
 
 
 def main() -> None:
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--windows", required=True, help="e.g. 2-6,4-8,8-12")
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--mom2", default="15000", help="MEMIT mom2 weights, e.g. 1000,15000")
+    parser.add_argument("--alphaedit", action="store_true", help="also run AlphaEdit")
     parser.add_argument("--stats-tokens", type=int, default=100_000)
     parser.add_argument("--data", default=os.environ.get("SPHERE_EDIT_DATA", "../shared/data"))
     parser.add_argument("--out", type=Path)
@@ -51,29 +55,39 @@ def main() -> None:
     base = evaluate(loaded, cases, 64)
     print(f"base: {json.dumps({k: v for k, v in base.items() if k != 'cases'})}", flush=True)
     results = []
+    requests = [c.request for c in cases]
+    config = TargetConfig(lr=args.lr)
     for window in windows:
-        session = EditSession(
-            loaded, MEMIT(), window, {layer: moments[layer].moment for layer in window},
-            target=TargetConfig(lr=args.lr), templates=templates,
-        )  # fmt: skip
         start = time.perf_counter()
-        batch = session.apply([c.request for c in cases])
-        seconds = time.perf_counter() - start
-        scores = evaluate(loaded, cases, 64)
-        session.rollback(1)
-        row = {
-            "layers": window,
-            "efficacy_top1": scores["rewrite"]["top1"],
-            "efficacy_p_new_gt_old": scores["rewrite"]["p_new_gt_old"],
-            "generalization_top1": scores["paraphrase"]["top1"],
-            "generalization_p_new_gt_old": scores["paraphrase"]["p_new_gt_old"],
-            "specificity_top1": scores["neighbourhood"]["top1"],
-            "specificity_base_top1": base["neighbourhood"]["top1"],
-            "mean_v_loss": sum(batch.target_loss) / len(batch.target_loss),
-            "seconds": round(seconds, 1),
-        }
-        results.append(row)
-        print(json.dumps(row), flush=True)
+        vstar = compute_targets(
+            loaded.model, loaded.tokenizer, loaded.layout, window[-1], requests, templates, config
+        )
+        vstar_s = time.perf_counter() - start
+        methods = [MEMIT(mom2_weight=float(w)) for w in args.mom2.split(",")]
+        if args.alphaedit:
+            methods.append(AlphaEdit())
+        for method in methods:
+            session = EditSession(
+                loaded, method, window, {layer: moments[layer].moment for layer in window},
+                target=config, templates=templates,
+            )  # fmt: skip
+            session.apply(requests, precomputed_targets=vstar)
+            scores = evaluate(loaded, cases, 64)
+            session.rollback(1)
+            row = {
+                "layers": window,
+                "method": method.describe(),
+                "efficacy_top1": scores["rewrite"]["top1"],
+                "efficacy_p_new_gt_old": scores["rewrite"]["p_new_gt_old"],
+                "generalization_top1": scores["paraphrase"]["top1"],
+                "generalization_p_new_gt_old": scores["paraphrase"]["p_new_gt_old"],
+                "specificity_top1": scores["neighbourhood"]["top1"],
+                "specificity_base_top1": base["neighbourhood"]["top1"],
+                "mean_v_loss": float(vstar.loss.mean()),
+                "vstar_seconds": round(vstar_s, 1),
+            }
+            results.append(row)
+            print(json.dumps(row), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "n": args.n, "lr": args.lr,
                                         "results": results}, indent=2))  # fmt: skip
