@@ -1,9 +1,9 @@
 """sphere-edit: sequential knowledge editing with the SPHERE projection.
 
-    from sphere_edit import load_model, build_session, EditRequest
-    loaded = load_model("smollm2-135m")
-    session = build_session(loaded, "alphaedit+sphere")
-    session.apply([EditRequest.create("{} plays the", "Jimi Hendrix", "violin", "guitar")])
+from sphere_edit import load_model, build_session, EditRequest
+loaded = load_model("smollm2-135m")
+session = build_session(loaded, "alphaedit+sphere")
+session.apply([EditRequest.create("{} plays the", "Jimi Hendrix", "violin", "guitar")])
 """
 
 from .arch import ARCHITECTURES, ArchSpec, ModelLayout, register_architecture

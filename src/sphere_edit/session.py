@@ -193,7 +193,19 @@ class EditSession:
             update_norms=norms,
         )
         if self.run_dir is not None:
-            self._journal(batch)
+            try:
+                self._journal(batch)
+            except BaseException:
+                # Not journaled means not applied: memory must match the disk.
+                self.batches.pop()
+                with torch.no_grad():
+                    for layer, weight in backup.items():
+                        layout.mlp_out(layer).weight.copy_(weight)
+                for layer in self.layers:
+                    k = keys[layer].double()
+                    self.states[layer].edited_keys -= k.T @ k
+                    self.states[layer].n_edits -= len(requests)
+                raise
         return batch
 
     def _spread(
@@ -281,8 +293,10 @@ class EditSession:
             }
             for layer in self.layers
         }
-        self.entries.append(BatchEntry(batch.index, tensors_file, digest, requests_file, energy))
-        write_index(self.run_dir, self.header(), self.entries)
+        entry = BatchEntry(batch.index, tensors_file, digest, requests_file, energy)
+        entries = [*self.entries, entry]
+        write_index(self.run_dir, self.header(), entries)
+        self.entries = entries
 
     def save(self, run_dir: str | Path) -> None:
         """Write the whole journal to ``run_dir`` (a session started without one)."""

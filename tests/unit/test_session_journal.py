@@ -384,3 +384,27 @@ def test_session_gives_sphere_the_right_weights(tiny_tokenizer, tmp_path, basis)
     other = after_first[LAYERS[0]] if basis == "pre_edit" else base[LAYERS[0]]
     wrong = _manual_projection(call["delta"], other, 0.5, 0.8)
     assert not torch.allclose(call["out"], wrong, atol=1e-9, rtol=0)
+
+
+def test_an_unjournaled_batch_is_not_applied(run, tiny_tokenizer, tmp_path, monkeypatch):
+    """A failed journal write leaves the model, the state and the journal as before."""
+    import sphere_edit.session as session_module
+
+    copy = _copy(run, tmp_path)
+    loaded = _loaded(tiny_tokenizer)
+    session = EditSession.load(copy, loaded, run.method, run.moments)
+    weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    index_before = (copy / "session.json").read_text()
+    keys_before = {layer: s.edited_keys.clone() for layer, s in session.states.items()}
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(session_module, "write_index", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        session.apply([EditRequest.create("{} is located in", "Rome", "Canada")])
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in weights.items())
+    assert (copy / "session.json").read_text() == index_before
+    assert len(session.batches) == len(read_index(copy)["batches"])
+    for layer, state in session.states.items():
+        assert torch.allclose(state.edited_keys, keys_before[layer], atol=1e-9)
