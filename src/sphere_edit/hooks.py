@@ -68,6 +68,20 @@ def edit_output(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor])
         handle.remove()
 
 
+@contextmanager
+def edit_input(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the first positional input of ``module`` by ``edit(input)``."""
+
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (edit(args[0]), *args[1:])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run_until_stopped(fn: Callable[[], Any]) -> None:
     """Call ``fn`` and swallow the :class:`StopForward` a capture hook raises."""
     try:

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .arch import ModelLayout
-from .hooks import edit_output, frozen_parameters
+from .hooks import edit_input, edit_output, frozen_parameters
 from .requests import EditRequest, RequestError
 from .text import SubjectPrompt, encode, last_token_index, pad_id_of, target_token_ids
 
@@ -124,8 +124,18 @@ class _Pass:
     log-probabilities the loss needs: per rewrite row and target token, and the full
     distribution at the subject's last token of each "is a" row."""
 
-    def __init__(self, model: nn.Module, hidden: nn.Module, rows: _Rows, pad: int, device, bf16):
-        self.model, self.hidden, self.rows, self.bf16 = model, hidden, rows, bf16
+    def __init__(
+        self,
+        model: nn.Module,
+        hidden: nn.Module,
+        unembed: nn.Module,
+        rows: _Rows,
+        pad: int,
+        device: torch.device,
+        bf16: bool,
+    ):
+        self.model, self.hidden, self.unembed = model, hidden, unembed
+        self.rows, self.bf16 = rows, bf16
         longest = max(len(t) for t in rows.targets)
         target_ids = torch.zeros(rows.n_rewrite, longest, dtype=torch.long)
         target_mask = torch.zeros(rows.n_rewrite, longest)
@@ -263,9 +273,22 @@ class _CachedPass(_Pass):
         if self.cache is not None:
             # The forward appends to the cache: give it a copy, keep the prefix intact.
             extra = {self.cache_arg: copy.deepcopy(self.cache), "use_cache": True}
-        with edit_output(self.hidden, add):
-            logits = self.model(**self.inputs, **extra).logits
-        return self._gather(logits, self.rewrite_cols, self.kl_cols)
+        n_rw, t = self.rewrite_cols.shape
+        kl_rows = torch.arange(n_rw, len(self.rows.ids), device=self.device)
+        rows = torch.cat([torch.arange(n_rw, device=self.device).repeat_interleave(t), kl_rows])
+        cols = torch.cat([self.rewrite_cols.flatten(), self.kl_cols])
+
+        def only_needed(hidden: torch.Tensor) -> torch.Tensor:
+            # The unembedding is the widest matrix of the model: run it only where the
+            # loss reads it (every target position and each "is a" row's subject token).
+            return hidden[rows, cols].unsqueeze(0)
+
+        with edit_output(self.hidden, add), edit_input(self.unembed, only_needed):
+            logits = self.model(**self.inputs, **extra).logits[0]
+        log_probs = logits.float().log_softmax(-1)
+        token_lp = log_probs[: n_rw * t].view(n_rw, t, -1)
+        token_lp = token_lp.gather(2, self.target_ids.unsqueeze(-1)).squeeze(-1)
+        return token_lp, log_probs[n_rw * t :]
 
 
 def compute_targets(
@@ -297,7 +320,10 @@ def compute_targets(
     history: list[float] = []
 
     with frozen_parameters(model):
-        passes = [route(model, hidden, rows, pad, device, config.bf16) for rows in all_rows]
+        unembed = layout.unembed()
+        passes = [
+            route(model, hidden, unembed, rows, pad, device, config.bf16) for rows in all_rows
+        ]
         for step in range(config.steps):
             delta.grad = torch.zeros_like(delta)
             for g, (group, rows, fwd) in enumerate(zip(groups, all_rows, passes, strict=True)):
