@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,40 +33,69 @@ def sample_continuations(
     """Top-k sampling from ``starts`` with a private generator (no global RNG use)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    pad = pad_id_of(tokenizer)
-    cache_arg = cache_argument(model)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        top_values, top_index = logits.topk(top_k, dim=-1)
+        probs = torch.softmax(top_values, dim=-1).cpu()
+        choice = torch.multinomial(probs, 1, generator=generator).to(device)
+        return top_index.gather(1, choice).squeeze(1)
+
     texts: list[str] = []
     for begin in range(0, len(starts), batch_size):
         chunk = list(starts[begin : begin + batch_size])
         rows = [encode(tokenizer, s) for s in chunk]
-        batch = pad_left(rows, [0] * len(rows), pad, device)
-        ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
-        generated: list[torch.Tensor] = []
-        past = None
-        step_ids, step_pos = ids, pos
-        for _ in range(new_tokens):
-            cache_kwargs = {} if past is None else {cache_arg: past}
-            out = model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=step_pos,
-                use_cache=True,
-                **cache_kwargs,
-            )
-            past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            logits = out.logits[:, -1, :].float()
-            top_values, top_index = logits.topk(top_k, dim=-1)
-            probs = torch.softmax(top_values, dim=-1).cpu()
-            choice = torch.multinomial(probs, 1, generator=generator).to(device)
-            next_ids = top_index.gather(1, choice)
-            generated.append(next_ids)
-            step_ids = next_ids
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-        new = torch.cat(generated, dim=1)
-        for start, row in zip(chunk, new.tolist(), strict=True):
+        new = decode_tokens(model, tokenizer, rows, new_tokens, sample)
+        for start, row in zip(chunk, new, strict=True):
             texts.append(start + tokenizer.decode(row, skip_special_tokens=True))
     return texts
+
+
+@torch.no_grad()
+def decode_tokens(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Sequence[int]],
+    new_tokens: int,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    stop_at_eos: bool = False,
+) -> list[list[int]]:
+    """Extend every row by up to ``new_tokens`` tokens chosen by ``pick(logits) -> ids``,
+    in one left-padded batch with explicit positions and the key/value cache. With
+    ``stop_at_eos`` a row ends at the end-of-sequence token (not included)."""
+    device = next(model.parameters()).device
+    batch = pad_left(rows, [0] * len(rows), pad_id_of(tokenizer), device)
+    mask, step_ids, step_pos = batch.attention_mask, batch.input_ids, batch.position_ids
+    cache_arg = cache_argument(model)
+    eos = tokenizer.eos_token_id if stop_at_eos else None
+    results: list[list[int]] = [[] for _ in rows]
+    finished = [False] * len(rows)
+    past = None
+    for _ in range(new_tokens):
+        cache_kwargs = {} if past is None else {cache_arg: past}
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs,
+        )
+        past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        next_ids = pick(out.logits[:, -1, :].float())
+        for r, token in enumerate(next_ids.tolist()):
+            if finished[r]:
+                continue
+            if eos is not None and token == eos:
+                finished[r] = True
+            else:
+                results[r].append(token)
+        if all(finished):
+            break
+        step_ids = next_ids.unsqueeze(1)
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+    return results
 
 
 def cache_argument(model: nn.Module) -> str:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .context import cache_argument
+from .context import decode_tokens
 from .text import encode, pad_id_of, pad_left, target_token_ids
 
 
@@ -207,49 +207,23 @@ def greedy_token_ids(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = _device(model)
-    pad = pad_id_of(tokenizer)
-    eos = tokenizer.eos_token_id
-    cache_arg = cache_argument(model)
     rows = [encode(tokenizer, p) for p in prompts]
     for i, row in enumerate(rows):
         if not row:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to nothing")
+    # Similar lengths in one batch keep the padding small.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     results: list[list[int]] = [[] for _ in rows]
     if max_new_tokens == 0:
         return results
     for begin in range(0, len(order), batch_size):
         chunk = order[begin : begin + batch_size]
-        batch = pad_left([rows[i] for i in chunk], [0] * len(chunk), pad, device)
-        mask = batch.attention_mask
-        step_ids, step_pos = batch.input_ids, batch.position_ids
-        finished = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        past = None
-        for _ in range(max_new_tokens):
-            cache_kwargs = {} if past is None else {cache_arg: past}
-            out = model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=step_pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **cache_kwargs,
-            )
-            past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            next_ids = out.logits[:, -1].float().argmax(dim=-1)
-            for r, i in enumerate(chunk):
-                if not bool(finished[r]):
-                    token = int(next_ids[r])
-                    if eos is not None and token == eos:
-                        finished[r] = True
-                    else:
-                        results[i].append(token)
-            if bool(finished.all()):
-                break
-            step_ids = next_ids.unsqueeze(1)
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+        new = decode_tokens(
+            model, tokenizer, [rows[i] for i in chunk], max_new_tokens,
+            lambda logits: logits.argmax(dim=-1), stop_at_eos=True,
+        )  # fmt: skip
+        for i, row in zip(chunk, new, strict=True):
+            results[i] = row
     return results
 
 
