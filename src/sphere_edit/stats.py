@@ -41,8 +41,8 @@ def load_corpus(
     source: str | None,
     loaded: LoadedModel | None = None,
     *,
-    sample_texts: int = 96,
-    sample_tokens: int = 128,
+    sample_texts: int = 128,
+    sample_tokens: int = 48,
     seed: int = 0,
 ) -> Corpus:
     """A local ``.jsonl`` (field ``text``) or ``.txt`` file, a Hugging Face dataset
