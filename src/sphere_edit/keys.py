@@ -93,4 +93,8 @@ def residual_to_mlp_delta(
         gain = norm(ones.to(next(norm.parameters()).dtype)).float()
         scale = mlp_out.pow(2).mean(-1, keepdim=True).sqrt()
         wanted = norm(mlp_out.to(next(norm.parameters()).dtype)).float() + residual_delta
-        return wanted / gain * scale - mlp_out
+        # A channel the norm scales to (almost) zero cannot be moved: leave it as it is
+        # rather than divide by zero.
+        movable = gain.abs() > 1e-6
+        safe_gain = torch.where(movable, gain, torch.ones_like(gain))
+        return torch.where(movable, wanted / safe_gain * scale - mlp_out, 0.0)
