@@ -273,3 +273,24 @@ def test_residual_to_mlp_delta_inverts_gemma_post_norm(tiny_tokenizer):
             errors.append(float((got - y - step).norm()))
         # Second order: ten times smaller r, about a hundred times smaller error.
         assert errors[1] < errors[0] / 30
+
+
+def test_gemma_norm_inversion_leaves_zero_gain_channels_alone(tiny_tokenizer):
+    """Gemma's RMSNorm scales by (1 + w): a channel with w = -1 is unreachable and must not
+    turn the residual into inf (it did before, and the batch was rejected)."""
+    import torch
+
+    from sphere_edit.arch import ModelLayout
+    from sphere_edit.keys import residual_to_mlp_delta
+    from tests.tiny_models import make_tiny_model
+
+    model = make_tiny_model("gemma3_text", tiny_tokenizer)
+    layout = ModelLayout.of(model)
+    norm = layout.post_mlp_norm(1)
+    with torch.no_grad():
+        norm.weight.zero_()
+        norm.weight[3] = -1.0
+    mlp_out = torch.randn(2, norm.weight.shape[0])
+    delta = residual_to_mlp_delta(layout, 1, mlp_out, torch.randn(2, norm.weight.shape[0]) * 1e-3)
+    assert torch.isfinite(delta).all()
+    assert torch.all(delta[:, 3] == 0)
