@@ -169,7 +169,7 @@ def stats(
     """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
     from .editor import parse_layers
     from .presets import preset_for
-    from .stats import layer_second_moments, load_corpus, stats_cache_path
+    from .stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
 
     loaded = _load(model)
     preset = preset_for(loaded.name, loaded.layout.num_layers)
@@ -181,7 +181,8 @@ def stats(
     moments = layer_second_moments(loaded, chosen, source, max_tokens=n_tokens)
     elapsed = time.perf_counter() - start
     for layer, moment in moments.items():
-        path = stats_cache_path(loaded.fingerprint, source.fingerprint, layer, n_tokens, "float32")
+        dtype = weights_dtype(loaded)
+        path = stats_cache_path(loaded.fingerprint, source.fingerprint, layer, n_tokens, dtype)
         console.print(f"layer {layer}: {moment.count} keys -> {path}")
     console.print(f"done in {elapsed:.1f}s")
 

@@ -215,6 +215,11 @@ def stats_cache_path(model_fp: str, corpus_fp: str, layer: int, tokens: int, dty
     )  # fmt: skip
 
 
+def weights_dtype(loaded: LoadedModel) -> str:
+    """The dtype the statistics are computed in, as recorded in the cache key."""
+    return str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+
+
 def layer_second_moments(
     loaded: LoadedModel,
     layers: Sequence[int],
@@ -225,7 +230,7 @@ def layer_second_moments(
 ) -> dict[int, SecondMoment]:
     """Cached :func:`collect_second_moments`: a cache entry is used only when the model,
     layer, corpus, token count and dtype recorded inside it all match."""
-    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    dtype = weights_dtype(loaded)
     expected = {
         "model": loaded.fingerprint,
         "corpus": corpus.fingerprint,

@@ -159,17 +159,6 @@ class _Pass:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             return self._forward(delta_rows, on_init)
 
-    def _gather(
-        self, logits: torch.Tensor, rewrite_cols: torch.Tensor, kl_cols: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_rw = self.rows.n_rewrite
-        rows = torch.arange(n_rw, device=self.device).unsqueeze(1)
-        picked = logits[:n_rw][rows, rewrite_cols].float().log_softmax(-1)
-        token_lp = picked.gather(2, self.target_ids.unsqueeze(-1)).squeeze(-1)
-        kl_rows = torch.arange(n_rw, len(self.rows.ids), device=self.device)
-        kl_lp = logits[kl_rows, kl_cols].float().log_softmax(-1)
-        return token_lp, kl_lp
-
 
 class _ReferencePass(_Pass):
     """Every step runs every row in full (left-padded, explicit positions)."""
@@ -210,6 +199,17 @@ class _ReferencePass(_Pass):
         with edit_output(self.hidden, add):
             logits = self.model(**self.inputs, logits_to_keep=self.keep).logits
         return self._gather(logits, self.rewrite_cols, self.kl_cols)
+
+    def _gather(
+        self, logits: torch.Tensor, rewrite_cols: torch.Tensor, kl_cols: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_rw = self.rows.n_rewrite
+        rows = torch.arange(n_rw, device=self.device).unsqueeze(1)
+        picked = logits[:n_rw][rows, rewrite_cols].float().log_softmax(-1)
+        token_lp = picked.gather(2, self.target_ids.unsqueeze(-1)).squeeze(-1)
+        kl_rows = torch.arange(n_rw, len(self.rows.ids), device=self.device)
+        kl_lp = logits[kl_rows, kl_cols].float().log_softmax(-1)
+        return token_lp, kl_lp
 
 
 class _CachedPass(_Pass):
