@@ -22,6 +22,7 @@ class RequestError(ValueError):
             where.append(f"field '{field}'")
         prefix = (", ".join(where) + ": ") if where else ""
         super().__init__(prefix + message)
+        self.reason = message  # without the "request i, field f: " prefix
         self.index = index
         self.field = field
 
