@@ -552,7 +552,8 @@ def load_attribute_snippets(path: str | Path) -> AttributeSnippets:
 def with_reference_texts(cases: Sequence[EditCase], snippets: AttributeSnippets) -> list[EditCase]:
     """The cases with ``reference_texts`` set to the snippets about their new target
     (cases without a relation and target id are returned unchanged)."""
-    return [
-        replace(case, reference_texts=snippets.for_case(case)) if snippets.for_case(case) else case
-        for case in cases
-    ]
+    out = []
+    for case in cases:
+        texts = snippets.for_case(case)
+        out.append(replace(case, reference_texts=texts) if texts else case)
+    return out

@@ -28,7 +28,8 @@ class TargetScore:
 
     ``logprob`` is the sum of the log-probabilities of the target's tokens, each given
     the prompt and the target tokens before it; ``top1`` says whether every target token
-    is the argmax of its position (so greedy decoding would produce the whole target).
+    is the argmax of its position (so greedy decoding would produce the whole target), and
+    ``token_top1`` says it for each token (zsRE's token accuracy is their mean).
     """
 
     logprob: float
@@ -36,6 +37,14 @@ class TargetScore:
     top1: bool
     n_tokens: int
     token_logprobs: tuple[float, ...] = ()
+    token_top1: tuple[bool, ...] = ()
+
+    @property
+    def token_accuracy(self) -> float:
+        """The fraction of target tokens that are the argmax of their position."""
+        if not self.token_top1:
+            raise ValueError("this score carries no per-token results")
+        return sum(self.token_top1) / len(self.token_top1)
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,7 @@ def _make_score(token_lp: torch.Tensor, hits: torch.Tensor) -> TargetScore:
         top1=bool(hits.all()),
         n_tokens=len(values),
         token_logprobs=values,
+        token_top1=tuple(bool(x) for x in hits),
     )
 
 
