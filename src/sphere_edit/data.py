@@ -39,7 +39,7 @@ How the formats map onto :class:`EditCase`
 ------------------------------------------
 - ROME/MEMIT CounterFact (``counterfact.json``, ``multi_counterfact.json``): the request
   from ``requested_rewrite``; the neighbourhood prompts' answer is ``target_true``.
-- Flat CounterFact (EasyEdit; ``/work/shared/data/counterfact``): ``prompt`` (subject
+- Flat CounterFact (EasyEdit; the shared ``data/counterfact/`` files): ``prompt`` (subject
   verbatim in it), ``target_new``, ``ground_truth``, ``rephrase_prompt``,
   ``locality_prompt`` and its answer ``locality_ground_truth``; no generation prompts.
 - zsRE (MEND format, also MEMIT's ``zsre_mem_eval.json``): the request is the question
