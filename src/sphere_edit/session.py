@@ -167,6 +167,11 @@ class EditSession:
         """Edit the model so that every request holds; on any error the weights stay as
         they were before the call.
 
+        Three routes, by the kind of method: v* for the whole batch and MEMIT's schedule
+        over the layers (closed-form methods); the same one request at a time (``per_request``
+        methods: ROME); or ΔW from the method's own ``compute`` (gradient methods: FT).
+        Every ΔW then goes through the same SPHERE transform (``_commit``).
+
         ``precomputed_targets`` skips the v* optimisation and uses these target vectors
         instead; they must come from :func:`compute_targets` for the same requests, the
         same templates and layer ``layers[-1]``, on the weights the model has now (e.g.
