@@ -9,7 +9,18 @@ session.apply([EditRequest.create("{} plays the", "Jimi Hendrix", "violin", "gui
 from .arch import ARCHITECTURES, ArchSpec, ModelLayout, register_architecture
 from .editor import MethodSpec, build_session
 from .energy import hyperspherical_energy
-from .methods import MEMIT, AlphaEdit, EditMethod, LayerState, make_method
+from .methods import (
+    FT,
+    MEMIT,
+    PRUNE,
+    RECT,
+    ROME,
+    AlphaEdit,
+    EditMethod,
+    GradientMethod,
+    LayerState,
+    make_method,
+)
 from .models import LoadedModel, load_model
 from .requests import EditRequest, RequestError, load_requests
 from .session import BatchResult, EditSession
@@ -24,11 +35,16 @@ __all__ = [
     "EditMethod",
     "EditRequest",
     "EditSession",
+    "FT",
+    "GradientMethod",
     "LayerState",
     "LoadedModel",
     "MEMIT",
     "MethodSpec",
     "ModelLayout",
+    "PRUNE",
+    "RECT",
+    "ROME",
     "RequestError",
     "SphereProjection",
     "TargetConfig",

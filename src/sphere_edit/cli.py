@@ -22,6 +22,7 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 DEBUG = {"on": False}
+METHOD_HELP = "memit, alphaedit, ft, rome, rect or prune; add '+sphere' for SPHERE."
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Embedded name, local folder or hub id.")
@@ -62,6 +63,23 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["epsilon=null", "steps=10"]`` -> ``{"epsilon": None, "steps": 10}``; a value
+    that is not JSON stays a string."""
+    import json
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option: expected KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
 def _load(model: str):
     from .models import load_model
 
@@ -73,9 +91,7 @@ def _load(model: str):
 @friendly
 def demo(
     model: ModelOpt = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="memit, alphaedit, add '+sphere'.")] = (
-        "alphaedit+sphere"
-    ),
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
     corpus: CorpusOpt = None,
     stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
     out: Annotated[Path | None, typer.Option(help="Write the journal here.")] = None,
@@ -96,11 +112,15 @@ def edit(
     requests: Annotated[Path, typer.Option(help="JSON list or JSONL of edit requests.")],
     out: Annotated[Path, typer.Option(help="Run directory for the journal and deltas.")],
     model: ModelOpt = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="memit, alphaedit, add '+sphere'.")] = (
-        "alphaedit+sphere"
-    ),
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
     batch_size: Annotated[int, typer.Option(min=1)] = 100,
-    layers: Annotated[str | None, typer.Option(help="e.g. '3,4,5' or '3-7'.")] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="e.g. '3,4,5' or '3-7'; one layer for rome and ft.")
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="Method option KEY=VALUE (JSON value), e.g. epsilon=null; repeatable."),
+    ] = None,
     eta: Annotated[float | None, typer.Option(help="SPHERE eigenvalue share, in (0, 1].")] = None,
     alpha: Annotated[float | None, typer.Option(help="SPHERE strength, in [0, 1].")] = None,
     basis: Annotated[str, typer.Option(help="SPHERE basis: current or pre_edit.")] = "current",
@@ -117,6 +137,7 @@ def edit(
     from .requests import load_requests, validate_batch
 
     spec = MethodSpec.parse(method)
+    method_overrides = parse_options(option or [])
     if eta is not None and not 0 < eta <= 1:
         raise ValueError(f"--eta must be in (0, 1], got {eta}")
     if alpha is not None and not 0 <= alpha <= 1:
@@ -140,7 +161,8 @@ def edit(
         loaded, spec,
         layers=parse_layers(layers, loaded.layout.num_layers) if layers else None,
         corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis,
-        target_overrides=overrides, run_dir=out, seed=seed, log=console.print,
+        target_overrides=overrides, method_overrides=method_overrides, run_dir=out,
+        seed=seed, log=console.print,
     )  # fmt: skip
     console.print(f"{spec} on layers {session.layers}: {len(all_requests)} requests, "
                   f"{len(batches)} batches")  # fmt: skip

@@ -6,7 +6,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .methods import METHODS, make_method
+from .methods.base import edits_single_layer, needs_statistics
 from .models import LoadedModel
 from .presets import Preset, preset_for
 from .session import EditSession
@@ -17,7 +20,8 @@ from .targets import TargetConfig
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """``"memit"``, ``"alphaedit"``, ``"alphaedit+sphere"``, ..."""
+    """``"memit"``, ``"alphaedit+sphere"``, ``"rome+sphere"``, ...: a name of
+    :data:`~sphere_edit.methods.METHODS`, optionally with the SPHERE projection."""
 
     method: str
     sphere: bool
@@ -77,17 +81,41 @@ def build_session(
     progress: bool = True,
     log=print,
 ) -> EditSession:
+    """A session for ``spec`` with the preset's options; ``method_overrides`` replace
+    single method options (e.g. ``{"epsilon": None}`` for unconstrained FT). A one-layer
+    method (ROME, FT) edits the preset's layer for it unless ``layers`` names one."""
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
     preset = preset or preset_for(loaded.name, loaded.layout.num_layers)
-    layers = list(layers) if layers is not None else list(preset.layers)
-    if not isinstance(corpus, Corpus):
-        corpus = load_corpus(corpus, loaded, seed=seed)
-    log(f"statistics: {corpus.description}")
-    tokens = stats_tokens or preset.stats_tokens
-    moments = layer_second_moments(loaded, layers, corpus, max_tokens=tokens, progress=progress)
     method = make_method(
         spec.method, **{**preset.method_options(spec.method), **(method_overrides or {})}
     )
+    if layers is not None:
+        layers = list(layers)
+    elif edits_single_layer(method):
+        layers = [preset.single_layer(spec.method)]
+    else:
+        layers = list(preset.layers)
+    tokens = stats_tokens or preset.stats_tokens
+    if needs_statistics(method):
+        if not isinstance(corpus, Corpus):
+            corpus = load_corpus(corpus, loaded, seed=seed)
+        log(f"statistics: {corpus.description}")
+        stats = layer_second_moments(loaded, layers, corpus, max_tokens=tokens, progress=progress)
+        moments = {layer: m.moment for layer, m in stats.items()}
+        corpus_header = {
+            "corpus": corpus.description,
+            "corpus_fingerprint": corpus.fingerprint,
+            "stats_tokens": tokens,
+        }
+    else:
+        # The method never reads C0: no corpus pass, and a zero placeholder in the state.
+        log(f"statistics: not needed by {spec.method}")
+        moments = {
+            layer: torch.zeros(d, d, dtype=torch.float64)
+            for layer in layers
+            for d in [loaded.layout.key_dim(layer)]
+        }
+        corpus_header = {"corpus": None, "corpus_fingerprint": None, "stats_tokens": None}
     transform = None
     if spec.sphere:
         transform = SphereProjection(
@@ -100,7 +128,7 @@ def build_session(
         loaded,
         method,
         layers,
-        {layer: m.moment for layer, m in moments.items()},
+        moments,
         transform=transform,
         target=target,
         seed=seed,
@@ -108,8 +136,6 @@ def build_session(
         extra_header={
             "method_spec": str(spec),
             "preset": preset.name,
-            "corpus": corpus.description,
-            "corpus_fingerprint": corpus.fingerprint,
-            "stats_tokens": tokens,
+            **corpus_header,
         },
     )

@@ -4,8 +4,10 @@ Layout of a run directory::
 
     session.json            index: base model, method, layers, options, and one entry per
                             applied batch (file name, SHA-256, HE per layer)
-    batches/000001.safetensors   ΔW of every edited weight (storage layout, as added)
-                                 and the batch's keys per layer ("keys.<layer>")
+    batches/000001.safetensors   ΔW of every edited weight (storage layout, as added),
+                                 the batch's keys per layer ("keys.<layer>") and, for a
+                                 method that restrains the sum of its updates (PRUNE),
+                                 the raw update per layer ("raw.<layer>", float64)
     batches/000001.json          the batch's requests and diagnostics
 
 Batch files are written first, the index last; every write is atomic, so the index only
@@ -54,10 +56,13 @@ def write_batch(
     deltas: dict[str, torch.Tensor],
     keys: dict[int, torch.Tensor],
     record: dict[str, Any],
+    *,
+    raw: dict[int, torch.Tensor] | None = None,
 ) -> tuple[str, str, str]:
     stem = batch_stem(index)
     tensors = {f"delta.{name}": t.detach().cpu() for name, t in deltas.items()}
     tensors.update({f"keys.{layer}": k.detach().cpu() for layer, k in keys.items()})
+    tensors.update({f"raw.{layer}": r.detach().cpu() for layer, r in (raw or {}).items()})
     write_tensors(run_dir / f"{stem}.safetensors", tensors)
     write_json(run_dir / f"{stem}.json", record)
     return f"{stem}.safetensors", sha256_file(run_dir / f"{stem}.safetensors"), f"{stem}.json"
@@ -85,7 +90,8 @@ def read_index(run_dir: Path) -> dict[str, Any]:
 
 def read_batch(
     run_dir: Path, entry: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """A batch's deltas (by weight name), keys and raw updates (by layer)."""
     path = run_dir / entry["tensors_file"]
     if not path.exists():
         raise JournalError(f"batch {entry['index']}: {path} is missing")
@@ -98,4 +104,5 @@ def read_batch(
     tensors = load_file(str(path))
     deltas = {k.removeprefix("delta."): v for k, v in tensors.items() if k.startswith("delta.")}
     keys = {int(k.removeprefix("keys.")): v for k, v in tensors.items() if k.startswith("keys.")}
-    return deltas, keys
+    raw = {int(k.removeprefix("raw.")): v for k, v in tensors.items() if k.startswith("raw.")}
+    return deltas, keys, raw

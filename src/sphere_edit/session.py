@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,15 +19,44 @@ from .context import generate_context_templates
 from .energy import hyperspherical_energy
 from .journal import BatchEntry, JournalError, read_batch, read_index, write_batch, write_index
 from .keys import read_layer, residual_to_mlp_delta
-from .methods import EditMethod, LayerState
+from .methods import EditMethod, GradientMethod, LayerState
+from .methods.base import (
+    EditContext,
+    edits_per_request,
+    edits_single_layer,
+    is_gradient_method,
+    restrains,
+)
 from .models import LoadedModel
-from .requests import EditRequest, validate_batch
+from .requests import EditRequest, RequestError, validate_batch
 from .sphere import SphereProjection
 from .targets import TargetConfig, TargetResult, compute_targets
 
 
 class NumericalError(ValueError):
     """A batch produced NaN or Inf; the model and journal were left as they were."""
+
+
+class AppliedBatch(NamedTuple):
+    """One applied batch as the journal holds it: what was added to each stored weight,
+    the keys per layer, and for a method that restrains the sum of its updates (PRUNE) the
+    raw update per layer (float64, (out, in)); empty otherwise."""
+
+    deltas: dict[str, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    raw: dict[int, torch.Tensor]
+
+
+@dataclass
+class _Edit:
+    """What one way of editing a batch produced (see ``EditSession.apply``)."""
+
+    deltas: dict[str, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    raw: dict[int, torch.Tensor]
+    norms: dict[int, float]
+    loss: list[float]
+    steps: list[int]
 
 
 @dataclass
@@ -50,7 +79,7 @@ class EditSession:
     def __init__(
         self,
         loaded: LoadedModel,
-        method: EditMethod,
+        method: EditMethod | GradientMethod,
         layers: Sequence[int],
         second_moments: dict[int, torch.Tensor],
         *,
@@ -67,6 +96,10 @@ class EditSession:
             raise ValueError("layers: give at least one layer to edit")
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be increasing and distinct, got {list(layers)}")
+        if edits_single_layer(method) and len(layers) != 1:
+            raise ValueError(f"{method.name} edits one layer; got layers {list(layers)}")
+        if edits_per_request(method) and restrains(method):
+            raise ValueError(f"{method.name}: a method cannot both edit per request and restrain")
         for layer in layers:
             if not 0 <= layer < layout.num_layers:
                 last = layout.num_layers - 1
@@ -100,11 +133,14 @@ class EditSession:
                 pre_edit=weight.clone().cpu(),
                 second_moment=moment,
                 edited_keys=torch.zeros(d_k, d_k, dtype=torch.float64),
+                accumulated=(
+                    torch.zeros(weight.shape, dtype=torch.float64) if restrains(method) else None
+                ),
             )
         self._base_storage = {
             layer: layout.mlp_out(layer).weight.detach().clone() for layer in self.layers
         }
-        self.batches: list[tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]] = []
+        self.batches: list[AppliedBatch] = []
         self.entries: list[BatchEntry] = []
 
     # -- applying ---------------------------------------------------------------------------
@@ -131,6 +167,11 @@ class EditSession:
         """Edit the model so that every request holds; on any error the weights stay as
         they were before the call.
 
+        Three routes, by the kind of method: v* for the whole batch and MEMIT's schedule
+        over the layers (closed-form methods); the same one request at a time (``per_request``
+        methods: ROME); or ΔW from the method's own ``compute`` (gradient methods: FT).
+        Every ΔW then goes through the same SPHERE transform (``_commit``).
+
         ``precomputed_targets`` skips the v* optimisation and uses these target vectors
         instead; they must come from :func:`compute_targets` for the same requests, the
         same templates and layer ``layers[-1]``, on the weights the model has now (e.g.
@@ -139,6 +180,11 @@ class EditSession:
         requests = list(requests)
         validate_batch(requests)
         if precomputed_targets is not None:
+            if is_gradient_method(self.method) or edits_per_request(self.method):
+                raise ValueError(
+                    f"precomputed_targets: {self.method.name} computes its own targets "
+                    "(request by request, or by gradient descent on the weight)"
+                )
             hidden_size = self.loaded.model.config.get_text_config().hidden_size
             shape = tuple(precomputed_targets.targets.shape)
             if shape != (len(requests), hidden_size):
@@ -146,7 +192,7 @@ class EditSession:
                     f"precomputed_targets has targets of shape {shape}, expected "
                     f"{(len(requests), hidden_size)} for {len(requests)} requests"
                 )
-        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
+        layout = self.layout
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         templates = self.context_templates()
@@ -156,41 +202,32 @@ class EditSession:
         energy_before = self.energy()
         timings["energy"] = time.perf_counter() - clock
 
-        z_layer = self.layers[-1]
-        clock = time.perf_counter()
-        if precomputed_targets is None:
-            result = compute_targets(model, tok, layout, z_layer, requests, templates, self.target)
-        else:
-            result = precomputed_targets
-        timings["targets"] = time.perf_counter() - clock
-        _require_finite(result.targets, requests, "target vector")
-
         backup = {layer: layout.mlp_out(layer).weight.detach().clone() for layer in self.layers}
         try:
-            deltas, keys, norms = self._spread(requests, templates, result, timings)
+            if is_gradient_method(self.method):
+                edit = self._gradient(requests, templates, timings)
+            elif edits_per_request(self.method):
+                edit = self._one_by_one(requests, templates, backup, timings)
+            else:
+                edit = self._batch(requests, templates, precomputed_targets, timings)
         except BaseException:
-            with torch.no_grad():
-                for layer, weight in backup.items():
-                    layout.mlp_out(layer).weight.copy_(weight)
+            self._restore(backup)
             raise
 
-        for layer in self.layers:
-            k = keys[layer].double()
-            self.states[layer].edited_keys += k.T @ k
-            self.states[layer].n_edits += len(requests)
+        self.batches.append(AppliedBatch(edit.deltas, edit.keys, edit.raw))
+        self._count(self.batches[-1])
         clock = time.perf_counter()
         energy_after = self.energy()
         timings["energy"] += time.perf_counter() - clock
-        self.batches.append((deltas, keys))
         batch = BatchResult(
             index=len(self.batches),
             requests=requests,
             energy_before=energy_before,
             energy_after=energy_after,
             timings=timings,
-            target_loss=[float(x) for x in result.loss],
-            target_steps=[int(x) for x in result.steps],
-            update_norms=norms,
+            target_loss=edit.loss,
+            target_steps=edit.steps,
+            update_norms=edit.norms,
         )
         if self.run_dir is not None:
             try:
@@ -198,15 +235,96 @@ class EditSession:
             except BaseException:
                 # Not journaled means not applied: memory must match the disk.
                 self.batches.pop()
-                with torch.no_grad():
-                    for layer, weight in backup.items():
-                        layout.mlp_out(layer).weight.copy_(weight)
-                for layer in self.layers:
-                    k = keys[layer].double()
-                    self.states[layer].edited_keys -= k.T @ k
-                    self.states[layer].n_edits -= len(requests)
+                self._restore(backup)
+                self._rebuild_states()
                 raise
         return batch
+
+    def _restore(self, weights: dict[int, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for layer, weight in weights.items():
+                self.layout.mlp_out(layer).weight.copy_(weight)
+
+    def _batch(
+        self,
+        requests: list[EditRequest],
+        templates: list[str],
+        precomputed: TargetResult | None,
+        timings: dict[str, float],
+    ) -> _Edit:
+        """The closed-form route: v* for every request together, then MEMIT's schedule."""
+        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
+        clock = time.perf_counter()
+        if precomputed is None:
+            z_layer = self.layers[-1]
+            result = compute_targets(model, tok, layout, z_layer, requests, templates, self.target)
+        else:
+            result = precomputed
+        timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - clock
+        _require_finite(result.targets, requests, "target vector")
+        deltas, keys, raw, norms = self._spread(requests, templates, result, timings)
+        loss, steps = [float(x) for x in result.loss], [int(x) for x in result.steps]
+        return _Edit(deltas, keys, raw, norms, loss, steps)
+
+    def _one_by_one(
+        self,
+        requests: list[EditRequest],
+        templates: list[str],
+        backup: dict[int, torch.Tensor],
+        timings: dict[str, float],
+    ) -> _Edit:
+        """Each request edited on the weights its predecessors left (ROME). The batch is
+        then journaled as one delta per weight, their sum, added once to the weights as
+        they were: exactly what a replay of the journal does."""
+        parts = []
+        for i, request in enumerate(requests):
+            try:
+                parts.append(self._batch([request], templates, None, timings))
+            except RequestError as error:
+                reason = str(error).split(": ", 1)[-1]
+                raise RequestError(reason, index=i, field=error.field) from None
+        deltas: dict[str, torch.Tensor] = {}
+        norms: dict[int, float] = {}
+        for layer in self.layers:
+            name = self.states[layer].weight_name
+            total = torch.stack([part.deltas[name].double() for part in parts]).sum(0)
+            norms[layer] = float(total.norm())
+            deltas[name] = total.to(backup[layer].dtype).contiguous()
+        self._restore(backup)
+        with torch.no_grad():
+            self._add_deltas(deltas)
+        keys = {layer: torch.cat([part.keys[layer] for part in parts]) for layer in self.layers}
+        loss = [x for part in parts for x in part.loss]
+        steps = [x for part in parts for x in part.steps]
+        return _Edit(deltas, keys, {}, norms, loss, steps)
+
+    def _gradient(
+        self, requests: list[EditRequest], templates: list[str], timings: dict[str, float]
+    ) -> _Edit:
+        """A gradient method computes ΔW itself; the keys are read for the journal."""
+        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
+        deltas, keys, raw, norms = {}, {}, {}, {}
+        loss: list[float] = []
+        steps: list[int] = []
+        for layer in self.layers:
+            clock = time.perf_counter()
+            readout = read_layer(model, tok, layout, layer, layer, requests, templates)
+            _require_finite(readout.keys, requests, f"key at layer {layer}")
+            timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            state = self.states[layer]
+            context = EditContext(model, tok, layout, templates, state)
+            result = self.method.compute(context, requests, layer)  # type: ignore[union-attr]
+            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - clock
+            loss, steps = result.loss, [result.steps] * len(requests)
+
+            stored, raw_update, norms[layer] = self._commit(layer, result.delta, timings)
+            deltas[state.weight_name] = stored
+            keys[layer] = readout.keys.cpu().float()
+            if raw_update is not None:
+                raw[layer] = raw_update
+        return _Edit(deltas, keys, raw, norms, loss, steps)
 
     def _spread(
         self,
@@ -214,12 +332,14 @@ class EditSession:
         templates: list[str],
         result: TargetResult,
         timings: dict[str, float],
-    ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor], dict[int, float]]:
+    ) -> tuple[
+        dict[str, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, float]
+    ]:
         """MEMIT's schedule: layer by layer, recompute keys and the remaining residual at
         the last edited layer, and give this layer its share of it."""
         model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
         z_layer = self.layers[-1]
-        deltas, keys, norms = {}, {}, {}
+        deltas, keys, raw, norms = {}, {}, {}, {}
         for i, layer in enumerate(self.layers):
             clock = time.perf_counter()
             readout = read_layer(model, tok, layout, layer, z_layer, requests, templates)
@@ -232,28 +352,55 @@ class EditSession:
 
             clock = time.perf_counter()
             state = self.states[layer]
-            delta = self.method.update(layer_keys, residuals, state)
+            state.weight = layout.read_weight(layer).detach().cpu()
+            try:
+                delta = self.method.update(layer_keys, residuals, state)  # type: ignore[union-attr]
+            finally:
+                state.weight = None
             timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - clock
 
-            clock = time.perf_counter()
-            if self.transform is not None:
-                current = layout.read_weight(layer).detach().cpu()
-                delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
-            timings["projection"] = timings.get("projection", 0.0) + time.perf_counter() - clock
-
-            if not bool(torch.isfinite(delta).all()):
-                raise NumericalError(
-                    f"the update of layer {layer} is not finite (requests 0..{len(requests) - 1}); "
-                    "the batch was rejected and the model left unchanged"
-                )
-            weight = layout.mlp_out(layer).weight
-            stored = layout.to_storage_layout(delta).to(weight.device, weight.dtype).contiguous()
-            with torch.no_grad():
-                weight.add_(stored)
-            deltas[state.weight_name] = stored.clone()
+            stored, raw_update, norms[layer] = self._commit(layer, delta, timings)
+            deltas[state.weight_name] = stored
             keys[layer] = layer_keys.float()
-            norms[layer] = float(delta.norm())
-        return deltas, keys, norms
+            if raw_update is not None:
+                raw[layer] = raw_update
+        return deltas, keys, raw, norms
+
+    def _commit(
+        self, layer: int, delta: torch.Tensor, timings: dict[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Project a method's ΔW (out, in) with SPHERE and add it to the weight; return
+        what was added (storage layout), the raw update when the method restrains the sum
+        of its updates, and the norm of the change.
+
+        For such a method (PRUNE) the weight becomes W0 + SPHERE(restrain(Σ ΔW)), the
+        projection taking its basis from W0, and the change is that minus the weight now.
+        """
+        layout, state = self.layout, self.states[layer]
+        clock = time.perf_counter()
+        current = layout.read_weight(layer).detach().cpu()
+        raw = None
+        if restrains(self.method):
+            assert state.accumulated is not None
+            raw = delta.double()
+            wanted = self.method.restrain(state.accumulated + raw, state)  # type: ignore[union-attr]
+            if self.transform is not None:
+                wanted = self.transform(wanted, current=state.pre_edit, pre_edit=state.pre_edit)
+            delta = state.pre_edit.double() + wanted - current.double()
+        elif self.transform is not None:
+            delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
+        timings["projection"] = timings.get("projection", 0.0) + time.perf_counter() - clock
+
+        if not bool(torch.isfinite(delta).all()):
+            raise NumericalError(
+                f"the update of layer {layer} is not finite; "
+                "the batch was rejected and the model left unchanged"
+            )
+        weight = layout.mlp_out(layer).weight
+        stored = layout.to_storage_layout(delta).to(weight.device, weight.dtype).contiguous()
+        with torch.no_grad():
+            weight.add_(stored)
+        return stored.clone(), raw, float(delta.norm())
 
     # -- journal ----------------------------------------------------------------------------
 
@@ -273,7 +420,7 @@ class EditSession:
 
     def _journal(self, batch: BatchResult) -> None:
         assert self.run_dir is not None
-        deltas, keys = self.batches[-1]
+        applied = self.batches[-1]
         record = {
             "index": batch.index,
             "requests": [r.to_dict() for r in batch.requests],
@@ -283,7 +430,7 @@ class EditSession:
             "update_norms": {str(k): v for k, v in batch.update_norms.items()},
         }
         tensors_file, digest, requests_file = write_batch(
-            self.run_dir, batch.index, deltas, keys, record
+            self.run_dir, batch.index, applied.deltas, applied.keys, record, raw=applied.raw
         )
         energy = {
             str(layer): {
@@ -303,9 +450,9 @@ class EditSession:
         self.run_dir = Path(run_dir)
         self.entries = []
         history = list(self.batches)
-        for i, (deltas, keys) in enumerate(history, 1):
+        for i, applied in enumerate(history, 1):
             tensors_file, digest, requests_file = write_batch(
-                self.run_dir, i, deltas, keys, {"index": i}
+                self.run_dir, i, applied.deltas, applied.keys, {"index": i}, raw=applied.raw
             )
             self.entries.append(BatchEntry(i, tensors_file, digest, requests_file, {}))
         write_index(self.run_dir, self.header(), self.entries)
@@ -323,18 +470,34 @@ class EditSession:
         with torch.no_grad():
             for layer in self.layers:
                 self.layout.mlp_out(layer).weight.copy_(self._base_storage[layer])
-            for deltas, _ in self.batches:
-                self._add_deltas(deltas)
-        for layer in self.layers:
-            state = self.states[layer]
-            state.edited_keys.zero_()
-            state.n_edits = 0
-            for _, keys in self.batches:
-                k = keys[layer].double()
-                state.edited_keys += k.T @ k
-                state.n_edits += k.shape[0]
+            for applied in self.batches:
+                self._add_deltas(applied.deltas)
+        self._rebuild_states()
         if self.run_dir is not None:
             write_index(self.run_dir, self.header(), self.entries)
+
+    def _count(self, applied: AppliedBatch) -> None:
+        """Add a batch's keys (and raw updates) to the layer states."""
+        for layer in self.layers:
+            state = self.states[layer]
+            k = applied.keys[layer].double()
+            state.edited_keys += k.T @ k
+            state.n_edits += k.shape[0]
+            if state.accumulated is not None:
+                if layer not in applied.raw:
+                    raise JournalError(f"batch has no raw update of layer {layer} for PRUNE")
+                state.accumulated += applied.raw[layer].double()
+
+    def _rebuild_states(self) -> None:
+        """The layer states from the batches, in order: bitwise what adding them one by
+        one gave."""
+        for state in self.states.values():
+            state.edited_keys.zero_()
+            state.n_edits = 0
+            if state.accumulated is not None:
+                state.accumulated.zero_()
+        for applied in self.batches:
+            self._count(applied)
 
     def _add_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
         by_name = {self.states[layer].weight_name: layer for layer in self.layers}
@@ -392,14 +555,11 @@ class EditSession:
 
     def _replay(self, run_dir: Path, entries: list[dict[str, Any]]) -> None:
         for entry in entries:
-            deltas, keys = read_batch(run_dir, entry)
+            applied = AppliedBatch(*read_batch(run_dir, entry))
             with torch.no_grad():
-                self._add_deltas(deltas)
-            for layer in self.layers:
-                k = keys[layer].double()
-                self.states[layer].edited_keys += k.T @ k
-                self.states[layer].n_edits += k.shape[0]
-            self.batches.append((deltas, keys))
+                self._add_deltas(applied.deltas)
+            self._count(applied)
+            self.batches.append(applied)
             self.entries.append(
                 BatchEntry(
                     entry["index"],

@@ -56,7 +56,7 @@ def test_edit_run_writes_a_journal_and_energy_reads_it(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--method", "rome"], "unknown method"),
+        (["--method", "bogus"], "unknown method"),
         (["--layers", "9"], "out of range"),
         (["--eta", "1.5"], "--eta"),
         (["--alpha", "-0.1"], "--alpha"),

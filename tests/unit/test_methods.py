@@ -175,9 +175,9 @@ def test_alphaedit_rejects_bad_options(kwargs, match):
 def test_make_method():
     assert isinstance(make_method("memit", mom2_weight=3.0), MEMIT)
     assert make_method("alphaedit", l2=2.0) == AlphaEdit(l2=2.0)
-    assert set(METHODS) == {"memit", "alphaedit"}
-    with pytest.raises(ValueError, match="unknown method 'rome'"):
-        make_method("rome")
+    assert set(METHODS) == {"memit", "alphaedit", "ft", "rome", "rect", "prune"}
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        make_method("bogus")
     assert make_method("memit", mom2_weight=3.0).describe() == {
         "method": "memit",
         "mom2_weight": 3.0,

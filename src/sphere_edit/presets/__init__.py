@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+# Their options include MEMIT's (mom2_weight): a preset's "memit" section applies to them.
+BUILT_ON_MEMIT = ("rect", "prune")
+METHOD_SECTIONS = ("memit", "alphaedit", "ft", "rome", "rect", "prune")
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -18,12 +22,29 @@ class Preset:
     target: dict[str, Any] = field(default_factory=dict)
     memit: dict[str, Any] = field(default_factory=dict)
     alphaedit: dict[str, Any] = field(default_factory=dict)
+    ft: dict[str, Any] = field(default_factory=dict)
+    rome: dict[str, Any] = field(default_factory=dict)
+    rect: dict[str, Any] = field(default_factory=dict)
+    prune: dict[str, Any] = field(default_factory=dict)
     sphere: dict[str, Any] = field(default_factory=dict)
     stats_tokens: int = 100_000
     notes: str = ""
 
     def method_options(self, method: str) -> dict[str, Any]:
-        return dict(getattr(self, method, {}) or {})
+        """The method's options: its section without ``layer``, on top of the MEMIT
+        section for the methods built on MEMIT's solve (RECT, PRUNE)."""
+        options = dict(self.memit) if method in BUILT_ON_MEMIT else {}
+        options.update(getattr(self, method, {}) or {})
+        options.pop("layer", None)
+        return options
+
+    def single_layer(self, method: str) -> int:
+        """The layer a one-layer method (ROME, FT) edits: its section's ``layer``, else
+        the middle of the MEMIT window."""
+        section = getattr(self, method, {}) or {}
+        if "layer" in section:
+            return int(section["layer"])
+        return self.layers[len(self.layers) // 2]
 
     def sphere_alpha(self, method: str) -> float:
         key = "alpha_alphaedit" if method == "alphaedit" else "alpha_other"
@@ -41,8 +62,7 @@ def _read(name: str) -> Preset:
         models=tuple(data.get("models", [])),
         layers=tuple(data["layers"]),
         target=data.get("target", {}),
-        memit=data.get("memit", {}),
-        alphaedit=data.get("alphaedit", {}),
+        **{section: data.get(section, {}) for section in METHOD_SECTIONS},
         sphere=data.get("sphere", {}),
         stats_tokens=int(data.get("stats_tokens", 100_000)),
         notes=data.get("notes", ""),

@@ -1,0 +1,58 @@
+"""RECT: MEMIT's update, sparsified to the entries with the largest relative change.
+
+After ΔW is solved as MEMIT does, only the ``keep_fraction`` of its entries with the
+largest |ΔW_ij / W_ij| are kept (counted over the whole matrix) and the rest are set to
+zero, W being the layer's weight just before this update. An entry whose weight is
+exactly zero has an infinite relative change when ΔW_ij ≠ 0 (it ranks first) and none
+when ΔW_ij = 0 too (it ranks last), so the ratio is never NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .base import LayerState
+from .memit import MEMIT
+
+
+def relative_change(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """|ΔW / W| with x/0 = inf for x ≠ 0 and 0/0 = 0."""
+    change, size = delta.abs(), weight.abs()
+    ratio = change / torch.where(size > 0, size, torch.ones_like(size))
+    infinite = torch.full_like(ratio, float("inf"))
+    return torch.where(size > 0, ratio, torch.where(change > 0, infinite, 0.0))
+
+
+def keep_largest(delta: torch.Tensor, score: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``delta`` with all but the round(fraction · size) entries of largest score zeroed."""
+    count = round(fraction * delta.numel())
+    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    if count > 0:
+        mask[torch.topk(score.flatten(), count).indices] = True
+    return torch.where(mask.view_as(delta), delta, torch.zeros_like(delta))
+
+
+@dataclass(frozen=True)
+class RECT:
+    name: ClassVar[str] = "rect"
+    keep_fraction: float = 0.4
+    mom2_weight: float = 15000.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"rect keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.mom2_weight < 0:
+            raise ValueError(f"rect mom2_weight must be >= 0, got {self.mom2_weight}")
+
+    def update(
+        self, keys: torch.Tensor, residuals: torch.Tensor, state: LayerState
+    ) -> torch.Tensor:
+        delta = MEMIT(mom2_weight=self.mom2_weight).update(keys, residuals, state)
+        score = relative_change(delta, state.current_weight().double())
+        return keep_largest(delta, score, self.keep_fraction)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **asdict(self)}
