@@ -405,6 +405,7 @@ def score_gsm8k(model, tokenizer, examples, *, batch_size=16, details=False) -> 
         "accuracy": _ratio(sum(correct), len(examples)),
         "correct": sum(correct),
         "n": len(examples),
+        "empty": sum(not t.strip() for t in texts),
         "max_new_tokens": GSM8K_NEW_TOKENS,
         "seconds": time.perf_counter() - clock,
     }
@@ -424,6 +425,7 @@ def score_nq(model, tokenizer, examples, *, batch_size=16, details=False) -> dic
         "accuracy": _ratio(sum(correct), len(examples)),
         "correct": sum(correct),
         "n": len(examples),
+        "empty": sum(not t.strip() for t in texts),
         "max_new_tokens": NQ_NEW_TOKENS,
         "seconds": time.perf_counter() - clock,
     }
@@ -479,7 +481,8 @@ def evaluate_general(
     JSON-serialisable dict: ``tasks`` (full results per task, timing included),
     ``summary`` (flat accuracies: ``gsm8k_acc``, ``rte_generate_acc``, ``rte_loglik_acc``,
     ``nq_acc``, ``boolq_generate_acc``, ``boolq_loglik_acc``, invalid counts), ``n_items``,
-    ``files`` and ``seconds``. With ``details`` every item's output is kept too.
+    ``files`` and ``seconds``. GSM8K and NQ also count ``empty`` generations (the model
+    ended at once). With ``details`` every item's output is kept too.
     """
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]

@@ -33,7 +33,7 @@ from .energy import hyperspherical_energy, unit_neurons
 from .fileio import write_json, write_with
 
 DEFAULT_MAX_NEURONS = 512
-ANGLE_BINS = 90  # two degrees each over [0, 180]
+ANGLE_BINS = 360  # half a degree each over [0, 180]
 PRE_COLOUR, POST_COLOUR = "tab:blue", "tab:orange"
 
 
@@ -211,7 +211,8 @@ def plot_cosine(cos_pre: torch.Tensor, cos_post: torch.Tensor, path: Path, title
         values = matrix.cpu().numpy()
         if limit is None:
             limit = max(float(abs(values).max()), 1e-12)
-        image = ax.imshow(values, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+        # Antialiased downsampling: a 512-row matrix in a 300-pixel panel keeps its diagonal.
+        image = ax.imshow(values, cmap=cmap, vmin=-limit, vmax=limit, interpolation="antialiased")
         ax.set_title(name)
         ax.set_xlabel("neuron")
         ax.set_ylabel("neuron")
@@ -221,14 +222,20 @@ def plot_cosine(cos_pre: torch.Tensor, cos_post: torch.Tensor, path: Path, title
 
 
 def plot_angles(histogram: dict[str, list[float]], path: Path, title: str) -> None:
+    """Pre-edit filled, post-edit as an outline on top (the two often coincide), the
+    axis zoomed to the occupied bins."""
     figure = _figure(7, 4.5)
     ax = figure.subplots()
     edges = histogram["edges"]
-    left, widths = edges[:-1], [b - a for a, b in zip(edges, edges[1:], strict=False)]
-    for name, colour in (("pre", PRE_COLOUR), ("post", POST_COLOUR)):
-        ax.bar(left, histogram[name], width=widths, align="edge", alpha=0.5, color=colour,
-               label=f"{name}-edit")  # fmt: skip
-    ax.set_xlim(0, 180)
+    ax.stairs(histogram["pre"], edges, fill=True, alpha=0.45, color=PRE_COLOUR, label="pre-edit")
+    ax.stairs(histogram["post"], edges, color=POST_COLOUR, linewidth=1.5, label="post-edit")
+    occupied = [i for i, (a, b) in enumerate(zip(histogram["pre"], histogram["post"], strict=True))
+                if a or b]  # fmt: skip
+    if occupied:
+        margin = 4 * (edges[1] - edges[0])
+        ax.set_xlim(
+            max(0.0, edges[occupied[0]] - margin), min(180.0, edges[occupied[-1] + 1] + margin)
+        )
     ax.set_xlabel("angle between neurons (degrees)")
     ax.set_ylabel("pairs")
     ax.legend()

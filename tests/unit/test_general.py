@@ -207,11 +207,11 @@ def test_gsm8k_scoring(monkeypatch):
 
 def test_nq_scoring(monkeypatch):
     seen: list[int] = []
-    script = {"capital": " Paris.", "piano": " Gould", "tower": " 1889"}
+    script = {"capital": " Paris.", "piano": " Gould", "tower": ""}
     monkeypatch.setattr(general, "_generate", _scripted(script, seen))
     result = general.score_nq(None, None, load_nq(FIXTURES / "test-OpenDomainQA.jsonl"))
     assert seen == [general.NQ_NEW_TOKENS]
-    assert (result["correct"], result["n"]) == (2, 3)
+    assert (result["correct"], result["n"], result["empty"]) == (2, 3, 1)
 
 
 def test_binary_generation_counts_invalid_answers(monkeypatch):
