@@ -250,8 +250,7 @@ def geometry(
     tsne: Annotated[bool, typer.Option(help="Draw the t-SNE plot (the slow part).")] = True,
     seed: int = 0,
 ) -> None:
-    """Weight geometry of a run's edited layers before and after: cosine heatmaps, angle
-    histograms, t-SNE and HE, as PNG files and summary.json."""
+    """Weight geometry of a run's edited layers, before and after (PNGs and summary.json)."""
     from .geometry import geometry_for_run
     from .journal import read_index
 
@@ -302,8 +301,7 @@ def general(
     out: Annotated[Path | None, typer.Option(help="Write the results here as JSON.")] = None,
     details: Annotated[bool, typer.Option(help="Keep every item's output in --out.")] = False,
 ) -> None:
-    """Zero-shot general abilities (GSM8K, RTE, NQ, BoolQ; RECT protocol) of a model or of
-    the edited model of a run directory."""
+    """Zero-shot GSM8K, RTE, NQ and BoolQ (RECT protocol) of a model or an edit run."""
     from .fileio import write_json
     from .general import evaluate_general, resolve_data_dir
     from .runs import is_run_dir, load_run_model

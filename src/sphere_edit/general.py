@@ -39,7 +39,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +122,7 @@ _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 
 def extract_numbers(text: str) -> list[Decimal]:
     """Every number in ``text``, in order: ``"$1,000.50 and -3"`` → ``[1000.50, -3]``."""
-    numbers = []
-    for match in _NUMBER.finditer(text):
-        try:
-            numbers.append(Decimal(match.group().replace(",", "")))
-        except InvalidOperation:  # pragma: no cover - the pattern only matches numbers
-            continue
-    return numbers
+    return [Decimal(match.group().replace(",", "")) for match in _NUMBER.finditer(text)]
 
 
 def gsm8k_correct(generated: str, gold: Decimal, *, truncated: bool = False) -> bool:
@@ -603,9 +597,10 @@ def lm_eval_evaluate(
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) or hasattr(value, "item"):
+    """numpy scalars as numbers, anything else json cannot write as text."""
+    if hasattr(value, "item"):
         try:
-            return float(value)
+            return value.item()
         except (TypeError, ValueError):
             pass
     return str(value)
