@@ -42,6 +42,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = [1, 2]
 
 
+@pytest.fixture
+def figures():
+    """The figures need matplotlib and (for t-SNE) scikit-learn, both optional."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+
+
 def _weights(seed: int, shape=(12, 7)) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=generator)
@@ -146,7 +153,7 @@ def test_he_relative_change_and_neuron_changes():
 # -- figures ---------------------------------------------------------------------------------
 
 
-def test_layer_geometry_writes_pngs_atomically(tmp_path):
+def test_layer_geometry_writes_pngs_atomically(tmp_path, figures):
     pre = _weights(3, (30, 10))
     post = pre + 0.1 * _weights(4, (30, 10))
     summary = layer_geometry(pre, post, tmp_path / "fig", name="w", max_neurons=12, seed=1)
@@ -162,7 +169,7 @@ def test_layer_geometry_writes_pngs_atomically(tmp_path):
     assert set(no_tsne["figures"]) == {"cosine", "angles"}
 
 
-def test_html_fragment_embeds_the_figures(tmp_path):
+def test_html_fragment_embeds_the_figures(tmp_path, figures):
     pre = _weights(5, (10, 6))
     summary = {"layers": {"3": layer_geometry(pre, pre * 1.5, tmp_path, name="l3", tsne=False)}}
     fragment = geometry_html(summary, title="Geometry <test>")
@@ -222,7 +229,7 @@ def test_apply_run_refuses_another_base_model(run, tiny_tokenizer):
         assert torch.equal(tensor, before[name])
 
 
-def test_geometry_for_run(run, tmp_path):
+def test_geometry_for_run(run, tmp_path, figures):
     folder, run_dir, edited = run
     base = load_model(str(folder))
     unedited = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -255,7 +262,7 @@ def test_geometry_for_run(run, tmp_path):
     assert "<img" in geometry_html(summary)
 
 
-def test_cli_geometry_and_general_on_a_run(run, tmp_path, monkeypatch):
+def test_cli_geometry_and_general_on_a_run(run, tmp_path, monkeypatch, figures):
     _, run_dir, _ = run
     monkeypatch.setenv("SPHERE_EDIT_CACHE", str(tmp_path / "cache"))
     runner = CliRunner()
