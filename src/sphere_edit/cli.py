@@ -255,5 +255,112 @@ def energy(
     console.print(table)
 
 
+# -- geometry and general abilities ---------------------------------------------------------
+
+
+@app.command()
+@friendly
+def geometry(
+    run_dir: Annotated[Path, typer.Argument(help="An edit run directory (holds session.json).")],
+    max_neurons: Annotated[
+        int, typer.Option(min=2, help="Neurons sampled for the pairwise views of big layers.")
+    ] = 512,
+    out: Annotated[Path | None, typer.Option(help="Default: RUN_DIR/geometry.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model, if not the one recorded.")
+    ] = None,
+    tsne: Annotated[bool, typer.Option(help="Draw the t-SNE plot (the slow part).")] = True,
+    seed: int = 0,
+) -> None:
+    """Weight geometry of a run's edited layers, before and after (PNGs and summary.json)."""
+    from .geometry import geometry_for_run
+    from .journal import read_index
+
+    index = read_index(run_dir)
+    with console.status(f"loading {model or index['model']} and replaying {run_dir}"):
+        summary = geometry_for_run(run_dir, out, max_neurons, model=model, seed=seed, tsne=tsne)
+    table = Table(title=f"Weight geometry: {run_dir} ({summary['n_batches']} batches)")
+    for column in ("layer", "HE pre", "HE post", "relative change", "mean angle pre/post",
+                   "min angle pre/post", "neurons shown"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for layer, result in summary["layers"].items():
+        change = result["he_relative_change"]
+        table.add_row(
+            layer, f"{result['he_pre']:.6f}", f"{result['he_post']:.6f}",
+            "-" if change is None else f"{change:+.3e}",
+            f"{result['angles_pre']['mean']:.2f}° / {result['angles_post']['mean']:.2f}°",
+            f"{result['angles_pre']['min']:.2f}° / {result['angles_post']['min']:.2f}°",
+            f"{result['n_sampled']}/{result['n_neurons']}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"figures and summary.json in {summary['out_dir']}")
+
+
+@app.command()
+@friendly
+def general(
+    model_or_run_dir: Annotated[
+        str, typer.Argument(help="Embedded name, local folder, hub id, or an edit run directory.")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder with the RECT files (or its parent holding general/). "
+            "Default: $SPHERE_EDIT_DATA."
+        ),
+    ] = None,
+    n_items: Annotated[int, typer.Option(min=1, help="First N items of each task.")] = 200,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: gsm8k,rte,nq,boolq.")] = (
+        "gsm8k,rte,nq,boolq"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="For a run directory: base model, if not the one recorded."
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results here as JSON.")] = None,
+    details: Annotated[bool, typer.Option(help="Keep every item's output in --out.")] = False,
+) -> None:
+    """Zero-shot GSM8K, RTE, NQ and BoolQ (RECT protocol) of a model or an edit run."""
+    from .fileio import write_json
+    from .general import evaluate_general, resolve_data_dir
+    from .runs import is_run_dir, load_run_model
+
+    chosen = [t.strip() for t in tasks.split(",") if t.strip()]
+    data_dir = resolve_data_dir(data)
+    if is_run_dir(model_or_run_dir):
+        with console.status(f"loading the edited model of {model_or_run_dir}"):
+            loaded, index = load_run_model(model_or_run_dir, model=model)
+        label = f"{model_or_run_dir} ({len(index['batches'])} batches on {loaded.name})"
+    else:
+        if model is not None:
+            raise ValueError("--model is for a run directory; give the model as the argument")
+        loaded = _load(model_or_run_dir)
+        label = loaded.name
+    result = evaluate_general(
+        loaded.model, loaded.tokenizer, data_dir, n_items=n_items, tasks=chosen,
+        batch_size=batch_size, details=details, log=console.print,
+    )  # fmt: skip
+    result["model"] = label
+    table = Table(title=f"General abilities of {label} (first {n_items} items)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["summary"].items():
+        if value is None:
+            shown = "-"
+        elif isinstance(value, float):
+            shown = f"{value:.3f}"
+        else:
+            shown = str(value)
+        table.add_row(key, shown)
+    console.print(table)
+    console.print(f"done in {result['seconds']:.1f}s")
+    if out is not None:
+        write_json(out, result)
+        console.print(f"results in {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
