@@ -80,21 +80,58 @@ def residual_to_mlp_delta(
 ) -> torch.Tensor:
     """The change of the MLP output that moves the residual stream by ``residual_delta``.
 
-    Without a post-MLP norm this is the identity. With an RMSNorm ``y = g * m / rms(m)``
-    between them (Gemma), the norm is inverted at the current scale of ``m``:
-    ``m' = (y + r) / g * rms(m)``, exact to first order in ``r``.
+    Without a post-MLP norm this is the identity. With an RMSNorm ``y = g ⊙ m / rms(m)``
+    between them (Gemma), the norm's output can only turn, not grow: every reachable
+    output is ``g ⊙ u`` with ``rms(u) = 1``. So the MLP is asked for the reachable output
+    closest to ``t = y + r``: minimise ``‖g ⊙ u − t‖`` subject to ``rms(u) = 1``, whose
+    solution is ``u = g ⊙ t / (g² + μ)`` with the scalar μ set by the constraint (see
+    :func:`_closest_unit_rms`). The new MLP output is ``u`` at the current scale of ``m``.
+    Channels with zero gain do not reach the residual stream and keep their value.
+
+    Dividing by the gain instead (``m' ∝ t / g``) blows up every channel with a small
+    gain; the norm then shrinks the whole output, which erased the layer's contribution
+    and broke Gemma edits.
     """
     norm = layout.post_mlp_norm(layer)
     if norm is None:
         return residual_delta
     with torch.no_grad():
-        mlp_out = mlp_out.float()
-        ones = torch.ones(1, mlp_out.shape[-1], dtype=mlp_out.dtype, device=mlp_out.device)
-        gain = norm(ones.to(next(norm.parameters()).dtype)).float()
-        scale = mlp_out.pow(2).mean(-1, keepdim=True).sqrt()
-        wanted = norm(mlp_out.to(next(norm.parameters()).dtype)).float() + residual_delta
-        # A channel the norm scales to (almost) zero cannot be moved: leave it as it is
-        # rather than divide by zero.
-        movable = gain.abs() > 1e-6
-        safe_gain = torch.where(movable, gain, torch.ones_like(gain))
-        return torch.where(movable, wanted / safe_gain * scale - mlp_out, 0.0)
+        m = mlp_out.double()
+        dtype = next(norm.parameters()).dtype
+        ones = torch.ones(1, m.shape[-1], dtype=dtype, device=m.device)
+        gain = norm(ones).double().expand_as(m)
+        y = norm(mlp_out.to(dtype)).double()
+        scale = m.pow(2).mean(-1, keepdim=True).sqrt()
+        unit = _closest_unit_rms(gain, y + residual_delta.double(), m / scale)
+        return (unit * scale - m).to(residual_delta.dtype)
+
+
+def _closest_unit_rms(
+    gain: torch.Tensor, target: torch.Tensor, current: torch.Tensor, iterations: int = 200
+) -> torch.Tensor:
+    """Per row, ``argmin ‖gain ⊙ u − target‖`` subject to ``mean(u²) = 1``, where
+    channels with ``gain == 0`` keep their ``current`` value.
+
+    Stationarity gives ``u = g t / (g² + μ)``; ``mean(u²)`` falls monotonically in μ on
+    ``μ > −min g²`` (the branch of the global minimum), so μ is found by bisection.
+    """
+    free = gain != 0
+    fixed = torch.where(free, torch.zeros_like(current), current)
+    budget = gain.shape[-1] - fixed.pow(2).sum(-1)  # Σu² left for the free channels
+    g2 = torch.where(free, gain.pow(2), torch.full_like(gain, torch.inf))
+    gt = torch.where(free, gain * target, torch.zeros_like(target))
+
+    def spent(mu: torch.Tensor) -> torch.Tensor:
+        return (gt / (g2 + mu.unsqueeze(-1))).pow(2).sum(-1)
+
+    low = -g2.min(-1).values
+    low = low + 1e-12 * low.abs().clamp(min=1.0)
+    high = torch.ones_like(low)
+    while bool((spent(high) > budget).any()):
+        high = torch.where(spent(high) > budget, high * 4, high)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        too_much = spent(mid) > budget
+        low, high = torch.where(too_much, mid, low), torch.where(too_much, high, mid)
+    mu = ((low + high) / 2).unsqueeze(-1)
+    return torch.where(free, gt / (g2 + mu), fixed)
