@@ -6,6 +6,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
@@ -360,6 +361,85 @@ def general(
     if out is not None:
         write_json(out, result)
         console.print(f"results in {out}")
+
+
+@app.command()
+@friendly
+def bench(
+    out: Annotated[Path, typer.Option(help="Run directory (must be new or empty).")],
+    model: ModelOpt = "smollm2-135m",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated, e.g. memit,alphaedit,alphaedit+sphere.")
+    ] = "memit,alphaedit,alphaedit+sphere",
+    dataset: Annotated[
+        str, typer.Option(help="counterfact, multi_counterfact, zsre, or a local file.")
+    ] = "counterfact",
+    n_edits: Annotated[int, typer.Option(min=1)] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 100,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Evaluate the cases edited so far every K edits.")
+    ] = None,
+    offset: Annotated[int, typer.Option(min=0, help="Skip the first records.")] = 0,
+    layers: Annotated[str | None, typer.Option(help="Default: the preset's.")] = None,
+    corpus: CorpusOpt = None,
+    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    fluency_cases: Annotated[
+        int, typer.Option(min=0, help="Generate (fluency, consistency) for the first K cases.")
+    ] = 0,
+    general_every: Annotated[
+        int | None, typer.Option(help="General abilities every K edits (and pre-edit).")
+    ] = None,
+    general_data: Annotated[str | None, typer.Option(help="Folder of the task files.")] = None,
+    general_items: Annotated[int, typer.Option(min=1)] = 200,
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Report and skip malformed records instead of stopping.")
+    ] = False,
+    seed: int = 0,
+) -> None:
+    """Sequential editing benchmark: every method from the same base model on the same cases."""
+    from .bench import BenchConfig, Benchmark
+    from .editor import parse_layers
+
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    config = BenchConfig(
+        model=model, methods=names, dataset=dataset, n_edits=n_edits, batch_size=batch_size,
+        checkpoint_every=checkpoint_every, seed=seed, offset=offset, corpus=corpus,
+        stats_tokens=stats_tokens, fluency_cases=fluency_cases, general_every=general_every,
+        general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
+    )  # fmt: skip
+    loaded = _load(model)
+    if layers:
+        config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
+    summary = Benchmark(config, out, log=console.print, loaded=loaded).run()
+    _print_table([out])
+    console.print(f"run directory {out}; {summary['wall_seconds']:.0f}s")
+
+
+def _print_table(run_dirs: list[Path]) -> None:
+    from .report import table
+
+    _, header, rows = table(run_dirs)
+    shown = Table(title="final model, every edited case (×100)")
+    for h in header:
+        shown.add_column(h, justify="left" if h == "method" else "right")
+    for row in rows:
+        shown.add_row(*row)
+    console.print(shown)
+
+
+@app.command()
+@friendly
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Benchmark run directories.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("report.html"),
+) -> None:
+    """One self-contained HTML page (plots embedded) and the paper-style table."""
+    from .fileio import write_text
+    from .report import build_report
+
+    write_text(out, build_report(run_dirs))
+    _print_table(run_dirs)
+    console.print(f"report in {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,6 +42,11 @@ class MethodSpec:
     def __str__(self) -> str:
         return self.method + ("+sphere" if self.sphere else "")
 
+    @property
+    def dirname(self) -> str:
+        """A folder name for this method's files in a run directory."""
+        return str(self).replace("+", "_")
+
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
     """``"3,4,5"`` or ``"3-7"``; each layer must exist."""

@@ -20,7 +20,6 @@ images embedded. matplotlib and scikit-learn are imported only when figures are 
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 from collections.abc import Sequence
@@ -30,7 +29,8 @@ from typing import Any
 import torch
 
 from .energy import hyperspherical_energy, unit_neurons
-from .fileio import write_json, write_with
+from .figures import img_tag, new_figure, save_png
+from .fileio import write_json
 
 DEFAULT_MAX_NEURONS = 512
 ANGLE_BINS = 360  # half a degree each over [0, 180]
@@ -182,25 +182,8 @@ def tsne_embedding(
 # -- figures ---------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError(
-            f"geometry figures need matplotlib: pip install matplotlib ({error})"
-        ) from None
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save_png(figure, path: Path) -> None:
-    write_with(path, lambda tmp: figure.savefig(tmp, format="png", metadata={"Software": None}))
-
-
 def plot_cosine(cos_pre: torch.Tensor, cos_post: torch.Tensor, path: Path, title: str) -> None:
-    figure = _figure(15, 4.8)
+    figure = new_figure(15, 4.8)
     axes = figure.subplots(1, 3)
     panels = (
         ("pre-edit", cos_pre, "RdBu_r", 1.0),
@@ -218,13 +201,13 @@ def plot_cosine(cos_pre: torch.Tensor, cos_post: torch.Tensor, path: Path, title
         ax.set_ylabel("neuron")
         figure.colorbar(image, ax=ax, shrink=0.8)
     figure.suptitle(f"{title}: pairwise cosine similarity of neurons")
-    _save_png(figure, path)
+    save_png(figure, path)
 
 
 def plot_angles(histogram: dict[str, list[float]], path: Path, title: str) -> None:
     """Pre-edit filled, post-edit as an outline on top (the two often coincide), the
     axis zoomed to the occupied bins."""
-    figure = _figure(7, 4.5)
+    figure = new_figure(7, 4.5)
     ax = figure.subplots()
     edges = histogram["edges"]
     ax.stairs(histogram["pre"], edges, fill=True, alpha=0.45, color=PRE_COLOUR, label="pre-edit")
@@ -240,11 +223,11 @@ def plot_angles(histogram: dict[str, list[float]], path: Path, title: str) -> No
     ax.set_ylabel("pairs")
     ax.legend()
     ax.set_title(f"{title}: pairwise angles")
-    _save_png(figure, path)
+    save_png(figure, path)
 
 
 def plot_tsne(points_pre, points_post, path: Path, title: str) -> None:
-    figure = _figure(6, 6)
+    figure = new_figure(6, 6)
     ax = figure.subplots()
     ax.scatter(points_pre[:, 0], points_pre[:, 1], s=8, alpha=0.6, c=PRE_COLOUR, label="pre-edit")
     ax.scatter(
@@ -255,7 +238,7 @@ def plot_tsne(points_pre, points_post, path: Path, title: str) -> None:
     ax.set_yticks([])
     ax.legend()
     ax.set_title(f"{title}: t-SNE of unit neurons")
-    _save_png(figure, path)
+    save_png(figure, path)
 
 
 def layer_geometry(
@@ -362,13 +345,6 @@ def geometry_for_run(
 # -- HTML ------------------------------------------------------------------------------------
 
 
-def _img(path: str | Path, alt: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return (
-        f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" style="max-width:100%">'
-    )
-
-
 def _number(value: Any, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
@@ -404,6 +380,6 @@ def geometry_html(summary: dict[str, Any], *, title: str = "Weight geometry") ->
     for layer, result in layers.items():
         parts.append(f"<h3>layer {html.escape(str(layer))}</h3>")
         for kind, path in result.get("figures", {}).items():
-            parts.append(f"<figure>{_img(path, f'layer {layer} {kind}')}</figure>")
+            parts.append(f"<figure>{img_tag(path, f'layer {layer} {kind}')}</figure>")
     parts.append("</section>")
     return "\n".join(parts)

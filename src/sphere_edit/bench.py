@@ -1,0 +1,455 @@
+"""The sequential editing benchmark behind ``sphere-edit bench``.
+
+Every method starts from the same base model and edits the same cases in the same order,
+``batch_size`` at a time. Two protocols are measured and named in the output:
+
+- ``final``: after the last batch, every edited case is evaluated on the final model (the
+  paper's protocol);
+- ``checkpoint``: every ``checkpoint_every`` edits, the cases edited so far are evaluated on
+  the model as it is then, which gives the curves.
+
+The pre-edit model is evaluated on the same cases once. Hyperspherical energy of every
+edited layer is recorded after every batch; the Spearman rank correlation between the HE
+series (mean over edited layers) and each metric series across checkpoints, and the fit of
+consecutive differences, are in the summary (the paper's Figures 2 and 3).
+
+The run directory (every file written atomically, rewritten as the run goes)::
+
+    config.json                 resolved configuration + environment
+    pre_edit/cases.jsonl        per-case results of the unedited model
+    pre_edit/summary.json
+    <method>/batches.jsonl      per batch: HE per layer, timings, v* losses
+    <method>/he.csv             edits, layer, energy
+    <method>/checkpoints.jsonl  aggregate metrics of the cases edited so far
+    <method>/cases.jsonl        per-case results on the final model
+    <method>/summary.json
+    <method>/journal/           the edit journal (deltas per batch)
+    summary.json                all methods, the protocols, correlations, timings
+    plots/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import CaseSet, EditCase, load_cases
+from .editor import MethodSpec, build_session
+from .fileio import write_json, write_text
+from .metrics import (
+    aggregate,
+    consecutive_difference_fit,
+    evaluate_cases,
+    evaluate_generation,
+    merge_results,
+    spearman,
+)
+from .models import LoadedModel, load_model
+
+HEADLINE_METRICS = ("efficacy", "generalization", "specificity")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "smollm2-135m"
+    methods: tuple[str, ...] = ("memit", "alphaedit", "alphaedit+sphere")
+    dataset: str = "counterfact"
+    n_edits: int = 1000
+    batch_size: int = 100
+    checkpoint_every: int | None = None  # None: only the final evaluation
+    seed: int = 0
+    offset: int = 0
+    layers: tuple[int, ...] | None = None
+    corpus: str | None = None
+    stats_tokens: int | None = None
+    fluency_cases: int = 0  # generations (fluency, consistency) for the first K cases
+    general_every: int | None = None  # general abilities every K edits (and pre-edit)
+    general_data: str | None = None
+    general_items: int = 200
+    skip_invalid: bool = False
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods: give at least one method, e.g. memit,alphaedit+sphere")
+        for spec in self.methods:
+            MethodSpec.parse(spec)
+        if self.n_edits < 1:
+            raise ValueError(f"n_edits: must be at least 1, got {self.n_edits}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+        for name in ("checkpoint_every", "general_every"):
+            every = getattr(self, name)
+            if every is not None and (every < 1 or every % self.batch_size):
+                raise ValueError(
+                    f"{name}: must be a positive multiple of the batch size "
+                    f"({self.batch_size}), got {every}"
+                )
+        if self.offset < 0:
+            raise ValueError(f"offset: must be >= 0, got {self.offset}")
+        if self.fluency_cases < 0:
+            raise ValueError(f"fluency_cases: must be >= 0, got {self.fluency_cases}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods: a method is listed twice")
+
+    def checkpoints(self) -> list[int]:
+        """Numbers of edits after which the cases edited so far are evaluated."""
+        ends = list(range(self.batch_size, self.n_edits, self.batch_size)) + [self.n_edits]
+        if self.checkpoint_every is None:
+            return [self.n_edits]
+        marks = [e for e in ends if e % self.checkpoint_every == 0]
+        return sorted(set(marks) | {self.n_edits})
+
+    def general_marks(self) -> list[int]:
+        if self.general_every is None:
+            return []
+        ends = list(range(self.batch_size, self.n_edits, self.batch_size)) + [self.n_edits]
+        return sorted({e for e in ends if e % self.general_every == 0} | {self.n_edits})
+
+
+def environment(loaded: LoadedModel) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "sphere_edit": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(next(loaded.model.parameters()).device),
+        "model_fingerprint": loaded.fingerprint,
+    }
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in rows))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+@dataclass
+class MethodRun:
+    """What one method's run records as it goes (everything JSON-ready)."""
+
+    spec: str
+    layers: list[int] = field(default_factory=list)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    energy: list[dict[str, Any]] = field(default_factory=list)  # edits, layer, energy
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    general: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+    def mean_energy(self, edits: int) -> float:
+        values = [row["energy"] for row in self.energy if row["edits"] == edits]
+        return sum(values) / len(values)
+
+    def correlations(self) -> dict[str, Any]:
+        """Spearman ρ between mean HE and each headline metric across checkpoints, and the
+        linear fit of their consecutive differences."""
+        he = [self.mean_energy(c["edits"]) for c in self.checkpoints]
+        result: dict[str, Any] = {"n_points": len(he), "energy": "mean over edited layers"}
+        for metric in HEADLINE_METRICS:
+            series = [c["metrics"].get(metric) for c in self.checkpoints]
+            if len(he) < 3 or any(v is None for v in series):
+                result[metric] = {"spearman": None, "reason": "needs 3 or more checkpoints"}
+                continue
+            fit = consecutive_difference_fit(he, series)
+            result[metric] = {
+                "spearman": _finite_or_none(spearman(he, series)),
+                "difference_fit": {
+                    "slope": _finite_or_none(fit.slope),
+                    "intercept": _finite_or_none(fit.intercept),
+                    "r": _finite_or_none(fit.r),
+                    "n": fit.n,
+                },
+            }
+        return result
+
+
+class Benchmark:
+    """Runs a :class:`BenchConfig` into a run directory."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        run_dir: str | Path,
+        *,
+        log: Callable[[str], None] = print,
+        progress: bool = True,
+        loaded: LoadedModel | None = None,
+    ):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.log = log
+        self.progress = progress
+        self._loaded = loaded
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def _prepare_dir(self) -> None:
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise FileExistsError(
+                f"output: {self.run_dir} is not empty; choose a new directory "
+                "(or remove this one) so that no earlier run is overwritten"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _cases(self) -> CaseSet:
+        c = self.config
+        case_set = load_cases(
+            c.dataset, limit=c.n_edits, offset=c.offset, skip_invalid=c.skip_invalid
+        )
+        for problem in case_set.problems:
+            self.log(f"skipped: {problem}")
+        if len(case_set) < c.n_edits:
+            raise ValueError(
+                f"n_edits: {c.dataset} gives {len(case_set)} valid cases from offset "
+                f"{c.offset}, fewer than {c.n_edits}; lower --n-edits"
+            )
+        return case_set
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def _evaluate(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict[str, Any]]:
+        return evaluate_cases(
+            loaded.model, loaded.tokenizer, cases, batch_size=self.config.eval_batch_size
+        )
+
+    def _generation(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict]:
+        chosen = list(cases[: self.config.fluency_cases])
+        if not chosen:
+            return []
+        return evaluate_generation(loaded.model, loaded.tokenizer, chosen, seed=self.config.seed)
+
+    def _general(self, loaded: LoadedModel) -> dict[str, Any]:
+        from .general import evaluate_general
+
+        c = self.config
+        return evaluate_general(
+            loaded.model, loaded.tokenizer, c.general_data, n_items=c.general_items
+        )
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        self._prepare_dir()
+        started = time.perf_counter()
+        clock = time.perf_counter()
+        loaded = self._loaded or load_model(c.model)
+        load_seconds = time.perf_counter() - clock
+        case_set = self._cases()
+        cases = list(case_set)
+        write_json(
+            self.run_dir / "config.json",
+            {
+                "config": asdict(c),
+                "protocols": {
+                    "final": "every edited case evaluated on the final model",
+                    "checkpoint": "cases edited so far evaluated every checkpoint_every edits",
+                },
+                "checkpoints": c.checkpoints(),
+                "dataset": {
+                    "kind": case_set.dataset,
+                    "format": case_set.format,
+                    "path": str(case_set.path),
+                    "skipped": [p.to_dict() for p in case_set.problems],
+                },
+                "environment": environment(loaded),
+            },
+        )
+
+        pre = self._pre_edit(loaded, cases)
+        summary: dict[str, Any] = {
+            "dataset": case_set.dataset,
+            "model": loaded.name,
+            "n_edits": c.n_edits,
+            "batch_size": c.batch_size,
+            "pre_edit": pre,
+            "methods": {},
+            "load_model_seconds": load_seconds,
+        }
+        write_json(self.run_dir / "summary.json", summary)
+
+        base = _snapshot(loaded)
+        for spec in c.methods:
+            try:
+                summary["methods"][spec] = self._run_method(loaded, spec, cases)
+            finally:
+                _restore(loaded, base)
+            summary["wall_seconds"] = time.perf_counter() - started
+            write_json(self.run_dir / "summary.json", summary)
+        self._plots()
+        return summary
+
+    def _pre_edit(self, loaded: LoadedModel, cases: list[EditCase]) -> dict[str, Any]:
+        out = self.run_dir / "pre_edit"
+        clock = time.perf_counter()
+        results = self._evaluate(loaded, cases)
+        generation = self._generation(loaded, cases)
+        per_case = merge_results(results, generation) if generation else results
+        _write_jsonl(out / "cases.jsonl", per_case)
+        pre = {"metrics": aggregate(per_case), "seconds": time.perf_counter() - clock}
+        if self.config.general_every:
+            clock = time.perf_counter()
+            pre["general"] = self._general(loaded)
+            pre["general_seconds"] = time.perf_counter() - clock
+        write_json(out / "summary.json", pre)
+        self.log(f"pre-edit: {_headline(pre['metrics'])}")
+        return pre
+
+    def _run_method(self, loaded: LoadedModel, spec: str, cases: list[EditCase]) -> dict[str, Any]:
+        c = self.config
+        out = self.run_dir / MethodSpec.parse(spec).dirname
+        started = time.perf_counter()
+        clock = time.perf_counter()
+        session = build_session(
+            loaded,
+            spec,
+            layers=list(c.layers) if c.layers else None,
+            corpus=c.corpus,
+            stats_tokens=c.stats_tokens,
+            run_dir=out / "journal",
+            seed=c.seed,
+            progress=self.progress,
+            log=self.log,
+        )
+        record = MethodRun(spec=spec, layers=list(session.layers))
+        record.add_time("statistics", time.perf_counter() - clock)
+        for layer, energy in session.energy().items():
+            record.energy.append({"edits": 0, "layer": layer, "energy": energy})
+
+        checkpoints, general_marks = set(c.checkpoints()), set(c.general_marks())
+        starts = range(0, c.n_edits, c.batch_size)
+        bar = tqdm(starts, desc=spec, unit="batch", disable=not self.progress)
+        for begin in bar:
+            batch_cases = cases[begin : begin + c.batch_size]
+            result = session.apply([case.request for case in batch_cases])
+            done = begin + len(batch_cases)
+            for phase, seconds in result.timings.items():
+                record.add_time(phase, seconds)
+            for layer, energy in result.energy_after.items():
+                record.energy.append({"edits": done, "layer": layer, "energy": energy})
+            record.batches.append(
+                {
+                    "batch": result.index,
+                    "edits": done,
+                    "energy_before": result.energy_before,
+                    "energy_after": result.energy_after,
+                    "energy_change": result.energy_change,
+                    "update_norms": result.update_norms,
+                    "timings": result.timings,
+                    "target_loss_mean": sum(result.target_loss) / len(result.target_loss),
+                    "target_steps_mean": sum(result.target_steps) / len(result.target_steps),
+                }
+            )
+            if done in checkpoints:
+                clock = time.perf_counter()
+                so_far = self._evaluate(loaded, cases[:done])
+                record.add_time("evaluation", time.perf_counter() - clock)
+                record.checkpoints.append(
+                    {"edits": done, "protocol": "checkpoint", "metrics": aggregate(so_far)}
+                )
+                if done == c.n_edits:
+                    final = so_far
+            if done in general_marks:
+                clock = time.perf_counter()
+                record.general.append({"edits": done, **self._general(loaded)})
+                record.add_time("general", time.perf_counter() - clock)
+            self._write_progress(out, record)
+            bar.set_postfix_str(
+                _headline(record.checkpoints[-1]["metrics"]) if record.checkpoints else ""
+            )
+
+        clock = time.perf_counter()
+        generation = self._generation(loaded, cases)
+        record.add_time("generation", time.perf_counter() - clock)
+        per_case = merge_results(final, generation) if generation else final
+        _write_jsonl(out / "cases.jsonl", per_case)
+        summary = {
+            "method": spec,
+            "layers": record.layers,
+            "final": {"protocol": "final", "metrics": aggregate(per_case)},
+            "checkpoints": record.checkpoints,
+            "general": record.general,
+            "energy_final": {
+                str(r["layer"]): r["energy"] for r in record.energy if r["edits"] == c.n_edits
+            },
+            "energy_initial": {
+                str(r["layer"]): r["energy"] for r in record.energy if r["edits"] == 0
+            },
+            "correlations": record.correlations(),
+            "timings": record.timings,
+            "wall_seconds": time.perf_counter() - started,
+            "session": session.header(),
+        }
+        write_json(out / "summary.json", summary)
+        self.log(f"{spec}: {_headline(summary['final']['metrics'])}")
+        return summary
+
+    def _write_progress(self, out: Path, record: MethodRun) -> None:
+        _write_jsonl(out / "batches.jsonl", record.batches)
+        _write_jsonl(out / "checkpoints.jsonl", record.checkpoints)
+        rows = ["edits,layer,energy"] + [
+            f"{r['edits']},{r['layer']},{r['energy']!r}" for r in record.energy
+        ]
+        write_text(out / "he.csv", "\n".join(rows) + "\n")
+
+    def _plots(self) -> None:
+        from .plots import plot_run
+
+        try:
+            plot_run(self.run_dir)
+        except ImportError as error:
+            self.log(f"plots skipped: {error}")
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    parts = []
+    for name in HEADLINE_METRICS + ("fluency",):
+        value = metrics.get(name)
+        if value is not None:
+            parts.append(f"{name[:4]} {value:.3f}")
+    return ", ".join(parts)
+
+
+def _snapshot(loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    """Every parameter any method may change: the MLP output projections of all layers."""
+    layout = loaded.layout
+    return {
+        name: param.detach().clone()
+        for i in range(layout.num_layers)
+        for name, param in layout.mlp_out(i).named_parameters(prefix=f"layer{i}")
+    }
+
+
+def _restore(loaded: LoadedModel, base: dict[str, torch.Tensor]) -> None:
+    layout = loaded.layout
+    with torch.no_grad():
+        for i in range(layout.num_layers):
+            for name, param in layout.mlp_out(i).named_parameters(prefix=f"layer{i}"):
+                param.copy_(base[name])

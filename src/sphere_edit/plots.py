@@ -1,0 +1,131 @@
+"""Plots of a benchmark run directory (see :mod:`sphere_edit.bench` for its layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .editor import MethodSpec
+from .figures import new_figure, save_png
+
+CURVE_METRICS = ("efficacy", "generalization", "specificity")
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """The run's summary with, per method, its checkpoints and HE series (edits → mean HE
+    over the edited layers), read from the files the benchmark writes as it goes."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{run_dir} has no summary.json; is it a benchmark run directory?")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    methods: dict[str, dict[str, Any]] = {}
+    for spec in config["config"]["methods"]:
+        method_dir = run_dir / MethodSpec.parse(spec).dirname
+        if not (method_dir / "he.csv").exists():
+            continue  # not started yet
+        energy: dict[int, list[float]] = {}
+        for line in (method_dir / "he.csv").read_text(encoding="utf-8").splitlines()[1:]:
+            edits, _layer, value = line.split(",")
+            energy.setdefault(int(edits), []).append(float(value))
+        checkpoints = [
+            json.loads(line)
+            for line in (method_dir / "checkpoints.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+        methods[spec] = {
+            "energy": {e: sum(v) / len(v) for e, v in sorted(energy.items())},
+            "checkpoints": checkpoints,
+            "summary": summary.get("methods", {}).get(spec),
+        }
+    return {"summary": summary, "config": config, "methods": methods}
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write ``plots/metrics.png`` (metrics and HE against edits, a line per method) and
+    ``plots/he_differences.png`` (consecutive differences, Figure 3 style)."""
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    written = [_plot_curves(run, run_dir / "plots" / "metrics.png")]
+    written.append(_plot_differences(run, run_dir / "plots" / "he_differences.png"))
+    general = _plot_general(run, run_dir / "plots" / "general.png")
+    if general is not None:
+        written.append(general)
+    return written
+
+
+def _plot_curves(run: dict[str, Any], path: Path) -> Path:
+    pre = run["summary"]["pre_edit"]["metrics"]
+    figure = new_figure(4.0 * (len(CURVE_METRICS) + 1), 3.4)
+    axes = figure.subplots(1, len(CURVE_METRICS) + 1)
+    for ax, metric in zip(axes, CURVE_METRICS, strict=False):
+        for spec, data in run["methods"].items():
+            xs = [c["edits"] for c in data["checkpoints"]]
+            ys = [c["metrics"].get(metric) for c in data["checkpoints"]]
+            ax.plot(xs, ys, marker="o", label=spec)
+        if pre.get(metric) is not None:
+            ax.axhline(pre[metric], color="grey", linestyle="--", label="pre-edit")
+        ax.set_title(f"{metric} (cases edited so far)")
+        ax.set_xlabel("edits")
+        ax.set_ylim(-0.02, 1.02)
+    ax = axes[-1]
+    for spec, data in run["methods"].items():
+        ax.plot(list(data["energy"]), list(data["energy"].values()), label=spec)
+    ax.set_title("hyperspherical energy (mean over layers)")
+    ax.set_xlabel("edits")
+    axes[0].legend(fontsize="small")
+    save_png(figure, path)
+    return path
+
+
+def _plot_differences(run: dict[str, Any], path: Path) -> Path:
+    figure = new_figure(4.0 * len(CURVE_METRICS), 3.4)
+    axes = figure.subplots(1, len(CURVE_METRICS))
+    for ax, metric in zip(axes, CURVE_METRICS, strict=True):
+        for spec, data in run["methods"].items():
+            points = [
+                (data["energy"].get(c["edits"]), c["metrics"].get(metric))
+                for c in data["checkpoints"]
+            ]
+            points = [(h, m) for h, m in points if h is not None and m is not None]
+            dh = [b[0] - a[0] for a, b in zip(points, points[1:], strict=False)]
+            dm = [b[1] - a[1] for a, b in zip(points, points[1:], strict=False)]
+            if not dh:
+                continue
+            ax.scatter(dh, dm, label=spec, s=18)
+            fit = ((data["summary"] or {}).get("correlations") or {}).get(metric) or {}
+            line = fit.get("difference_fit")
+            if line and line.get("slope") is not None:
+                lo, hi = min(dh), max(dh)
+                ax.plot([lo, hi], [line["intercept"] + line["slope"] * x for x in (lo, hi)])
+        ax.set_title(f"Δ{metric} vs ΔHE between checkpoints")
+        ax.set_xlabel("ΔHE")
+    axes[0].legend(fontsize="small")
+    save_png(figure, path)
+    return path
+
+
+def _plot_general(run: dict[str, Any], path: Path) -> Path | None:
+    series = {
+        spec: (data["summary"] or {}).get("general") or [] for spec, data in run["methods"].items()
+    }
+    if not any(series.values()):
+        return None
+    keys = sorted({k for rows in series.values() for r in rows for k in r.get("summary", {})})
+    keys = [k for k in keys if k.endswith("_acc")]
+    figure = new_figure(3.6 * len(keys), 3.2)
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    pre = run["summary"]["pre_edit"].get("general", {}).get("summary", {})
+    for ax, key in zip(axes, keys, strict=True):
+        for spec, rows in series.items():
+            points = [(0, pre.get(key))] + [(r["edits"], r["summary"].get(key)) for r in rows]
+            points = [(x, y) for x, y in points if y is not None]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=spec)
+        ax.set_title(key)
+        ax.set_xlabel("edits")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize="small")
+    save_png(figure, path)
+    return path

@@ -1,0 +1,172 @@
+"""The sequential benchmark on a tiny model: run directory, protocols, correlations, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+from typer.testing import CliRunner
+
+from sphere_edit.bench import BenchConfig, Benchmark
+from sphere_edit.cli import app
+from sphere_edit.models import LoadedModel
+from sphere_edit.report import build_report, table
+from tests.tiny_models import make_tiny_model
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _config(**overrides) -> BenchConfig:
+    options = dict(
+        model="tiny",
+        methods=("memit", "memit+sphere"),
+        dataset=str(FIXTURES / "counterfact_rome.json"),
+        n_edits=3,
+        batch_size=1,
+        checkpoint_every=1,
+        stats_tokens=2000,
+    )
+    options.update(overrides)
+    return BenchConfig(**options)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"checkpoint_every": 3, "batch_size": 2}, "checkpoint_every"),
+        ({"n_edits": 0}, "n_edits"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"methods": ("memit", "bogus")}, "method"),
+        ({"methods": ()}, "methods"),
+        ({"methods": ("memit", "memit")}, "methods"),
+        ({"general_every": 5, "batch_size": 2, "checkpoint_every": 2}, "general_every"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        _config(**overrides)
+
+
+def test_checkpoints_fall_on_batch_ends_and_always_include_the_last():
+    config = _config(n_edits=1000, batch_size=100, checkpoint_every=200)
+    assert config.checkpoints() == [200, 400, 600, 800, 1000]
+    assert _config(n_edits=250, batch_size=100, checkpoint_every=None).checkpoints() == [250]
+    assert _config(n_edits=250, batch_size=50, checkpoint_every=100).checkpoints() == [
+        100,
+        200,
+        250,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_tokenizer):
+    model = make_tiny_model("llama", tiny_tokenizer, seed=0)
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer, name="tiny-llama")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    run_dir = tmp_path_factory.mktemp("bench") / "run"
+    summary = Benchmark(_config(), run_dir, log=lambda _: None, progress=False, loaded=loaded).run()
+    return run_dir, summary, loaded, base
+
+
+def test_run_directory_holds_every_file(finished_run):
+    run_dir, summary, _, _ = finished_run
+    for name in ("config.json", "summary.json", "pre_edit/cases.jsonl", "pre_edit/summary.json"):
+        assert (run_dir / name).is_file(), name
+    for method in ("memit", "memit_sphere"):
+        folder = run_dir / method
+        for name in ("batches.jsonl", "he.csv", "checkpoints.jsonl", "cases.jsonl"):
+            assert (folder / name).is_file(), f"{method}/{name}"
+        assert (folder / "journal" / "session.json").is_file()
+        cases = (folder / "cases.jsonl").read_text().splitlines()
+        assert len(cases) == 3
+        checkpoints = [json.loads(line) for line in (folder / "checkpoints.jsonl").open()]
+        assert [c["edits"] for c in checkpoints] == [1, 2, 3]
+        assert [c["metrics"]["n_cases"] for c in checkpoints] == [1, 2, 3]
+        he_rows = (folder / "he.csv").read_text().splitlines()
+        assert he_rows[0] == "edits,layer,energy"
+        layers = summary["methods"][method.replace("_", "+")]["layers"]
+        assert len(he_rows) - 1 == 4 * len(layers)  # edits 0, 1, 2, 3
+    assert (run_dir / "plots" / "metrics.png").stat().st_size > 1000
+    assert (run_dir / "plots" / "he_differences.png").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["environment"]["torch"] == torch.__version__
+    assert set(config["protocols"]) == {"final", "checkpoint"}
+
+
+def test_every_method_starts_from_the_base_model_and_the_model_is_restored(finished_run):
+    run_dir, summary, loaded, base = finished_run
+    firsts = []
+    for method in ("memit", "memit_sphere"):
+        first = json.loads((run_dir / method / "batches.jsonl").open().readline())
+        firsts.append(first["energy_before"])
+    assert firsts[0] == firsts[1]
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value, base[name]), name
+    # The projection changed the update: the two methods' final energies differ.
+    finals = [summary["methods"][m]["energy_final"] for m in ("memit", "memit+sphere")]
+    assert finals[0] != finals[1]
+
+
+def test_final_protocol_equals_the_last_checkpoint(finished_run):
+    _, summary, _, _ = finished_run
+    for method in summary["methods"].values():
+        final = method["final"]["metrics"]
+        last = method["checkpoints"][-1]["metrics"]
+        for key in ("efficacy", "generalization", "specificity"):
+            assert final[key] == last[key]
+        assert method["final"]["protocol"] == "final"
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+def test_correlations_match_scipy(finished_run):
+    run_dir, summary, _, _ = finished_run
+    method = summary["methods"]["memit"]
+    rows = [line.split(",") for line in (run_dir / "memit" / "he.csv").read_text().splitlines()]
+    energy: dict[int, list[float]] = {}
+    for edits, _, value in rows[1:]:
+        energy.setdefault(int(edits), []).append(float(value))
+    he = [sum(energy[c["edits"]]) / len(energy[c["edits"]]) for c in method["checkpoints"]]
+    for metric in ("efficacy", "specificity"):
+        series = [c["metrics"][metric] for c in method["checkpoints"]]
+        expected = spearmanr(he, series).statistic
+        got = method["correlations"][metric]["spearman"]
+        if expected != expected:  # NaN: a constant series
+            assert got is None
+        else:
+            assert got == pytest.approx(expected)
+
+
+def test_report_is_one_self_contained_page(finished_run, tmp_path):
+    run_dir, _, _, _ = finished_run
+    page = build_report([run_dir])
+    assert page.startswith("<!doctype html>")
+    assert "data:image/png;base64," in page
+    assert "memit+sphere" in page
+    _, header, rows = table([run_dir])
+    assert header[0] == "method" and any("Eff." in h for h in header)
+    assert [r[0] for r in rows] == ["pre-edit", "memit", "memit+sphere"]
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+
+
+def test_a_used_run_directory_is_refused(finished_run, tiny_tokenizer):
+    run_dir, _, loaded, _ = finished_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(FileExistsError, match="not empty"):
+        Benchmark(_config(), run_dir, log=lambda _: None, progress=False, loaded=loaded).run()
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_cli_bench_rejects_bad_options_in_one_line(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--out", str(tmp_path / "x"), "--batch-size", "30", "--checkpoint-every", "50"],
+    )
+    assert result.exit_code == 2
+    assert "checkpoint_every" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
