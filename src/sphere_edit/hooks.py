@@ -30,6 +30,7 @@ class Capture:
     def __init__(self) -> None:
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
+        self.raw_output: Any = None  # the output as the module returned it
 
 
 @contextmanager
@@ -44,6 +45,7 @@ def capture(module: nn.Module, *, stop: bool = False) -> Iterator[Capture]:
     def hook(_module: nn.Module, args: tuple, output: Any) -> None:
         seen.input = args[0] if args else None
         seen.output = _first(output)
+        seen.raw_output = output
         if stop:
             raise StopForward
 
@@ -80,6 +82,32 @@ def edit_input(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]) 
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def skipped_layers(
+    layers: list[nn.Module], output: Any, hidden: torch.Tensor
+) -> Iterator[None]:
+    """Skip the computation of ``layers`` (a run of decoder layers from the first one):
+    each passes its input through, and the last returns ``hidden`` in the structure of
+    ``output`` (a real output of that layer, tensor or tuple). Forward hooks on the layers
+    still run. For when everything up to the last of them is known in advance."""
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        given = args[0] if args else kwargs["hidden_states"]
+        return _replace_first(output, given)
+
+    def replay(*_args: Any, **_kwargs: Any) -> Any:
+        return _replace_first(output, hidden)
+
+    for layer in layers[:-1]:
+        layer.forward = passthrough
+    layers[-1].forward = replay
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute: back to the class's forward
 
 
 def run_until_stopped(fn: Callable[[], Any]) -> None:

@@ -28,7 +28,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .arch import ModelLayout
-from .hooks import edit_input, edit_output, frozen_parameters
+from .hooks import (
+    capture,
+    edit_input,
+    edit_output,
+    frozen_parameters,
+    run_until_stopped,
+    skipped_layers,
+)
 from .requests import EditRequest, RequestError
 from .text import SubjectPrompt, encode, last_token_index, pad_id_of, target_token_ids
 
@@ -127,14 +134,16 @@ class _Pass:
     def __init__(
         self,
         model: nn.Module,
-        hidden: nn.Module,
+        layers: list[nn.Module],
         unembed: nn.Module,
         rows: _Rows,
         pad: int,
         device: torch.device,
         bf16: bool,
     ):
-        self.model, self.hidden, self.unembed = model, hidden, unembed
+        # ``layers``: the decoder layers up to the one delta is added to (its output).
+        self.model, self.layers, self.unembed = model, layers, unembed
+        self.hidden = layers[-1]
         self.rows, self.bf16 = rows, bf16
         longest = max(len(t) for t in rows.targets)
         target_ids = torch.zeros(rows.n_rewrite, longest, dtype=torch.long)
@@ -262,6 +271,22 @@ class _CachedPass(_Pass):
         self.rewrite_cols = cols.to(dev)
         self.kl_cols = torch.zeros(n - rows.n_rewrite, dtype=torch.long, device=dev)
 
+        # No tail position depends on delta before it is added at the output of the last
+        # of ``layers``: run those layers once here, and skip them in every step.
+        with (
+            torch.no_grad(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16),
+            capture(self.hidden, stop=True) as seen,
+        ):
+            run_until_stopped(lambda: self.model(**self.inputs, **self._cache_inputs()))
+        self.tail_hidden, self.tail_output = seen.output, seen.raw_output
+
+    def _cache_inputs(self) -> dict:
+        if self.cache is None:
+            return {}
+        # The forward appends to the cache: give it a copy, keep the prefix intact.
+        return {self.cache_arg: copy.deepcopy(self.cache), "use_cache": True}
+
     def _forward(self, delta_rows, on_init):
         def add(output: torch.Tensor) -> torch.Tensor:
             on_init(output[:, 0])
@@ -269,10 +294,6 @@ class _CachedPass(_Pass):
             shifted[:, 0] = output[:, 0] + delta_rows.to(output.dtype)
             return shifted
 
-        extra = {}
-        if self.cache is not None:
-            # The forward appends to the cache: give it a copy, keep the prefix intact.
-            extra = {self.cache_arg: copy.deepcopy(self.cache), "use_cache": True}
         n_rw, t = self.rewrite_cols.shape
         kl_rows = torch.arange(n_rw, len(self.rows.ids), device=self.device)
         rows = torch.cat([torch.arange(n_rw, device=self.device).repeat_interleave(t), kl_rows])
@@ -283,8 +304,12 @@ class _CachedPass(_Pass):
             # loss reads it (every target position and each "is a" row's subject token).
             return hidden[rows, cols].unsqueeze(0)
 
-        with edit_output(self.hidden, add), edit_input(self.unembed, only_needed):
-            logits = self.model(**self.inputs, **extra).logits[0]
+        with (
+            skipped_layers(self.layers, self.tail_output, self.tail_hidden),
+            edit_output(self.hidden, add),
+            edit_input(self.unembed, only_needed),
+        ):
+            logits = self.model(**self.inputs, **self._cache_inputs()).logits[0]
         log_probs = logits.float().log_softmax(-1)
         token_lp = log_probs[: n_rw * t].view(n_rw, t, -1)
         token_lp = token_lp.gather(2, self.target_ids.unsqueeze(-1)).squeeze(-1)
@@ -302,7 +327,7 @@ def compute_targets(
 ) -> TargetResult:
     device = next(model.parameters()).device
     n = len(requests)
-    hidden = layout.layer(z_layer)
+    layers = [layout.layer(i) for i in range(z_layer + 1)]
     per = config.requests_per_pass
     groups = [list(range(b, min(b + per, n))) for b in range(0, n, per)]
     route = _CachedPass if config.route == "cached" else _ReferencePass
@@ -322,7 +347,7 @@ def compute_targets(
     with frozen_parameters(model):
         unembed = layout.unembed()
         passes = [
-            route(model, hidden, unembed, rows, pad, device, config.bf16) for rows in all_rows
+            route(model, layers, unembed, rows, pad, device, config.bf16) for rows in all_rows
         ]
         for step in range(config.steps):
             delta.grad = torch.zeros_like(delta)

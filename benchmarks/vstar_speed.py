@@ -1,0 +1,165 @@
+"""v* optimisation speed: the fast batched path against the straightforward reference.
+
+For the first ``--n`` CounterFact cases on SmolLM2 (preset layers), the target vectors are
+computed three ways, all in this one run on this machine:
+
+- ``reference``: one request at a time, every step running every prompt in full;
+- ``fast fp32``: all requests batched, prefix KV cache, layers below the injection layer run
+  once, unembedding only where the loss reads it, converged requests dropped;
+- ``fast bf16``: the same under bfloat16 autocast (the solve stays float64).
+
+Each set of targets is then applied with MEMIT (preset options) to the same base weights
+and efficacy is measured, so "same results" is checked on the edits, not only on the
+vectors. The achieved matmul throughput of the fast loop is reported against a measured
+fp32 / bf16 matmul peak of this machine (FLOPs counted by ``torch.utils.flop_counter``).
+
+    python benchmarks/vstar_speed.py --n 100 --reference-n 20 --out runs/vstar_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from counterfact_100 import REPO, evaluate, load_cases, log  # noqa: E402
+
+from sphere_edit.editor import build_session  # noqa: E402
+from sphere_edit.models import DEFAULT_MODEL, load_model  # noqa: E402
+from sphere_edit.targets import TargetResult, compute_targets  # noqa: E402
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a square matmul (best of ``repeats``)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def cat_results(parts: list[TargetResult]) -> TargetResult:
+    return TargetResult(
+        targets=torch.cat([p.targets for p in parts]),
+        init=torch.cat([p.init for p in parts]),
+        loss=torch.cat([p.loss for p in parts]),
+        nll=torch.cat([p.nll for p in parts]),
+        steps=torch.cat([p.steps for p in parts]),
+    )
+
+
+def main() -> None:
+    default_data = REPO.parent / "shared" / "data"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=default_data)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument(
+        "--reference-n", type=int, default=20,
+        help="requests for the (slow) reference; its time is scaled to --n",
+    )  # fmt: skip
+    parser.add_argument("--stats-tokens", type=int, default=100_000)
+    parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    loaded = load_model(args.model)
+    cases = load_cases(args.data / "counterfact" / "train.json", args.n)
+    requests = [c.request for c in cases]
+    session = build_session(
+        loaded, "memit", corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
+        stats_tokens=args.stats_tokens, log=log,
+    )  # fmt: skip
+    model, tok, layout = loaded.model, loaded.tokenizer, loaded.layout
+    templates = session.context_templates()
+    z_layer = session.layers[-1]
+    config = session.target
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    log(f"matmul peak GFLOP/s: {peaks}")
+
+    runs: dict[str, dict] = {}
+
+    def fast(name: str, bf16: bool) -> TargetResult:
+        cfg = replace(config, bf16=bf16)
+        counts = []
+        for steps in (1, 2):  # a final forward only; one forward+backward step before it
+            with FlopCounterMode(display=False) as counter:
+                sample = replace(cfg, steps=steps, loss_tolerance=0.0)
+                compute_targets(model, tok, layout, z_layer, requests[:16], templates, sample)
+            counts.append(counter.get_total_flops())
+        per_request_step = (counts[1] - counts[0]) / 16
+        start = time.perf_counter()
+        result = compute_targets(model, tok, layout, z_layer, requests, templates, cfg)
+        seconds = time.perf_counter() - start
+        steps = int(result.steps.sum())
+        flops = per_request_step * steps
+        runs[name] = {
+            "seconds": seconds,
+            "request_steps": steps,
+            "gflop": flops / 1e9,
+            "gflop_per_s": flops / seconds / 1e9,
+            "share_of_peak": flops / seconds / 1e9 / peaks["bf16" if bf16 else "fp32"],
+            "mean_loss": float(result.loss.mean()),
+        }
+        log(f"{name}: {runs[name]}")
+        return result
+
+    results = {"fast fp32": fast("fast fp32", False)}
+    if not args.skip_bf16:
+        results["fast bf16"] = fast("fast bf16", True)
+
+    reference_config = replace(config, route="reference", requests_per_pass=1)
+    start = time.perf_counter()
+    parts = [
+        compute_targets(model, tok, layout, z_layer, [r], templates, reference_config)
+        for r in requests[: args.reference_n]
+    ]
+    seconds = time.perf_counter() - start
+    runs["reference"] = {
+        "seconds_measured": seconds,
+        "requests_measured": args.reference_n,
+        "seconds": seconds * args.n / args.reference_n,
+        "mean_loss": float(torch.cat([p.loss for p in parts]).mean()),
+    }
+    log(f"reference: {runs['reference']}")
+    reference = cat_results(parts)
+    fast_subset = results["fast fp32"]
+    runs["reference"]["max_abs_diff_vs_fast_fp32"] = float(
+        (reference.targets - fast_subset.targets[: args.reference_n]).abs().max()
+    )
+
+    # Efficacy of the edits each set of targets gives (MEMIT, same base weights).
+    for name, result in results.items():
+        session.apply(requests, precomputed_targets=result)
+        runs[name]["efficacy"] = evaluate(loaded, cases, 64)["rewrite"]
+        session.rollback(0)
+    for name in results:
+        runs[name]["speedup_vs_reference"] = runs["reference"]["seconds"] / runs[name]["seconds"]
+
+    print(f"{'route':<12}{'seconds':>10}{'× ref':>8}{'GFLOP/s':>10}{'% peak':>8}{'eff P>':>8}")
+    for name, row in runs.items():
+        eff = row.get("efficacy", {}).get("p_new_gt_old")
+        print(
+            f"{name:<12}{row['seconds']:>10.1f}{row.get('speedup_vs_reference', 1.0):>8.1f}"
+            f"{row.get('gflop_per_s', float('nan')):>10.1f}"
+            f"{100 * row.get('share_of_peak', float('nan')):>8.1f}"
+            f"{'' if eff is None else f'{eff:.2f}':>8}"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"peaks": peaks, "runs": runs, "n": args.n}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
