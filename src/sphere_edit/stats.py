@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +160,11 @@ def collect_second_moments(
     seq_len: int = 256,
     tokens_per_pass: int = 4096,
     progress: bool = True,
+    bf16: bool = False,
 ) -> dict[int, SecondMoment]:
     """E[k kᵀ] of the keys of ``layers`` over ``corpus``; each forward pass stops after
-    the last of them. Pieces are sorted by length so padding is small."""
+    the last of them. Pieces are sorted by length so padding is small. ``bf16`` runs the
+    forward under bfloat16 autocast (the accumulation stays float64)."""
     layout = ModelLayout.of(model)
     device = next(model.parameters()).device
     pieces = sorted(_token_pieces(tokenizer, corpus.texts, max_tokens, seq_len), key=len)
@@ -179,6 +181,29 @@ def collect_second_moments(
     bar = tqdm(
         total=sum(len(p) for p in pieces), unit="tok", desc="key statistics", disable=not progress
     )
+    for ids, mask in packed_batches(pieces, tokens_per_pass, pad):
+        ids, mask = ids.to(device), mask.to(device)
+        with ExitStack() as stack:
+            seen = {layer: stack.enter_context(capture(layout.mlp_out(layer))) for layer in layers}
+            stack.enter_context(capture(stop_module, stop=True))
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16))
+            run_until_stopped(lambda ids=ids, mask=mask: model(input_ids=ids, attention_mask=mask))
+        real = mask.bool()
+        for layer in layers:
+            # The sums stay float64 whatever the forward's precision.
+            keys = seen[layer].input[real].float()
+            moments[layer].total += (keys.T @ keys).double().cpu()
+            moments[layer].count += keys.shape[0]
+        bar.update(int(real.sum()))
+    bar.close()
+    return moments
+
+
+def packed_batches(
+    pieces: Sequence[Sequence[int]], tokens_per_pass: int, pad: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded (ids, mask) batches of at most ``tokens_per_pass`` tokens (padding
+    included) from ``pieces`` sorted by length, in order."""
     begin = 0
     while begin < len(pieces):
         rows = max(1, tokens_per_pass // len(pieces[min(begin + 1, len(pieces)) - 1]))
@@ -193,19 +218,7 @@ def collect_second_moments(
         for i, piece in enumerate(group):
             ids[i, : len(piece)] = torch.tensor(piece)
             mask[i, : len(piece)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        with ExitStack() as stack:
-            seen = {layer: stack.enter_context(capture(layout.mlp_out(layer))) for layer in layers}
-            stack.enter_context(capture(stop_module, stop=True))
-            run_until_stopped(lambda ids=ids, mask=mask: model(input_ids=ids, attention_mask=mask))
-        real = mask.bool()
-        for layer in layers:
-            keys = seen[layer].input[real].float()
-            moments[layer].total += (keys.T @ keys).double().cpu()
-            moments[layer].count += keys.shape[0]
-        bar.update(int(real.sum()))
-    bar.close()
-    return moments
+        yield ids, mask
 
 
 def stats_cache_path(model_fp: str, corpus_fp: str, layer: int, tokens: int, dtype: str) -> Path:
@@ -227,10 +240,11 @@ def layer_second_moments(
     *,
     max_tokens: int,
     progress: bool = True,
+    bf16: bool = False,
 ) -> dict[int, SecondMoment]:
     """Cached :func:`collect_second_moments`: a cache entry is used only when the model,
     layer, corpus, token count and dtype recorded inside it all match."""
-    dtype = weights_dtype(loaded)
+    dtype = weights_dtype(loaded) + ("-bf16-autocast" if bf16 else "")
     expected = {
         "model": loaded.fingerprint,
         "corpus": corpus.fingerprint,
@@ -254,6 +268,7 @@ def layer_second_moments(
             corpus,
             max_tokens=max_tokens,
             progress=progress,
+            bf16=bf16,
         )
         for layer, moment in fresh.items():
             path = stats_cache_path(
