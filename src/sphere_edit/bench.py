@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -302,6 +303,7 @@ class Benchmark:
             finally:
                 _restore(loaded, base)
             summary["wall_seconds"] = time.perf_counter() - started
+            summary["peak_rss_mib"] = peak_rss_mib()
             write_json(self.run_dir / "summary.json", summary)
         self._plots()
         return summary
@@ -426,6 +428,12 @@ class Benchmark:
             plot_run(self.run_dir)
         except ImportError as error:
             self.log(f"plots skipped: {error}")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
 
 
 def _headline(metrics: dict[str, Any]) -> str:

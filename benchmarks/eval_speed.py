@@ -1,0 +1,76 @@
+"""Batched teacher-forced scoring against one prompt at a time, on the same prompts.
+
+The prompts are every rewrite, paraphrase and neighbourhood prompt of the first ``--n``
+CounterFact cases, each scored against its new and its true target (as the benchmark's
+metrics do). Printed: seconds of each, the ratio, and the largest difference between the
+two routes' log-probabilities and top-1 flags (the numbers must be the same).
+
+    python benchmarks/eval_speed.py --n 100 --out runs/eval_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from sphere_edit.data import load_cases
+from sphere_edit.evaluate import score_one_by_one, score_targets
+from sphere_edit.models import DEFAULT_MODEL, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    loaded = load_model(args.model)
+    cases = load_cases(args.data / "counterfact" / "train.json", limit=args.n)
+    prompts, targets = [], []
+    for case in cases:
+        request = case.request
+        for prompt in (request.text, *case.paraphrase_prompts, *case.neighborhood_prompts):
+            for target in (request.target_new, request.target_true):
+                prompts.append(prompt)
+                targets.append(target)
+    model, tok = loaded.model, loaded.tokenizer
+
+    start = time.perf_counter()
+    batched = score_targets(model, tok, prompts, targets, batch_size=args.batch_size)
+    batched_s = time.perf_counter() - start
+    start = time.perf_counter()
+    single = score_one_by_one(model, tok, prompts, targets)
+    single_s = time.perf_counter() - start
+
+    max_diff = max(
+        abs(a - b)
+        for x, y in zip(batched, single, strict=True)
+        for a, b in zip(x.token_logprobs, y.token_logprobs, strict=True)
+    )
+    top1_same = all(x.top1 == y.top1 for x, y in zip(batched, single, strict=True))
+    result = {
+        "model": loaded.name,
+        "rows": len(prompts),
+        "batch_size": args.batch_size,
+        "batched_seconds": batched_s,
+        "one_by_one_seconds": single_s,
+        "speedup": single_s / batched_s,
+        "max_abs_logprob_difference": max_diff,
+        "top1_identical": top1_same,
+    }
+    for key, value in result.items():
+        print(f"{key:>28}: {value:.6g}" if isinstance(value, float) else f"{key:>28}: {value}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
