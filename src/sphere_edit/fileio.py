@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .faults import fault_point
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -27,6 +29,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
+        fault_point("atomic-rename")
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .arch import ModelLayout
+from .faults import fault_point
 from .hooks import edit_input, edit_output, frozen_parameters
 from .requests import EditRequest, RequestError
 from .text import SubjectPrompt, encode, last_token_index, pad_id_of, target_token_ids
@@ -325,6 +326,7 @@ def compute_targets(
             route(model, hidden, unembed, rows, pad, device, config.bf16) for rows in all_rows
         ]
         for step in range(config.steps):
+            fault_point("vstar")
             delta.grad = torch.zeros_like(delta)
             for g, (group, rows, fwd) in enumerate(zip(groups, all_rows, passes, strict=True)):
                 ids = torch.tensor(group, device=device)
