@@ -140,6 +140,7 @@ def edit(
     """Apply edit requests sequentially in batches, journaling every batch."""
     from .editor import MethodSpec, build_session, parse_layers
     from .requests import load_requests, validate_batch
+    from .text import check_targets
 
     spec = MethodSpec.parse(method)
     method_overrides = parse_options(option or [])
@@ -161,6 +162,7 @@ def edit(
         except ValueError as error:
             raise ValueError(f"batch {b + 1}: {error}") from None
     loaded = _load(model)
+    check_targets(loaded.tokenizer, all_requests)
     overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
     if bf16:
         overrides["bf16"] = True
