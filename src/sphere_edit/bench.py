@@ -231,7 +231,6 @@ class Benchmark:
                 "(or remove this one) so that no earlier run is overwritten, "
                 "or continue it with --resume"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _cases(self) -> CaseSet:
         c = self.config
@@ -284,6 +283,8 @@ class Benchmark:
         case_set = self._cases()
         cases = list(case_set)
         if not resuming:
+            # Created only now: a run refused for its options or data leaves no folder.
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config(case_set, loaded)
         pre = self._stored_pre_edit() if resuming else None
         if pre is None:

@@ -13,9 +13,12 @@ Layout of a run directory::
 Batch files are written first, the index last; every write is atomic (temporary file,
 fsync, rename), so the index only ever names complete files.
 
-Integrity: each index entry records the delta file's SHA-256 and size, and the edit state
-the batch applies to and leaves: ``state_0`` is the base model's weight fingerprint and
-``state_i = sha256(state_{i-1} ":" sha256 of batch i)``. The delta file carries the base
+Integrity: each index entry records the delta file's SHA-256 and size, the SHA-256 of its
+content (names, dtypes, shapes and bytes of the tensors: the same for bitwise-equal batches
+whichever process wrote them, which the file's bytes are not, as safetensors writes its
+metadata in hash-map order), and the edit state the batch applies to and leaves:
+``state_0`` is the base model's weight fingerprint and
+``state_i = sha256(state_{i-1} ":" content SHA-256 of batch i)``. The delta file carries the base
 fingerprint and its ``state_before`` in its safetensors metadata, so a batch file from
 another journal, a journal for another model, a flipped byte and a truncated file are each
 refused with what does not match.
@@ -52,6 +55,7 @@ class BatchEntry:
     requests_file: str
     energy: dict[str, dict[str, float]]
     tensors_bytes: int | None = None
+    delta_sha256: str | None = None
     state_before: str | None = None
     state_after: str | None = None
 
@@ -59,9 +63,19 @@ class BatchEntry:
         return dict(self.__dict__)
 
 
-def chain_fingerprint(state_before: str, tensors_sha256: str) -> str:
-    """The edit state after a batch: the state before it chained with its delta checksum."""
-    return hashlib.sha256(f"{state_before}:{tensors_sha256}".encode()).hexdigest()
+def chain_fingerprint(state_before: str, delta_sha256: str) -> str:
+    """The edit state after a batch: the state before it chained with its content checksum."""
+    return hashlib.sha256(f"{state_before}:{delta_sha256}".encode()).hexdigest()
+
+
+def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors``, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def batch_stem(index: int) -> str:
@@ -78,7 +92,9 @@ def write_batch(
     raw: dict[int, torch.Tensor] | None = None,
     base: str | None = None,
     state_before: str | None = None,
-) -> tuple[str, str, str]:
+) -> tuple[str, str, str, str]:
+    """Write a batch's files; return the delta file's name and SHA-256, the request file's
+    name and the content SHA-256."""
     stem = batch_stem(index)
     tensors = {f"delta.{name}": t.detach().cpu() for name, t in deltas.items()}
     tensors.update({f"keys.{layer}": k.detach().cpu() for layer, k in keys.items()})
@@ -91,7 +107,9 @@ def write_batch(
     write_tensors(run_dir / f"{stem}.safetensors", tensors, metadata=metadata)
     fault_point("journal-tensors")
     write_json(run_dir / f"{stem}.json", record)
-    return f"{stem}.safetensors", sha256_file(run_dir / f"{stem}.safetensors"), f"{stem}.json"
+    tensors_file = f"{stem}.safetensors"
+    digest = sha256_file(run_dir / tensors_file)
+    return tensors_file, digest, f"{stem}.json", content_sha256(tensors)
 
 
 def write_index(run_dir: Path, header: dict[str, Any], batches: list[BatchEntry]) -> None:
@@ -152,6 +170,9 @@ def read_batch(
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise JournalError(f"batch {number}: {path} cannot be read ({error})") from None
+    content = entry.get("delta_sha256")
+    if content is not None and content_sha256(tensors) != content:
+        raise JournalError(f"batch {number}: {path} does not hold the tensors the journal names")
     for key, want, what in (
         ("base_fingerprint", base, "base model"),
         ("state_before", state_before, "edit state"),

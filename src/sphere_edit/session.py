@@ -456,7 +456,7 @@ class EditSession:
             "warnings": batch.warnings,
         }
         before = self.state_fingerprint()
-        tensors_file, digest, requests_file = write_batch(
+        tensors_file, digest, requests_file, content = write_batch(
             self.run_dir,
             batch.index,
             applied.deltas,
@@ -481,8 +481,9 @@ class EditSession:
             requests_file,
             energy,
             tensors_bytes=(self.run_dir / tensors_file).stat().st_size,
+            delta_sha256=content,
             state_before=before,
-            state_after=chain_fingerprint(before, digest),
+            state_after=chain_fingerprint(before, content),
         )
         entries = [*self.entries, entry]
         fault_point("journal-index")
@@ -496,7 +497,7 @@ class EditSession:
         history = list(self.batches)
         state = self.loaded.fingerprint
         for i, applied in enumerate(history, 1):
-            tensors_file, digest, requests_file = write_batch(
+            tensors_file, digest, requests_file, content = write_batch(
                 self.run_dir,
                 i,
                 applied.deltas,
@@ -506,10 +507,10 @@ class EditSession:
                 base=self.loaded.fingerprint,
                 state_before=state,
             )
-            after = chain_fingerprint(state, digest)
+            after = chain_fingerprint(state, content)
             size = (self.run_dir / tensors_file).stat().st_size
             self.entries.append(
-                BatchEntry(i, tensors_file, digest, requests_file, {}, size, state, after)
+                BatchEntry(i, tensors_file, digest, requests_file, {}, size, content, state, after)
             )
             state = after
         write_index(self.run_dir, self.header(), self.entries)
@@ -521,7 +522,7 @@ class EditSession:
             return self.entries[-1].state_after
         state = self.loaded.fingerprint
         for entry in self.entries:
-            state = chain_fingerprint(state, entry.tensors_sha256)
+            state = chain_fingerprint(state, entry.delta_sha256 or entry.tensors_sha256)
         return state
 
     def rollback(self, n_batches: int = 1) -> None:
@@ -674,7 +675,8 @@ class EditSession:
                     "the journal is out of order or has a gap"
                 )
             applied = AppliedBatch(*read_batch(run_dir, entry, base=base, state_before=state))
-            after = chain_fingerprint(state, entry["tensors_sha256"])
+            content = entry.get("delta_sha256") or entry["tensors_sha256"]
+            after = chain_fingerprint(state, content)
             if entry.get("state_after") not in (None, after):
                 raise JournalError(
                     f"batch {number}: the index says the edit state after it is "
@@ -692,6 +694,7 @@ class EditSession:
                     entry["requests_file"],
                     entry.get("energy", {}),
                     entry.get("tensors_bytes"),
+                    entry.get("delta_sha256"),
                     state,
                     after,
                 )
