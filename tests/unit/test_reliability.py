@@ -542,7 +542,10 @@ BAD_OPTIONS = st.one_of(
     st.tuples(st.just("--eta"), st.sampled_from(["0", "-0.5", "1.01", "nan", "inf", "x"])),
     st.tuples(st.just("--alpha"), st.sampled_from(["-0.01", "1.5", "nan", "abc"])),
     st.tuples(st.just("--layers"), st.sampled_from(["4", "0-9", "-1", "a,b", "1,,2"])),
-    st.tuples(st.just("--requests"), st.sampled_from(["missing.json", "empty", "bad", "latin1"])),
+    st.tuples(
+        st.just("--requests"),
+        st.sampled_from(["missing.json", "empty", "bad", "latin1", "no-target"]),
+    ),
 )
 
 
@@ -554,6 +557,8 @@ def test_cli_edit_refuses_bad_options_without_traceback(env, option):
     (files / "empty").write_bytes(b"")
     (files / "bad").write_bytes(b'[{"prompt": "{} is", "subject": 3}')
     (files / "latin1").write_bytes('[{"prompt": "{} é"}]'.encode("latin-1"))
+    no_target = {"prompt": "{} is in", "subject": "Toronto", "target_new": "<|endoftext|>"}
+    (files / "no-target").write_text(json.dumps([REQUESTS[0], no_target]))
     out = env.root / "never-written"
     args = _edit_args(env, out)
     name, value = option
