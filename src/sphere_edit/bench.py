@@ -23,9 +23,14 @@ The run directory (every file written atomically, rewritten as the run goes)::
     <method>/checkpoints.jsonl  aggregate metrics of the cases edited so far
     <method>/cases.jsonl        per-case results on the final model
     <method>/summary.json
+    <method>/progress.json      batches recorded so far, timings, general abilities
     <method>/journal/           the edit journal (deltas per batch)
+    progress.json               what is complete: pre_edit, and each method
     summary.json                all methods, the protocols, correlations, timings
     plots/*.png
+
+An interrupted run continues with ``resume=True`` (``sphere-edit bench --resume``): see
+the resume section below and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import CaseSet, EditCase, load_cases
 from .editor import MethodSpec, build_session
+from .faults import fault_point
 from .fileio import write_json, write_text
+from .journal import read_index
 from .metrics import (
     aggregate,
     consecutive_difference_fit,
@@ -202,22 +209,29 @@ class Benchmark:
         log: Callable[[str], None] = print,
         progress: bool = True,
         loaded: LoadedModel | None = None,
+        resume: bool = False,
     ):
         self.config = config
         self.run_dir = Path(run_dir)
         self.log = log
         self.progress = progress
         self._loaded = loaded
+        self.resume = resume
+        self._state: dict[str, Any] = {"pre_edit": False, "methods": {}}
 
     # -- setup ------------------------------------------------------------------------------
 
     def _prepare_dir(self) -> None:
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+        if self.resume and not self.run_dir.exists():
+            raise FileNotFoundError(f"--resume: {self.run_dir} does not exist; nothing to resume")
+        if self.run_dir.exists() and any(
+            not (self.resume and p.name.startswith(".")) for p in self.run_dir.iterdir()
+        ):
             raise FileExistsError(
                 f"output: {self.run_dir} is not empty; choose a new directory "
-                "(or remove this one) so that no earlier run is overwritten"
+                "(or remove this one) so that no earlier run is overwritten, "
+                "or continue it with --resume"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _cases(self) -> CaseSet:
         c = self.config
@@ -258,13 +272,59 @@ class Benchmark:
 
     def run(self) -> dict[str, Any]:
         c = self.config
-        self._prepare_dir()
+        resuming = self.resume and (self.run_dir / "config.json").exists()
+        if resuming:
+            self._state = load_resume_state(c, self.run_dir)
+        else:
+            self._prepare_dir()
         started = time.perf_counter()
         clock = time.perf_counter()
         loaded = self._loaded or load_model(c.model)
         load_seconds = time.perf_counter() - clock
         case_set = self._cases()
         cases = list(case_set)
+        if not resuming:
+            # Created only now: a run refused for its options or data leaves no folder.
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_config(case_set, loaded)
+        pre = self._stored_pre_edit() if resuming else None
+        if pre is None:
+            pre = self._pre_edit(loaded, cases)
+        self._mark(pre_edit=True)
+        summary: dict[str, Any] = {
+            "dataset": case_set.dataset,
+            "model": loaded.name,
+            "n_edits": c.n_edits,
+            "batch_size": c.batch_size,
+            "pre_edit": pre,
+            "methods": {},
+            "load_model_seconds": load_seconds,
+        }
+        write_json(self.run_dir / "summary.json", summary)
+
+        base = _snapshot(loaded)
+        for spec in c.methods:
+            stored = self._stored_method(spec) if resuming else None
+            if stored is not None:
+                self.log(f"{spec}: complete in {self.run_dir}; skipped")
+                summary["methods"][spec] = stored
+                continue
+            self._mark(method=(spec, "running"))
+            try:
+                summary["methods"][spec] = self._run_method(loaded, spec, cases)
+            finally:
+                _restore(loaded, base)
+            self._mark(method=(spec, "complete"))
+            summary["wall_seconds"] = time.perf_counter() - started
+            write_json(self.run_dir / "summary.json", summary)
+        summary["wall_seconds"] = time.perf_counter() - started
+        summary["peak_rss_mib"] = peak_rss_mib()
+        write_json(self.run_dir / "summary.json", summary)
+        self._plots()
+        return summary
+
+    def _write_config(self, case_set: CaseSet, loaded: LoadedModel) -> None:
+        c = self.config
         write_json(
             self.run_dir / "config.json",
             {
@@ -283,30 +343,6 @@ class Benchmark:
                 "environment": environment(loaded),
             },
         )
-
-        pre = self._pre_edit(loaded, cases)
-        summary: dict[str, Any] = {
-            "dataset": case_set.dataset,
-            "model": loaded.name,
-            "n_edits": c.n_edits,
-            "batch_size": c.batch_size,
-            "pre_edit": pre,
-            "methods": {},
-            "load_model_seconds": load_seconds,
-        }
-        write_json(self.run_dir / "summary.json", summary)
-
-        base = _snapshot(loaded)
-        for spec in c.methods:
-            try:
-                summary["methods"][spec] = self._run_method(loaded, spec, cases)
-            finally:
-                _restore(loaded, base)
-            summary["wall_seconds"] = time.perf_counter() - started
-            summary["peak_rss_mib"] = peak_rss_mib()
-            write_json(self.run_dir / "summary.json", summary)
-        self._plots()
-        return summary
 
     def _pre_edit(self, loaded: LoadedModel, cases: list[EditCase]) -> dict[str, Any]:
         out = self.run_dir / "pre_edit"
@@ -345,47 +381,35 @@ class Benchmark:
         for layer, energy in session.energy().items():
             record.energy.append({"edits": 0, "layer": layer, "energy": energy})
 
-        checkpoints, general_marks = set(c.checkpoints()), set(c.general_marks())
-        starts = range(0, c.n_edits, c.batch_size)
+        first, final = 0, None
+        if self.resume:
+            first, final = self._resume_method(loaded, session, record, out, cases)
+        starts = range(0, c.n_edits, c.batch_size)[first:]
         bar = tqdm(starts, desc=spec, unit="batch", disable=not self.progress)
         for begin in bar:
             batch_cases = cases[begin : begin + c.batch_size]
             result = session.apply([case.request for case in batch_cases])
+            fault_point("bench-record")
             done = begin + len(batch_cases)
-            for phase, seconds in result.timings.items():
-                record.add_time(phase, seconds)
-            for layer, energy in result.energy_after.items():
-                record.energy.append({"edits": done, "layer": layer, "energy": energy})
-            record.batches.append(
-                {
-                    "batch": result.index,
-                    "edits": done,
-                    "energy_before": result.energy_before,
-                    "energy_after": result.energy_after,
-                    "energy_change": result.energy_change,
-                    "update_norms": result.update_norms,
-                    "timings": result.timings,
-                    "target_loss_mean": sum(result.target_loss) / len(result.target_loss),
-                    "target_steps_mean": sum(result.target_steps) / len(result.target_steps),
-                }
+            _add_batch(
+                record,
+                done,
+                result.index,
+                result.energy_before,
+                result.energy_after,
+                result.update_norms,
+                result.timings,
+                result.target_loss,
+                result.target_steps,
+                result.warnings,
             )
-            if done in checkpoints:
-                clock = time.perf_counter()
-                so_far = self._evaluate(loaded, cases[:done])
-                record.add_time("evaluation", time.perf_counter() - clock)
-                record.checkpoints.append(
-                    {"edits": done, "protocol": "checkpoint", "metrics": aggregate(so_far)}
-                )
-                if done == c.n_edits:
-                    final = so_far
-            if done in general_marks:
-                clock = time.perf_counter()
-                record.general.append({"edits": done, **self._general(loaded)})
-                record.add_time("general", time.perf_counter() - clock)
+            final = self._marks(loaded, record, done, cases) or final
             self._write_progress(out, record)
             bar.set_postfix_str(
                 _headline(record.checkpoints[-1]["metrics"]) if record.checkpoints else ""
             )
+        if final is None:  # resumed after the last batch: evaluate the final model
+            final = self._evaluate(loaded, cases)
 
         clock = time.perf_counter()
         generation = self._generation(loaded, cases)
@@ -413,6 +437,32 @@ class Benchmark:
         self.log(f"{spec}: {_headline(summary['final']['metrics'])}")
         return summary
 
+    def _marks(
+        self,
+        loaded: LoadedModel,
+        record: MethodRun,
+        done: int,
+        cases: list[EditCase],
+    ) -> list[dict[str, Any]] | None:
+        """Checkpoint evaluation and general abilities after ``done`` edits, where due and
+        not yet recorded; the per-case results when this is the final model."""
+        c = self.config
+        final = None
+        if done in c.checkpoints() and not any(r["edits"] == done for r in record.checkpoints):
+            clock = time.perf_counter()
+            so_far = self._evaluate(loaded, cases[:done])
+            record.add_time("evaluation", time.perf_counter() - clock)
+            record.checkpoints.append(
+                {"edits": done, "protocol": "checkpoint", "metrics": aggregate(so_far)}
+            )
+            if done == c.n_edits:
+                final = so_far
+        if done in c.general_marks() and not any(r["edits"] == done for r in record.general):
+            clock = time.perf_counter()
+            record.general.append({"edits": done, **self._general(loaded)})
+            record.add_time("general", time.perf_counter() - clock)
+        return final
+
     def _write_progress(self, out: Path, record: MethodRun) -> None:
         _write_jsonl(out / "batches.jsonl", record.batches)
         _write_jsonl(out / "checkpoints.jsonl", record.checkpoints)
@@ -420,6 +470,100 @@ class Benchmark:
             f"{r['edits']},{r['layer']},{r['energy']!r}" for r in record.energy
         ]
         write_text(out / "he.csv", "\n".join(rows) + "\n")
+        write_json(
+            out / "progress.json",
+            {"batches": len(record.batches), "timings": record.timings, "general": record.general},
+        )
+
+    # -- resume -----------------------------------------------------------------------------
+    #
+    # The journal is the source of truth. A method's record (batches.jsonl, he.csv, the
+    # batch timings) is rebuilt from its journal, which holds every number those files
+    # hold; checkpoints and general abilities (evaluations, not in the journal) are read
+    # back and cut to the journal's batches, and one that is due but missing (the run was
+    # killed between the journal write and the record write) is evaluated on the model as
+    # the journal leaves it, which is the model it would have been evaluated on.
+
+    def _mark(self, *, pre_edit: bool | None = None, method: tuple[str, str] | None = None) -> None:
+        if pre_edit is not None:
+            self._state["pre_edit"] = pre_edit
+        if method is not None:
+            self._state["methods"][method[0]] = method[1]
+        write_json(self.run_dir / "progress.json", self._state)
+
+    def _stored_pre_edit(self) -> dict[str, Any] | None:
+        path = self.run_dir / "pre_edit" / "summary.json"
+        if not self._state.get("pre_edit") or not path.exists():
+            return None
+        self.log("pre-edit: results reused from the interrupted run")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def _stored_method(self, spec: str) -> dict[str, Any] | None:
+        path = self.run_dir / MethodSpec.parse(spec).dirname / "summary.json"
+        if self._state["methods"].get(spec) != "complete" or not path.exists():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def _resume_method(
+        self,
+        loaded: LoadedModel,
+        session: Any,
+        record: MethodRun,
+        out: Path,
+        cases: list[EditCase],
+    ) -> tuple[int, list[dict[str, Any]] | None]:
+        """Replay the method's journal onto the model and rebuild its record; return the
+        number of batches done and, if that was all of them, the final per-case results."""
+        c = self.config
+        n_batches = session.resume()
+        if n_batches == 0:
+            return 0, None
+        journal = session.run_dir
+        index = read_index(journal)
+        starts = list(range(0, c.n_edits, c.batch_size))
+        if n_batches > len(starts):
+            raise ValueError(
+                f"--resume: {journal} holds {n_batches} batches, the run has {len(starts)}"
+            )
+        done = 0
+        for entry, begin in zip(index["batches"], starts, strict=False):
+            batch = json.loads((journal / entry["requests_file"]).read_text(encoding="utf-8"))
+            wanted = [case.request.to_dict() for case in cases[begin : begin + c.batch_size]]
+            if batch["requests"] != wanted:
+                raise ValueError(
+                    f"--resume: batch {entry['index']} of {journal} edited other requests "
+                    "than the data set gives for it; the data set changed"
+                )
+            done = begin + len(wanted)
+            energy = entry["energy"]
+            _add_batch(
+                record,
+                done,
+                entry["index"],
+                {int(k): v["before"] for k, v in energy.items()},
+                {int(k): v["after"] for k, v in energy.items()},
+                {int(k): v for k, v in batch["update_norms"].items()},
+                batch["timings"],
+                batch["target_loss"],
+                batch["target_steps"],
+                batch.get("warnings", []),
+            )
+        record.checkpoints = [
+            row for row in _read_jsonl(out / "checkpoints.jsonl") if row["edits"] <= done
+        ]
+        stored = {}
+        if (out / "progress.json").exists():
+            stored = json.loads((out / "progress.json").read_text(encoding="utf-8"))
+        record.general = [row for row in stored.get("general", []) if row["edits"] <= done]
+        for phase in ("evaluation", "general"):
+            if phase in stored.get("timings", {}):
+                record.add_time(phase, stored["timings"][phase])
+        final = self._marks(loaded, record, done, cases)
+        if done == c.n_edits and final is None:
+            final = self._evaluate(loaded, cases)
+        self._write_progress(out, record)
+        self.log(f"{record.spec}: resumed after batch {n_batches} ({done} edits) from {journal}")
+        return n_batches, final
 
     def _plots(self) -> None:
         from .plots import plot_run
@@ -434,6 +578,65 @@ def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
+
+
+def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
+    """Check that ``config`` is the configuration ``run_dir`` was started with (naming the
+    first field that differs) and return what the run recorded as complete."""
+    stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]
+    mine = json.loads(json.dumps(asdict(config)))
+    for key in sorted(set(stored) | set(mine)):
+        if stored.get(key) != mine.get(key):
+            raise ValueError(
+                f"--resume: {key} differs from {run_dir / 'config.json'}: the run was "
+                f"started with {stored.get(key)!r}, this command gives {mine.get(key)!r}; "
+                "repeat the original options"
+            )
+    path = run_dir / "progress.json"
+    if not path.exists():
+        return {"pre_edit": False, "methods": {}}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _add_batch(
+    record: MethodRun,
+    done: int,
+    index: int,
+    energy_before: dict[int, float],
+    energy_after: dict[int, float],
+    update_norms: dict[int, float],
+    timings: dict[str, float],
+    target_loss: list[float],
+    target_steps: list[int],
+    warnings: list[str],
+) -> None:
+    """One batch into the record: the same row whether the batch was just applied or is
+    rebuilt from the journal on resume."""
+    for phase, seconds in timings.items():
+        record.add_time(phase, seconds)
+    for layer, energy in energy_after.items():
+        record.energy.append({"edits": done, "layer": layer, "energy": energy})
+    record.batches.append(
+        {
+            "batch": index,
+            "edits": done,
+            "energy_before": energy_before,
+            "energy_after": energy_after,
+            "energy_change": {k: energy_after[k] - energy_before[k] for k in energy_after},
+            "update_norms": update_norms,
+            "timings": timings,
+            "target_loss_mean": sum(target_loss) / len(target_loss),
+            "target_steps_mean": sum(target_steps) / len(target_steps),
+            "warnings": warnings,
+        }
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _headline(metrics: dict[str, Any]) -> str:

@@ -132,10 +132,15 @@ def edit(
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast in the v* loop.")] = False,
     export: Annotated[Path | None, typer.Option(help="Also save_pretrained here.")] = None,
     seed: int = 0,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue an interrupted run in --out after its last journaled batch."),
+    ] = False,
 ) -> None:
     """Apply edit requests sequentially in batches, journaling every batch."""
     from .editor import MethodSpec, build_session, parse_layers
     from .requests import load_requests, validate_batch
+    from .text import check_targets
 
     spec = MethodSpec.parse(method)
     method_overrides = parse_options(option or [])
@@ -145,8 +150,10 @@ def edit(
         raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
     if basis not in ("current", "pre_edit"):
         raise ValueError(f"--basis must be 'current' or 'pre_edit', got {basis!r}")
-    if (out / "session.json").exists():
-        raise ValueError(f"--out {out} already holds a run; choose a new directory")
+    if (out / "session.json").exists() and not resume:
+        raise ValueError(
+            f"--out {out} already holds a run; choose a new directory or continue it with --resume"
+        )
     all_requests = load_requests(requests)
     batches = [all_requests[i : i + batch_size] for i in range(0, len(all_requests), batch_size)]
     for b, batch in enumerate(batches):
@@ -155,6 +162,7 @@ def edit(
         except ValueError as error:
             raise ValueError(f"batch {b + 1}: {error}") from None
     loaded = _load(model)
+    check_targets(loaded.tokenizer, all_requests)
     overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
     if bf16:
         overrides["bf16"] = True
@@ -165,9 +173,10 @@ def edit(
         target_overrides=overrides, method_overrides=method_overrides, run_dir=out,
         seed=seed, log=console.print,
     )  # fmt: skip
+    done = _resume_edit(session, batches) if resume else 0
     console.print(f"{spec} on layers {session.layers}: {len(all_requests)} requests, "
                   f"{len(batches)} batches")  # fmt: skip
-    for batch in batches:
+    for batch in batches[done:]:
         start = time.perf_counter()
         result = session.apply(batch)
         change = ", ".join(f"L{k} {v:+.2e}" for k, v in result.energy_change.items())
@@ -179,6 +188,33 @@ def edit(
         session.export(export)
         console.print(f"edited model saved to {export}")
     console.print(f"journal in {out}")
+
+
+def _resume_edit(session: Any, batches: list[list[Any]]) -> int:
+    """Replay the journal of an interrupted ``edit`` run; its batches must be the first
+    batches of this request file with this batch size."""
+    import json
+
+    from .journal import read_index
+
+    done = session.resume()
+    if done == 0:
+        return 0
+    if done > len(batches):
+        raise ValueError(
+            f"--resume: {session.run_dir} holds {done} batches, the request file gives "
+            f"{len(batches)}"
+        )
+    for entry, batch in zip(read_index(session.run_dir)["batches"], batches, strict=False):
+        path = session.run_dir / entry["requests_file"]
+        journaled = json.loads(path.read_text(encoding="utf-8"))["requests"]
+        if journaled != [r.to_dict() for r in batch]:
+            raise ValueError(
+                f"--resume: batch {entry['index']} in {session.run_dir} holds other requests "
+                "than this request file gives for it; use the same file and --batch-size"
+            )
+    console.print(f"resumed: {done} of {len(batches)} batches already in {session.run_dir}")
+    return done
 
 
 @app.command()
@@ -366,7 +402,11 @@ def general(
 @app.command()
 @friendly
 def bench(
-    out: Annotated[Path, typer.Option(help="Run directory (must be new or empty).")],
+    out: Annotated[Path | None, typer.Option(help="Run directory (must be new or empty).")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the interrupted run in this directory (same options)."),
+    ] = None,
     model: ModelOpt = "smollm2-135m",
     methods: Annotated[
         str, typer.Option(help="Comma-separated, e.g. memit,alphaedit,alphaedit+sphere.")
@@ -400,6 +440,12 @@ def bench(
     from .bench import BenchConfig, Benchmark
     from .editor import parse_layers
 
+    if out is None and resume is None:
+        raise ValueError("--out: give a new run directory (or --resume RUN_DIR)")
+    if out is not None and resume is not None and out.resolve() != resume.resolve():
+        raise ValueError(f"--resume {resume} and --out {out} differ; give one run directory")
+    run_dir = resume if resume is not None else out
+    assert run_dir is not None
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     config = BenchConfig(
         model=model, methods=names, dataset=dataset, n_edits=n_edits, batch_size=batch_size,
@@ -410,9 +456,10 @@ def bench(
     loaded = _load(model)
     if layers:
         config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
-    summary = Benchmark(config, out, log=console.print, loaded=loaded).run()
-    _print_table([out])
-    console.print(f"run directory {out}; {summary['wall_seconds']:.0f}s")
+    bench_run = Benchmark(config, run_dir, log=console.print, loaded=loaded, resume=bool(resume))
+    summary = bench_run.run()
+    _print_table([run_dir])
+    console.print(f"run directory {run_dir}; {summary['wall_seconds']:.0f}s")
 
 
 def _print_table(run_dirs: list[Path]) -> None:

@@ -1,7 +1,9 @@
-"""Atomic writes: a temporary file in the same folder, fsync, then rename."""
+"""Atomic writes (a temporary file in the same folder, fsync, then rename) and a lock file
+for caches that several processes may fill at once."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -13,6 +15,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from .faults import fault_point
 
 
 @contextmanager
@@ -27,6 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
+        fault_point("atomic-rename")
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:
@@ -74,3 +79,24 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block: a
+    second process filling the same cache entry waits, then finds it filled. The lock
+    goes with the process, so a killed holder never leaves it stuck."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (dtype and shape are checked separately)."""
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()

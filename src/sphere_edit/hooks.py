@@ -85,9 +85,7 @@ def edit_input(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]) 
 
 
 @contextmanager
-def skipped_layers(
-    layers: list[nn.Module], output: Any, hidden: torch.Tensor
-) -> Iterator[None]:
+def skipped_layers(layers: list[nn.Module], output: Any, hidden: torch.Tensor) -> Iterator[None]:
     """Skip the computation of ``layers`` (a run of decoder layers from the first one):
     each passes its input through, and the last returns ``hidden`` in the structure of
     ``output`` (a real output of that layer, tensor or tuple). Forward hooks on the layers

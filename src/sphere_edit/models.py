@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .arch import ModelLayout
+from .fileio import file_lock, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
 CHECK_PROMPT = "The capital of France is the city of"
@@ -123,6 +124,7 @@ def load_model(
     """Load an embedded model by short name, a local folder, or a Hugging Face hub id."""
     if name_or_path in EMBEDDED_MODELS:
         folder = ensure_converted(name_or_path)
+        verify_converted(folder)
     elif Path(name_or_path).is_dir():
         folder = Path(name_or_path)
     elif Path(name_or_path).exists():
@@ -146,12 +148,51 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def verify_converted(folder: Path) -> None:
+    """The converted checkpoint must hold the files it was written with (SHA-256 each);
+    a folder converted before checksums were recorded is accepted as it is."""
+    recorded = json.loads((folder / "sphere_edit_source.json").read_text()).get("files")
+    if recorded is None:
+        return
+    present = {p.name for p in _weight_files(folder)}
+    for name, digest in recorded.items():
+        if name not in present:
+            raise ModelNotFoundError(
+                f"the converted model in {folder} is incomplete: {name} is missing; delete "
+                "the folder to convert it again"
+            )
+        if sha256_file(folder / name) != digest:
+            raise ModelNotFoundError(
+                f"the converted model in {folder} is corrupted: {name} does not match its "
+                "recorded SHA-256; delete the folder to convert it again"
+            )
+
+
 def ensure_converted(name: str) -> Path:
     """The safetensors folder of an embedded model, converting its GGUF on first use."""
     target = cache_dir() / "models" / name
-    if (target / "config.json").exists() and (target / "sphere_edit_source.json").exists():
+    if _is_converted(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One process converts; another waits for the lock, then finds the folder there.
+    with file_lock(target.parent / f".{name}.lock"):
+        if _is_converted(target):
+            return target
+        if target.exists():  # a foreign or damaged folder (ours appear whole, by rename)
+            shutil.rmtree(target)
+        _convert_into(name, target)
+    return target
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "sphere_edit_source.json").exists()
+
+
+def _convert_into(name: str, target: Path) -> None:
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
     try:
         gguf = EMBEDDED_MODELS[name].locate_gguf(work)
@@ -164,7 +205,6 @@ def ensure_converted(name: str) -> Path:
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return target
 
 
 def _convert_gguf(gguf: Path, out: Path, *, source: str) -> None:
@@ -189,6 +229,10 @@ def _convert_gguf(gguf: Path, out: Path, *, source: str) -> None:
             f"converted checkpoint of {gguf.name} does not reproduce the GGUF model's logits "
             f"(max difference {float((expected - got).abs().max()):.3g})"
         )
-    (out / "sphere_edit_source.json").write_text(
-        json.dumps({"gguf": gguf.name, "source": source, "check_prompt": CHECK_PROMPT}) + "\n"
-    )
+    record = {
+        "gguf": gguf.name,
+        "source": source,
+        "check_prompt": CHECK_PROMPT,
+        "files": {p.name: sha256_file(p) for p in _weight_files(out)},
+    }
+    (out / "sphere_edit_source.json").write_text(json.dumps(record) + "\n")

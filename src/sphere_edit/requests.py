@@ -63,6 +63,13 @@ class EditRequest:
                 )
             if not value.strip():
                 raise RequestError("must not be empty", index=index, field=name)
+            bad = _unencodable(value)
+            if bad is not None:
+                raise RequestError(
+                    f"holds a lone surrogate at character {bad}; it is not valid text",
+                    index=index,
+                    field=name,
+                )
             if len(value) > MAX_FIELD_CHARS:
                 raise RequestError(
                     f"is {len(value)} characters long; at most {MAX_FIELD_CHARS} are allowed",
@@ -74,6 +81,10 @@ class EditRequest:
                 f"must be a string or null, got {type(target_true).__name__}",
                 index=index,
                 field="target_true",
+            )
+        if target_true is not None and _unencodable(target_true) is not None:
+            raise RequestError(
+                "holds a lone surrogate; it is not valid text", index=index, field="target_true"
             )
         if prompt.count("{}") > 1:
             raise RequestError(
@@ -115,6 +126,16 @@ class EditRequest:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _unencodable(text: str) -> int | None:
+    """Where ``text`` cannot be written as UTF-8 (a lone surrogate, e.g. from a JSON
+    ``"\\ud800"`` escape), or ``None``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
 
 
 def _unwrap_target(value: Any, index: int | None, field: str) -> Any:

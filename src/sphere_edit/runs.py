@@ -38,7 +38,7 @@ def apply_run(loaded: LoadedModel, run_dir: str | Path) -> dict[str, Any]:
     try:
         with torch.no_grad():
             for entry in index["batches"]:
-                deltas, _ = read_batch(run_dir, entry)
+                deltas = read_batch(run_dir, entry, base=index["base_fingerprint"])[0]
                 for name, delta in deltas.items():
                     if name not in params:
                         raise JournalError(

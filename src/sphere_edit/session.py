@@ -7,8 +7,11 @@ be saved as deltas, replayed onto the base model, rolled back or exported.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,8 +20,19 @@ import torch
 
 from .context import generate_context_templates
 from .energy import hyperspherical_energy
-from .journal import BatchEntry, JournalError, read_batch, read_index, write_batch, write_index
+from .faults import fault_point
+from .journal import (
+    INDEX,
+    BatchEntry,
+    JournalError,
+    chain_fingerprint,
+    read_batch,
+    read_index,
+    write_batch,
+    write_index,
+)
 from .keys import read_layer, residual_to_mlp_delta
+from .linalg import IllConditionedWarning
 from .methods import EditMethod, GradientMethod, LayerState
 from .methods.base import (
     EditContext,
@@ -57,6 +71,7 @@ class _Edit:
     norms: dict[int, float]
     loss: list[float]
     steps: list[int]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +84,8 @@ class BatchResult:
     target_loss: list[float]
     target_steps: list[int]
     update_norms: dict[int, float] = field(default_factory=dict)
+    # Solver fallbacks (an ill-conditioned system solved by least squares), one line each.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def energy_change(self) -> dict[int, float]:
@@ -228,6 +245,7 @@ class EditSession:
             target_loss=edit.loss,
             target_steps=edit.steps,
             update_norms=edit.norms,
+            warnings=edit.notes,
         )
         if self.run_dir is not None:
             try:
@@ -262,9 +280,10 @@ class EditSession:
             result = precomputed
         timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - clock
         _require_finite(result.targets, requests, "target vector")
-        deltas, keys, raw, norms = self._spread(requests, templates, result, timings)
+        notes: list[str] = []
+        deltas, keys, raw, norms = self._spread(requests, templates, result, timings, notes)
         loss, steps = [float(x) for x in result.loss], [int(x) for x in result.steps]
-        return _Edit(deltas, keys, raw, norms, loss, steps)
+        return _Edit(deltas, keys, raw, norms, loss, steps, notes)
 
     def _one_by_one(
         self,
@@ -296,7 +315,8 @@ class EditSession:
         keys = {layer: torch.cat([part.keys[layer] for part in parts]) for layer in self.layers}
         loss = [x for part in parts for x in part.loss]
         steps = [x for part in parts for x in part.steps]
-        return _Edit(deltas, keys, {}, norms, loss, steps)
+        notes = [x for part in parts for x in part.notes]
+        return _Edit(deltas, keys, {}, norms, loss, steps, notes)
 
     def _gradient(
         self, requests: list[EditRequest], templates: list[str], timings: dict[str, float]
@@ -306,6 +326,7 @@ class EditSession:
         deltas, keys, raw, norms = {}, {}, {}, {}
         loss: list[float] = []
         steps: list[int] = []
+        notes: list[str] = []
         for layer in self.layers:
             clock = time.perf_counter()
             readout = read_layer(model, tok, layout, layer, layer, requests, templates)
@@ -315,7 +336,8 @@ class EditSession:
             clock = time.perf_counter()
             state = self.states[layer]
             context = EditContext(model, tok, layout, templates, state)
-            result = self.method.compute(context, requests, layer)  # type: ignore[union-attr]
+            with _solver_notes(notes):
+                result = self.method.compute(context, requests, layer)  # type: ignore[union-attr]
             timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - clock
             loss, steps = result.loss, [result.steps] * len(requests)
 
@@ -324,7 +346,7 @@ class EditSession:
             keys[layer] = readout.keys.cpu().float()
             if raw_update is not None:
                 raw[layer] = raw_update
-        return _Edit(deltas, keys, raw, norms, loss, steps)
+        return _Edit(deltas, keys, raw, norms, loss, steps, notes)
 
     def _spread(
         self,
@@ -332,6 +354,7 @@ class EditSession:
         templates: list[str],
         result: TargetResult,
         timings: dict[str, float],
+        notes: list[str],
     ) -> tuple[
         dict[str, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, float]
     ]:
@@ -354,7 +377,8 @@ class EditSession:
             state = self.states[layer]
             state.weight = layout.read_weight(layer).detach().cpu()
             try:
-                delta = self.method.update(layer_keys, residuals, state)  # type: ignore[union-attr]
+                with _solver_notes(notes):
+                    delta = self.method.update(layer_keys, residuals, state)  # type: ignore
             finally:
                 state.weight = None
             timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - clock
@@ -364,6 +388,7 @@ class EditSession:
             keys[layer] = layer_keys.float()
             if raw_update is not None:
                 raw[layer] = raw_update
+            fault_point("layer")
         return deltas, keys, raw, norms
 
     def _commit(
@@ -428,9 +453,18 @@ class EditSession:
             "target_steps": batch.target_steps,
             "timings": batch.timings,
             "update_norms": {str(k): v for k, v in batch.update_norms.items()},
+            "warnings": batch.warnings,
         }
-        tensors_file, digest, requests_file = write_batch(
-            self.run_dir, batch.index, applied.deltas, applied.keys, record, raw=applied.raw
+        before = self.state_fingerprint()
+        tensors_file, digest, requests_file, content = write_batch(
+            self.run_dir,
+            batch.index,
+            applied.deltas,
+            applied.keys,
+            record,
+            raw=applied.raw,
+            base=self.loaded.fingerprint,
+            state_before=before,
         )
         energy = {
             str(layer): {
@@ -440,8 +474,19 @@ class EditSession:
             }
             for layer in self.layers
         }
-        entry = BatchEntry(batch.index, tensors_file, digest, requests_file, energy)
+        entry = BatchEntry(
+            batch.index,
+            tensors_file,
+            digest,
+            requests_file,
+            energy,
+            tensors_bytes=(self.run_dir / tensors_file).stat().st_size,
+            delta_sha256=content,
+            state_before=before,
+            state_after=chain_fingerprint(before, content),
+        )
         entries = [*self.entries, entry]
+        fault_point("journal-index")
         write_index(self.run_dir, self.header(), entries)
         self.entries = entries
 
@@ -450,12 +495,35 @@ class EditSession:
         self.run_dir = Path(run_dir)
         self.entries = []
         history = list(self.batches)
+        state = self.loaded.fingerprint
         for i, applied in enumerate(history, 1):
-            tensors_file, digest, requests_file = write_batch(
-                self.run_dir, i, applied.deltas, applied.keys, {"index": i}, raw=applied.raw
+            tensors_file, digest, requests_file, content = write_batch(
+                self.run_dir,
+                i,
+                applied.deltas,
+                applied.keys,
+                {"index": i},
+                raw=applied.raw,
+                base=self.loaded.fingerprint,
+                state_before=state,
             )
-            self.entries.append(BatchEntry(i, tensors_file, digest, requests_file, {}))
+            after = chain_fingerprint(state, content)
+            size = (self.run_dir / tensors_file).stat().st_size
+            self.entries.append(
+                BatchEntry(i, tensors_file, digest, requests_file, {}, size, content, state, after)
+            )
+            state = after
         write_index(self.run_dir, self.header(), self.entries)
+
+    def state_fingerprint(self) -> str:
+        """The edit state the next batch applies to: the base model's fingerprint chained
+        with the checksum of every journaled batch (``journal.chain_fingerprint``)."""
+        if self.entries and self.entries[-1].state_after:
+            return self.entries[-1].state_after
+        state = self.loaded.fingerprint
+        for entry in self.entries:
+            state = chain_fingerprint(state, entry.delta_sha256 or entry.tensors_sha256)
+        return state
 
     def rollback(self, n_batches: int = 1) -> None:
         """Undo the last ``n_batches``: the weights become bitwise what they were, by
@@ -543,19 +611,77 @@ class EditSession:
             seed=index["seed"],
             energy_s=index.get("energy_s", 1.0),
         )
-        try:
-            session._replay(run_dir, index["batches"])
-        except BaseException:
-            # Leave the caller's model as it came: unedited.
-            session.batches = []
-            session.rollback(0)
-            raise
+        session._replay_or_reset(run_dir, index)
         session.run_dir = run_dir
         return session
 
-    def _replay(self, run_dir: Path, entries: list[dict[str, Any]]) -> None:
-        for entry in entries:
-            applied = AppliedBatch(*read_batch(run_dir, entry))
+    def resume(self) -> int:
+        """Continue the journal in ``run_dir``, if there is one: check that it was recorded
+        with this session's base model and options, replay its batches (bitwise what
+        applying them gave) and return how many there were; the next :meth:`apply` appends
+        to it. Without a journal (nothing was completed) return 0."""
+        if self.run_dir is None:
+            raise ValueError("resume: the session has no run directory")
+        if self.batches:
+            raise ValueError("resume: the session has already applied batches")
+        if not (self.run_dir / INDEX).exists():
+            return 0
+        index = read_index(self.run_dir)
+        self.check_header(index)
+        self.templates = list(index["templates"]) if index.get("templates") else None
+        self._replay_or_reset(self.run_dir, index)
+        return len(self.batches)
+
+    def check_header(self, index: dict[str, Any]) -> None:
+        """Refuse a journal recorded with another base model or other options, naming
+        the first field that differs."""
+        if index.get("base_fingerprint") != self.loaded.fingerprint:
+            raise JournalError(
+                f"{self.run_dir} was recorded on a different base model (fingerprint "
+                f"{str(index.get('base_fingerprint'))[:12]}…, this model "
+                f"{self.loaded.fingerprint[:12]}…)"
+            )
+        mine = json.loads(json.dumps(self.header()))
+        for key, value in mine.items():
+            if key in ("model", "templates", "base_fingerprint"):
+                continue
+            if index.get(key) != value:
+                raise JournalError(
+                    f"{self.run_dir}: {key} differs: the journal has {index.get(key)!r}, "
+                    f"this run asks for {value!r}"
+                )
+
+    def _replay_or_reset(self, run_dir: Path, index: dict[str, Any]) -> None:
+        try:
+            self._replay(run_dir, index)
+        except BaseException:
+            # Leave the caller's model as it came: unedited.
+            self.batches, self.entries = [], []
+            with torch.no_grad():
+                for layer in self.layers:
+                    self.layout.mlp_out(layer).weight.copy_(self._base_storage[layer])
+            self._rebuild_states()
+            raise
+
+    def _replay(self, run_dir: Path, index: dict[str, Any]) -> None:
+        """Apply every batch the index names, checking the chain of edit states: each
+        batch must apply to the state the batches before it left."""
+        base = index["base_fingerprint"]
+        state = base
+        for number, entry in enumerate(index["batches"], 1):
+            if entry["index"] != number:
+                raise JournalError(
+                    f"{run_dir / INDEX}: entry {number} is batch {entry['index']}; "
+                    "the journal is out of order or has a gap"
+                )
+            applied = AppliedBatch(*read_batch(run_dir, entry, base=base, state_before=state))
+            content = entry.get("delta_sha256") or entry["tensors_sha256"]
+            after = chain_fingerprint(state, content)
+            if entry.get("state_after") not in (None, after):
+                raise JournalError(
+                    f"batch {number}: the index says the edit state after it is "
+                    f"{entry['state_after'][:12]}…, the chain gives {after[:12]}…"
+                )
             with torch.no_grad():
                 self._add_deltas(applied.deltas)
             self._count(applied)
@@ -567,13 +693,31 @@ class EditSession:
                     entry["tensors_sha256"],
                     entry["requests_file"],
                     entry.get("energy", {}),
+                    entry.get("tensors_bytes"),
+                    entry.get("delta_sha256"),
+                    state,
+                    after,
                 )
             )
+            state = after
 
     def export(self, directory: str | Path) -> None:
         """Save the edited model as an ordinary checkpoint (``save_pretrained``)."""
         self.loaded.model.save_pretrained(directory, safe_serialization=True)
         self.loaded.tokenizer.save_pretrained(directory)
+
+
+@contextmanager
+def _solver_notes(notes: list[str]) -> Iterator[None]:
+    """Collect the solver fallbacks of a method call into ``notes`` (and let them be
+    reported as warnings as usual)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IllConditionedWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, IllConditionedWarning):
+            notes.append(str(warning.message))
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _require_finite(values: torch.Tensor, requests: Sequence[EditRequest], what: str) -> None:

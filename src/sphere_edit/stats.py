@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .arch import ModelLayout
 from .context import sample_corpus
-from .fileio import sha256_file, write_tensors
+from .fileio import file_lock, sha256_file, tensor_sha256, write_tensors
 from .hooks import capture, run_until_stopped
 from .models import LoadedModel, cache_dir
 from .text import pad_id_of
@@ -243,7 +243,9 @@ def layer_second_moments(
     bf16: bool = False,
 ) -> dict[int, SecondMoment]:
     """Cached :func:`collect_second_moments`: a cache entry is used only when the model,
-    layer, corpus, token count and dtype recorded inside it all match."""
+    layer, corpus, token count and dtype recorded inside it all match and its checksum
+    holds. Two processes filling the same entries take turns (a lock file next to them):
+    the second finds them filled."""
     dtype = weights_dtype(loaded) + ("-bf16-autocast" if bf16 else "")
     expected = {
         "model": loaded.fingerprint,
@@ -251,6 +253,21 @@ def layer_second_moments(
         "tokens": str(max_tokens),
         "dtype": dtype,
     }
+    lock = stats_cache_path(loaded.fingerprint, corpus.fingerprint, 0, max_tokens, dtype)
+    with file_lock(lock.parent / f".{max_tokens}tok-{dtype}.lock"):
+        return _cached_second_moments(loaded, layers, corpus, expected, max_tokens, progress, bf16)
+
+
+def _cached_second_moments(
+    loaded: LoadedModel,
+    layers: Sequence[int],
+    corpus: Corpus,
+    expected: dict[str, str],
+    max_tokens: int,
+    progress: bool,
+    bf16: bool,
+) -> dict[int, SecondMoment]:
+    dtype = expected["dtype"]
     found: dict[int, SecondMoment] = {}
     missing = []
     for layer in layers:
@@ -274,7 +291,12 @@ def layer_second_moments(
             path = stats_cache_path(
                 loaded.fingerprint, corpus.fingerprint, layer, max_tokens, dtype
             )
-            meta = {**expected, "layer": str(layer), "count": str(moment.count)}
+            meta = {
+                **expected,
+                "layer": str(layer),
+                "count": str(moment.count),
+                "sha256": tensor_sha256(moment.total),
+            }
             write_tensors(path, {"total": moment.total}, metadata=meta)
             found[layer] = moment
     return {layer: found[layer] for layer in layers}
@@ -293,5 +315,8 @@ def _read_cached(path: Path, expected: dict[str, str]) -> SecondMoment | None:
     mismatched = [k for k, v in expected.items() if meta.get(k) != v]
     if mismatched or total.dtype != torch.float64 or total.ndim != 2:
         log.warning("statistics cache %s does not match (%s); recomputing", path, mismatched)
+        return None
+    if meta.get("sha256") != tensor_sha256(total):
+        log.warning("statistics cache %s is corrupted (checksum differs); recomputing", path)
         return None
     return SecondMoment(total=total, count=int(meta.get("count", "0")))

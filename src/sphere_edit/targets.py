@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .arch import ModelLayout
+from .faults import fault_point
 from .hooks import (
     capture,
     edit_input,
@@ -350,6 +351,7 @@ def compute_targets(
             route(model, layers, unembed, rows, pad, device, config.bf16) for rows in all_rows
         ]
         for step in range(config.steps):
+            fault_point("vstar")
             delta.grad = torch.zeros_like(delta)
             for g, (group, rows, fwd) in enumerate(zip(groups, all_rows, passes, strict=True)):
                 ids = torch.tensor(group, device=device)

@@ -23,6 +23,15 @@ def join_target(prompt_text: str, target: str) -> str:
     return prompt_text + " " + target
 
 
+def check_targets(tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]) -> None:
+    """Refuse, before anything is edited, a request whose target tokenises to nothing."""
+    for i, request in enumerate(requests):
+        try:
+            target_token_ids(tokenizer, request.text, request.target_new)
+        except RequestError as error:
+            raise RequestError(error.reason, index=i, field=error.field) from None
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 

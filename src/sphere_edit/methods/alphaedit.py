@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..linalg import solve
 from .base import LayerState
 
 
@@ -54,7 +55,8 @@ class AlphaEdit:
         d = k.shape[0]
         system = p @ (state.edited_keys.double() + k @ k.T)
         system += self.l2 * torch.eye(d, dtype=system.dtype)
-        return torch.linalg.solve(system, p @ k @ r.T).T
+        what = f"alphaedit system of layer {state.layer}"
+        return solve(system, p @ k @ r.T, what=what).T
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self)}

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..linalg import solve
 from .base import LayerState
 
 
@@ -27,7 +28,7 @@ class MEMIT:
         r = residuals.double().T  # (d_out, n)
         system = self.mom2_weight * state.second_moment.double() + k @ k.T
         # ΔW = R Kᵀ A⁻¹ = R (A⁻¹ K)ᵀ since A is symmetric.
-        return r @ torch.linalg.solve(system, k).T
+        return r @ solve(system, k, what=f"memit system of layer {state.layer}").T
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self)}

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..linalg import Factorization, factorize
 from .base import LayerState
 
 
@@ -27,18 +28,18 @@ class ROME:
     single_layer: ClassVar[bool] = True
     per_request: ClassVar[bool] = True
 
-    def factor(self, state: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
-        """LU factors of C0, computed once per layer."""
+    def factor(self, state: LayerState) -> Factorization:
+        """LU factors of C0, computed once per layer (least squares if C0 is singular)."""
         cached = state.cache.get("rome_lu")
         if cached is None:
-            cached = torch.linalg.lu_factor(state.second_moment.double())
+            cached = factorize(state.second_moment.double())
             state.cache["rome_lu"] = cached
         return cached
 
     def left_vector(self, key: torch.Tensor, state: LayerState) -> torch.Tensor:
         """u = C0⁻¹ k*, scaled to unit norm (the scale cancels in the update)."""
-        lu, pivots = self.factor(state)
-        u = torch.linalg.lu_solve(lu, pivots, key.double().unsqueeze(1)).squeeze(1)
+        what = f"rome C0 of layer {state.layer}"
+        u = self.factor(state).solve(key.double(), what=what)
         return u / u.norm()
 
     def update(
