@@ -117,9 +117,10 @@ def _observe(run_dir: Path) -> dict:
 
 
 def _stable(value):
-    """A summary without wall-clock numbers."""
+    """A summary without wall-clock numbers and memory use."""
+    unstable = ("timings", "peak_rss_mib")
     if isinstance(value, dict):
-        return {k: _stable(v) for k, v in value.items() if "seconds" not in k and k != "timings"}
+        return {k: _stable(v) for k, v in value.items() if "seconds" not in k and k not in unstable}
     if isinstance(value, list):
         return [_stable(v) for v in value]
     return value
