@@ -105,9 +105,15 @@ class LoadedModel:
         return self._fingerprint
 
 
+# Config entries that say where or with what a model was loaded, not what it computes: the
+# same weights from another folder (or after an upgrade) are the same model.
+_LOCATION_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
-    digest.update(model.config.to_json_string(use_diff=False).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _LOCATION_KEYS}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())

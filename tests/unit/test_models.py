@@ -40,3 +40,15 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "xdg" / "sphere-edit"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_dir() == Path.home() / ".cache" / "sphere-edit"
+
+
+def test_fingerprint_ignores_where_the_model_was_loaded_from(tiny_tokenizer):
+    """A moved cache or another path to the same weights is the same model (journals and
+    statistics stay valid); a changed config value that affects computation is not."""
+    model = make_tiny_model("llama", tiny_tokenizer, seed=0)
+    base = weights_fingerprint(model)
+    model.config._name_or_path = "/somewhere/else"
+    model.config.transformers_version = "0.0.0"
+    assert weights_fingerprint(model) == base
+    model.config.rms_norm_eps = 0.5
+    assert weights_fingerprint(model) != base
