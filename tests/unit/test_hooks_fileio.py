@@ -79,3 +79,18 @@ def test_write_tensors_and_sha256(tmp_path):
     assert torch.equal(loaded["x"], tensors["x"])
     assert torch.equal(loaded["y"], tensors["y"])
     assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    import os
+
+    from sphere_edit.fileio import write_text
+
+    mask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        plain = tmp_path / "b.txt"
+        plain.write_text("x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    finally:
+        os.umask(mask)
