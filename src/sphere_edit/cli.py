@@ -463,15 +463,17 @@ def bench(
 
 
 def _print_table(run_dirs: list[Path]) -> None:
+    """The paper-style table, one per run (a dataset each) so that it fits a terminal."""
     from .report import table
 
-    _, header, rows = table(run_dirs)
-    shown = Table(title="final model, every edited case (×100)")
-    for h in header:
-        shown.add_column(h, justify="left" if h == "method" else "right")
-    for row in rows:
-        shown.add_row(*row)
-    console.print(shown)
+    for run_dir in run_dirs:
+        datasets, header, rows = table([run_dir])
+        shown = Table(title=f"{datasets[0]}: final model, every edited case (×100)")
+        for h in header:
+            shown.add_column(h.rsplit(" ", 1)[-1], justify="left" if h == "method" else "right")
+        for row in rows:
+            shown.add_row(*row)
+        console.print(shown)
 
 
 @app.command()
