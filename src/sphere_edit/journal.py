@@ -132,6 +132,15 @@ def read_index(run_dir: Path) -> dict[str, Any]:
     return data
 
 
+def require_base(run_dir: Path, index: dict[str, Any], fingerprint: str) -> None:
+    """Refuse a journal recorded on another base model than the one with ``fingerprint``."""
+    if index["base_fingerprint"] != fingerprint:
+        raise JournalError(
+            f"{run_dir} was recorded on a different base model "
+            f"(fingerprint {index['base_fingerprint'][:12]}…, this model {fingerprint[:12]}…)"
+        )
+
+
 def read_batch(
     run_dir: Path,
     entry: dict[str, Any],

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .journal import INDEX, JournalError, read_batch, read_index
+from .journal import INDEX, JournalError, read_batch, read_index, require_base
 from .models import LoadedModel
 
 
@@ -25,12 +25,7 @@ def apply_run(loaded: LoadedModel, run_dir: str | Path) -> dict[str, Any]:
     order; return the journal's index. On any error the model is left unedited."""
     run_dir = Path(run_dir)
     index = read_index(run_dir)
-    if index["base_fingerprint"] != loaded.fingerprint:
-        raise JournalError(
-            f"{run_dir} was recorded on a different base model "
-            f"(fingerprint {index['base_fingerprint'][:12]}…, this model "
-            f"{loaded.fingerprint[:12]}…)"
-        )
+    require_base(run_dir, index, loaded.fingerprint)
     layout = loaded.layout
     names = {layout.mlp_out_weight_name(layer): layer for layer in index["layers"]}
     params = {name: layout.mlp_out(layer).weight for name, layer in names.items()}

@@ -28,6 +28,7 @@ from .journal import (
     chain_fingerprint,
     read_batch,
     read_index,
+    require_base,
     write_batch,
     write_index,
 )
@@ -594,12 +595,7 @@ class EditSession:
         """Replay a journal onto the unedited base model ``loaded``."""
         run_dir = Path(run_dir)
         index = read_index(run_dir)
-        if index["base_fingerprint"] != loaded.fingerprint:
-            raise JournalError(
-                f"{run_dir} was recorded on a different base model "
-                f"(fingerprint {index['base_fingerprint'][:12]}…, this model "
-                f"{loaded.fingerprint[:12]}…)"
-            )
+        require_base(run_dir, index, loaded.fingerprint)
         session = cls(
             loaded,
             method,
