@@ -395,38 +395,39 @@ def score_gsm8k(model, tokenizer, examples, *, batch_size=16, details=False) -> 
         gsm8k_correct(t, e.gold, truncated=cut)
         for t, e, cut in zip(texts, examples, truncated, strict=True)
     ]
-    result: dict[str, Any] = {
-        "accuracy": _ratio(sum(correct), len(examples)),
-        "correct": sum(correct),
-        "n": len(examples),
-        "empty": sum(not t.strip() for t in texts),
-        "max_new_tokens": GSM8K_NEW_TOKENS,
-        "seconds": time.perf_counter() - clock,
-    }
-    if details:
-        result["items"] = [
-            {"output": t, "gold": str(e.gold), "correct": c}
-            for t, e, c in zip(texts, examples, correct, strict=True)
-        ]
-    return result
+    golds = [str(e.gold) for e in examples]
+    return _generated_result(texts, golds, correct, GSM8K_NEW_TOKENS, clock, details)
 
 
 def score_nq(model, tokenizer, examples, *, batch_size=16, details=False) -> dict[str, Any]:
     clock = time.perf_counter()
     texts, _ = _generate(model, tokenizer, [e.prompt for e in examples], NQ_NEW_TOKENS, batch_size)
     correct = [span_match(t, e.gold) for t, e in zip(texts, examples, strict=True)]
+    golds = [e.gold for e in examples]
+    return _generated_result(texts, golds, correct, NQ_NEW_TOKENS, clock, details)
+
+
+def _generated_result(
+    texts: list[str],
+    golds: list[Any],
+    correct: list[bool],
+    new_tokens: int,
+    clock: float,
+    details: bool,
+) -> dict[str, Any]:
+    """The result of a task scored on free generations (GSM8K, NQ)."""
     result: dict[str, Any] = {
-        "accuracy": _ratio(sum(correct), len(examples)),
+        "accuracy": _ratio(sum(correct), len(texts)),
         "correct": sum(correct),
-        "n": len(examples),
+        "n": len(texts),
         "empty": sum(not t.strip() for t in texts),
-        "max_new_tokens": NQ_NEW_TOKENS,
+        "max_new_tokens": new_tokens,
         "seconds": time.perf_counter() - clock,
     }
     if details:
         result["items"] = [
-            {"output": t, "gold": e.gold, "correct": c}
-            for t, e, c in zip(texts, examples, correct, strict=True)
+            {"output": t, "gold": g, "correct": c}
+            for t, g, c in zip(texts, golds, correct, strict=True)
         ]
     return result
 
