@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sphere_edit.models import LoadedModel
 from sphere_edit.requests import EditRequest
 
 # Where each family keeps its MLP output projection, spelled out here (not read from
@@ -85,3 +86,23 @@ def subject_end_in(context: str, request: EditRequest) -> int:
         + len(request.prompt.partition("{}")[0])
         + len(request.subject)
     )
+
+
+def tiny_loaded(tokenizer, family: str = "llama", seed: int = 0) -> LoadedModel:
+    """A tiny random model of ``family`` as ``load_model`` would return it."""
+    from tests.tiny_models import make_tiny_model
+
+    model = make_tiny_model(family, tokenizer, seed=seed)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{family}")
+
+
+def weights_copy(loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+
+
+def assert_weights_equal(loaded: LoadedModel, expected: dict[str, torch.Tensor]) -> None:
+    """Bitwise: every tensor of the model equals ``expected``'s."""
+    state = loaded.model.state_dict()
+    assert set(state) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name

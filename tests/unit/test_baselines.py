@@ -29,7 +29,13 @@ from sphere_edit.sphere import SphereProjection, principal_directions
 from sphere_edit.stats import collect_second_moments, load_corpus
 from sphere_edit.targets import TargetConfig, compute_targets
 from tests.tiny_models import TRAINING_SENTENCES, make_tiny_model
-from tests.unit._helpers import mlp_out_module, requests_abc
+from tests.unit._helpers import (
+    assert_weights_equal,
+    mlp_out_module,
+    requests_abc,
+    tiny_loaded,
+    weights_copy,
+)
 
 TEMPLATES = ["{}", "The sun is a star. {}"]
 TARGET = TargetConfig(steps=3)
@@ -54,22 +60,6 @@ def _state(weight: torch.Tensor, second_moment: torch.Tensor) -> LayerState:
         second_moment=second_moment,
         edited_keys=torch.zeros(d, d, dtype=torch.float64),
     )
-
-
-def _loaded(tokenizer, family: str, seed: int = 0) -> LoadedModel:
-    model = make_tiny_model(family, tokenizer, seed=seed)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{family}")
-
-
-def _weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
-
-
-def _assert_weights_equal(loaded: LoadedModel, expected: dict[str, torch.Tensor]) -> None:
-    state = loaded.model.state_dict()
-    assert set(state) == set(expected)
-    for name, tensor in expected.items():
-        assert torch.equal(state[name], tensor), name
 
 
 _MOMENTS: dict[tuple[str, tuple[int, ...]], dict[int, torch.Tensor]] = {}
@@ -104,12 +94,12 @@ def _ft_context(loaded: LoadedModel, layer: int) -> EditContext:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_ft_clamp_holds_exactly_and_is_reached(tiny_tokenizer, family):
-    loaded = _loaded(tiny_tokenizer, family)
-    before = _weights(loaded)
+    loaded = tiny_loaded(tiny_tokenizer, family)
+    before = weights_copy(loaded)
     epsilon = 1e-3
     method = FT(epsilon=epsilon, lr=1e-2, steps=4)
     result = method.compute(_ft_context(loaded, 1), requests_abc(), 1)
-    _assert_weights_equal(loaded, before)  # compute leaves the model as it found it
+    assert_weights_equal(loaded, before)  # compute leaves the model as it found it
     delta = result.delta
     assert delta.dtype == torch.float64
     assert delta.shape == tuple(loaded.layout.read_weight(1).shape)  # (out, in)
@@ -120,7 +110,7 @@ def test_ft_clamp_holds_exactly_and_is_reached(tiny_tokenizer, family):
 
 
 def test_ft_lowers_the_target_loss_and_unconstrained_goes_further(tiny_tokenizer):
-    loaded = _loaded(tiny_tokenizer, "llama")
+    loaded = tiny_loaded(tiny_tokenizer, "llama")
     requests = requests_abc()
     start = FT(steps=1, lr=1e-12).compute(_ft_context(loaded, 1), requests, 1)
     clamped = FT(epsilon=1e-3, lr=1e-2, steps=6).compute(_ft_context(loaded, 1), requests, 1)
@@ -169,7 +159,7 @@ def test_rome_refuses_several_keys_at_once():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_rome_in_a_session_writes_v_star_at_k_star(tiny_tokenizer, tmp_path, family):
     """One request: the new weight maps k* to W k* + (z* − z), v* of ROME's objective."""
-    loaded = _loaded(tiny_tokenizer, family)
+    loaded = tiny_loaded(tiny_tokenizer, family)
     layer = 2
     moments = _moments(loaded, [layer], tmp_path)
     request = requests_abc()[0]
@@ -194,28 +184,28 @@ def test_rome_in_a_session_writes_v_star_at_k_star(tiny_tokenizer, tmp_path, fam
 
 def test_rome_batch_is_applied_request_by_request(tiny_tokenizer, tmp_path):
     requests = requests_abc()[:2]
-    one = _loaded(tiny_tokenizer, "llama")
+    one = tiny_loaded(tiny_tokenizer, "llama")
     moments = _moments(one, [2], tmp_path)
     batched = EditSession(one, ROME(), [2], moments, target=TARGET, templates=TEMPLATES)
     result = batched.apply(requests)
     assert len(batched.batches) == 1  # one journal entry
     assert batched.batches[0].keys[2].shape[0] == 2
     assert len(result.target_loss) == 2
-    two = _loaded(tiny_tokenizer, "llama")
+    two = tiny_loaded(tiny_tokenizer, "llama")
     single = EditSession(two, ROME(), [2], moments, target=TARGET, templates=TEMPLATES)
     for request in requests:
         single.apply([request])
     got = mlp_out_module(one.model, 2).weight.detach()
     want = mlp_out_module(two.model, 2).weight.detach()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    base = mlp_out_module(_loaded(tiny_tokenizer, "llama").model, 2).weight.detach()
+    base = mlp_out_module(tiny_loaded(tiny_tokenizer, "llama").model, 2).weight.detach()
     change = got.double() - base.double()
     values = torch.linalg.svdvals(change)
     assert float(values[2]) < 1e-4 * float(values[0])  # rank two: two rank-one updates
 
 
 def test_single_layer_methods_refuse_several_layers_and_precomputed_targets(tiny_tokenizer):
-    loaded = _loaded(tiny_tokenizer, "llama")
+    loaded = tiny_loaded(tiny_tokenizer, "llama")
     moments = {layer: torch.eye(128, dtype=torch.float64) for layer in (1, 2)}
     for method in (ROME(), FT()):
         with pytest.raises(ValueError, match="edits one layer"):
@@ -315,7 +305,7 @@ def test_prune_map_is_continuous_and_increasing():
 
 
 def test_prune_model_carries_w0_plus_the_restrained_sum(tiny_tokenizer, tmp_path):
-    loaded = _loaded(tiny_tokenizer, "llama")
+    loaded = tiny_loaded(tiny_tokenizer, "llama")
     layers = [1, 2]
     moments = _moments(loaded, layers, tmp_path)
     w0 = {layer: loaded.layout.read_weight(layer).detach().double().clone() for layer in layers}
@@ -364,7 +354,7 @@ ALL_METHODS = {
 
 
 def test_every_method_uses_the_one_sphere_object(tiny_tokenizer, tmp_path):
-    loaded = _loaded(tiny_tokenizer, "llama")
+    loaded = tiny_loaded(tiny_tokenizer, "llama")
     moments = _moments(loaded, [1, 2], tmp_path)
     sphere = _CountingSphere(eta=0.5, alpha=0.8)
     seen = 0
@@ -423,7 +413,7 @@ def test_session_journal_round_trip(tiny_tokenizer, tmp_path, name, family, sphe
     """Edit, then: replay the journal onto a fresh base, save it again, roll back; every
     route gives the weights bitwise, and a replayed session goes on editing exactly as
     the original does."""
-    loaded = _loaded(tiny_tokenizer, family)
+    loaded = tiny_loaded(tiny_tokenizer, family)
     layers = [2] if name in ("ft", "rome") else [1, 2]
     moments = _moments(loaded, layers, tmp_path)
     transform = SphereProjection(eta=0.5, alpha=0.8) if sphere else None
@@ -433,10 +423,10 @@ def test_session_journal_round_trip(tiny_tokenizer, tmp_path, name, family, sphe
         loaded, method, layers, moments, transform=transform, target=TARGET,
         templates=TEMPLATES, run_dir=run_dir,
     )  # fmt: skip
-    snapshots = [_weights(loaded)]
+    snapshots = [weights_copy(loaded)]
     for batch in BATCHES[:2]:
         session.apply(batch)
-        snapshots.append(_weights(loaded))
+        snapshots.append(weights_copy(loaded))
     for layer in layers:
         name_w = loaded.layout.mlp_out_weight_name(layer)
         assert not torch.equal(snapshots[0][name_w], snapshots[2][name_w])
@@ -445,9 +435,9 @@ def test_session_journal_round_trip(tiny_tokenizer, tmp_path, name, family, sphe
     index = json.loads((copy / "session.json").read_text())
     assert index["method"]["method"] == name
 
-    fresh = _loaded(tiny_tokenizer, family)
+    fresh = tiny_loaded(tiny_tokenizer, family)
     replayed = EditSession.load(copy, fresh, method, moments, transform=transform)
-    _assert_weights_equal(fresh, snapshots[2])
+    assert_weights_equal(fresh, snapshots[2])
     for layer in layers:
         a, b = session.states[layer], replayed.states[layer]
         assert torch.equal(a.edited_keys, b.edited_keys)
@@ -457,9 +447,9 @@ def test_session_journal_round_trip(tiny_tokenizer, tmp_path, name, family, sphe
             assert torch.equal(a.accumulated, b.accumulated)
 
     replayed.save(tmp_path / "saved")
-    again = _loaded(tiny_tokenizer, family)
+    again = tiny_loaded(tiny_tokenizer, family)
     EditSession.load(tmp_path / "saved", again, method, moments, transform=transform)
-    _assert_weights_equal(again, snapshots[2])
+    assert_weights_equal(again, snapshots[2])
 
     # Both sessions edit on from the same state to the same weights.
     session.apply(BATCHES[2])
@@ -471,7 +461,7 @@ def test_session_journal_round_trip(tiny_tokenizer, tmp_path, name, family, sphe
         )
 
     session.rollback(2)
-    _assert_weights_equal(loaded, snapshots[1])
+    assert_weights_equal(loaded, snapshots[1])
     if name == "prune":
         for layer in layers:
             torch.testing.assert_close(
@@ -481,12 +471,12 @@ def test_session_journal_round_trip(tiny_tokenizer, tmp_path, name, family, sphe
                 rtol=0,
             )
     session.rollback(1)
-    _assert_weights_equal(loaded, snapshots[0])
+    assert_weights_equal(loaded, snapshots[0])
     assert json.loads((run_dir / "session.json").read_text())["batches"] == []
 
 
 def test_ft_session_delta_respects_the_bound(tiny_tokenizer):
-    loaded = _loaded(tiny_tokenizer, "gpt2")
+    loaded = tiny_loaded(tiny_tokenizer, "gpt2")
     layout = ModelLayout.of(loaded.model)
     moments = {2: torch.zeros(128, 128, dtype=torch.float64)}
     before = layout.read_weight(2).detach().clone()

@@ -24,6 +24,7 @@ from sphere_edit.sphere import SphereProjection, principal_directions
 from sphere_edit.stats import collect_second_moments, load_corpus
 from sphere_edit.targets import TargetConfig
 from tests.tiny_models import TRAINING_SENTENCES, make_tiny_model
+from tests.unit._helpers import assert_weights_equal, tiny_loaded, weights_copy
 
 LAYERS = [1, 2]
 TARGET = TargetConfig(steps=3)
@@ -40,22 +41,6 @@ BATCHES = [
 ]
 
 
-def _loaded(tokenizer, family: str = "llama", seed: int = 0) -> LoadedModel:
-    model = make_tiny_model(family, tokenizer, seed=seed)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{family}")
-
-
-def _weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
-
-
-def _assert_weights_equal(loaded: LoadedModel, expected: dict[str, torch.Tensor]) -> None:
-    state = loaded.model.state_dict()
-    assert set(state) == set(expected)
-    for name, tensor in expected.items():
-        assert torch.equal(state[name], tensor), name
-
-
 def _moments(loaded: LoadedModel, directory: Path, layers=LAYERS) -> dict[int, torch.Tensor]:
     corpus_file = directory / "corpus.txt"
     corpus_file.write_text("\n\n".join(TRAINING_SENTENCES), encoding="utf-8")
@@ -70,17 +55,17 @@ def _moments(loaded: LoadedModel, directory: Path, layers=LAYERS) -> dict[int, t
 def run(tiny_tokenizer, tmp_path_factory):
     """Three batches applied to a tiny llama with a journal; snapshots after each."""
     directory = tmp_path_factory.mktemp("journal")
-    loaded = _loaded(tiny_tokenizer)
+    loaded = tiny_loaded(tiny_tokenizer)
     moments = _moments(loaded, directory)
     method = MEMIT(mom2_weight=1.0)
     run_dir = directory / "run"
     session = EditSession(loaded, method, LAYERS, moments, target=TARGET, run_dir=run_dir, seed=0)
-    snapshots = [_weights(loaded)]
+    snapshots = [weights_copy(loaded)]
     results = []
     edited_keys = []
     for batch in BATCHES:
         results.append(session.apply(batch))
-        snapshots.append(_weights(loaded))
+        snapshots.append(weights_copy(loaded))
         edited_keys.append({layer: session.states[layer].edited_keys.clone() for layer in LAYERS})
     pristine = directory / "pristine"
     shutil.copytree(run_dir, pristine)
@@ -144,9 +129,9 @@ def test_journal_files(run):
 
 
 def test_load_onto_fresh_base_restores_the_weights_exactly(run, tiny_tokenizer, tmp_path):
-    fresh = _loaded(tiny_tokenizer)
+    fresh = tiny_loaded(tiny_tokenizer)
     session = EditSession.load(_copy(run, tmp_path), fresh, run.method, run.moments)
-    _assert_weights_equal(fresh, run.snapshots[-1])
+    assert_weights_equal(fresh, run.snapshots[-1])
     assert len(session.batches) == 3
     assert session.templates == run.session.templates
     for layer in LAYERS:
@@ -156,25 +141,25 @@ def test_load_onto_fresh_base_restores_the_weights_exactly(run, tiny_tokenizer, 
         assert session.states[layer].n_edits == sum(len(b) for b in BATCHES)
     # Rolling back the replayed session gives the earlier weights, bitwise.
     session.rollback(1)
-    _assert_weights_equal(fresh, run.snapshots[2])
+    assert_weights_equal(fresh, run.snapshots[2])
     assert len(read_index(session.run_dir)["batches"]) == 2
 
 
 def test_save_then_load_round_trip(run, tiny_tokenizer, tmp_path):
-    first = _loaded(tiny_tokenizer)
+    first = tiny_loaded(tiny_tokenizer)
     session = EditSession.load(_copy(run, tmp_path), first, run.method, run.moments)
     session.save(tmp_path / "saved")
-    second = _loaded(tiny_tokenizer)
+    second = tiny_loaded(tiny_tokenizer)
     EditSession.load(tmp_path / "saved", second, run.method, run.moments)
-    _assert_weights_equal(second, run.snapshots[-1])
+    assert_weights_equal(second, run.snapshots[-1])
 
 
 def test_load_onto_a_different_model_is_refused(run, tiny_tokenizer, tmp_path):
-    other = _loaded(tiny_tokenizer, seed=1)
-    before = _weights(other)
+    other = tiny_loaded(tiny_tokenizer, seed=1)
+    before = weights_copy(other)
     with pytest.raises(JournalError, match="different base model"):
         EditSession.load(_copy(run, tmp_path), other, run.method, run.moments)
-    _assert_weights_equal(other, before)
+    assert_weights_equal(other, before)
 
 
 def test_corrupted_batch_file_is_refused(run, tiny_tokenizer, tmp_path):
@@ -184,7 +169,7 @@ def test_corrupted_batch_file_is_refused(run, tiny_tokenizer, tmp_path):
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(JournalError, match="corrupted"):
-        EditSession.load(copy, _loaded(tiny_tokenizer), run.method, run.moments)
+        EditSession.load(copy, tiny_loaded(tiny_tokenizer), run.method, run.moments)
 
 
 def test_failed_load_leaves_the_model_unedited(run, tiny_tokenizer, tmp_path):
@@ -193,16 +178,16 @@ def test_failed_load_leaves_the_model_unedited(run, tiny_tokenizer, tmp_path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
-    fresh = _loaded(tiny_tokenizer)
-    before = _weights(fresh)
+    fresh = tiny_loaded(tiny_tokenizer)
+    before = weights_copy(fresh)
     with pytest.raises(JournalError):
         EditSession.load(copy, fresh, run.method, run.moments)
-    _assert_weights_equal(fresh, before)
+    assert_weights_equal(fresh, before)
 
 
 def test_missing_or_damaged_index_and_batch(run, tiny_tokenizer, tmp_path):
     copy = _copy(run, tmp_path)
-    fresh = _loaded(tiny_tokenizer)
+    fresh = tiny_loaded(tiny_tokenizer)
     (copy / read_index(copy)["batches"][0]["tensors_file"]).unlink()
     with pytest.raises(JournalError, match="missing"):
         EditSession.load(copy, fresh, run.method, run.moments)
@@ -220,18 +205,18 @@ def test_rollback_restores_the_weights_exactly(run):
     """Runs on the fixture's own session; the other tests use copies of its journal."""
     session = run.session
     session.rollback(1)
-    _assert_weights_equal(run.loaded, run.snapshots[2])
+    assert_weights_equal(run.loaded, run.snapshots[2])
     for layer in LAYERS:
         torch.testing.assert_close(
             session.states[layer].edited_keys, run.edited_keys[1][layer], rtol=1e-12, atol=0
         )
     assert len(read_index(run.run_dir)["batches"]) == 2
     session.rollback(1)
-    _assert_weights_equal(run.loaded, run.snapshots[1])
+    assert_weights_equal(run.loaded, run.snapshots[1])
     with pytest.raises(ValueError, match="cannot roll back 2"):
         session.rollback(2)
     session.rollback(1)
-    _assert_weights_equal(run.loaded, run.snapshots[0])
+    assert_weights_equal(run.loaded, run.snapshots[0])
     for layer in LAYERS:
         assert not session.states[layer].edited_keys.any()
         assert session.states[layer].n_edits == 0
@@ -266,7 +251,7 @@ class _FailingMethod:
 
 @pytest.mark.parametrize(("how", "error"), [("raise", RuntimeError), ("nan", NumericalError)])
 def test_failed_batch_leaves_weights_and_journal_unchanged(tiny_tokenizer, tmp_path, how, error):
-    loaded = _loaded(tiny_tokenizer)
+    loaded = tiny_loaded(tiny_tokenizer)
     moments = {layer: torch.eye(128, dtype=torch.float64) for layer in LAYERS}
     session = EditSession(
         loaded,
@@ -277,10 +262,10 @@ def test_failed_batch_leaves_weights_and_journal_unchanged(tiny_tokenizer, tmp_p
         templates=["{}"],
         run_dir=tmp_path / "run",
     )
-    before = _weights(loaded)
+    before = weights_copy(loaded)
     with pytest.raises(error):
         session.apply(BATCHES[1])
-    _assert_weights_equal(loaded, before)
+    assert_weights_equal(loaded, before)
     assert session.batches == []
     assert not (tmp_path / "run" / INDEX).exists()
     for layer in LAYERS:
@@ -288,7 +273,7 @@ def test_failed_batch_leaves_weights_and_journal_unchanged(tiny_tokenizer, tmp_p
 
 
 def test_session_rejects_bad_arguments(tiny_tokenizer):
-    loaded = _loaded(tiny_tokenizer)
+    loaded = tiny_loaded(tiny_tokenizer)
     moments = {layer: torch.eye(128, dtype=torch.float64) for layer in range(4)}
     method = MEMIT()
     with pytest.raises(ValueError, match="increasing"):
@@ -347,7 +332,7 @@ def _manual_projection(delta, weight, eta, alpha):
 @pytest.mark.parametrize("basis", ["pre_edit", "current"])
 def test_session_gives_sphere_the_right_weights(tiny_tokenizer, tmp_path, basis):
     """gpt2 stores the edited weight (in, out): the transform must still get (out, in)."""
-    loaded = _loaded(tiny_tokenizer, family="gpt2")
+    loaded = tiny_loaded(tiny_tokenizer, family="gpt2")
     layout = ModelLayout.of(loaded.model)
     moments = _moments(loaded, tmp_path)
     base = {layer: layout.read_weight(layer).detach().clone() for layer in LAYERS}
@@ -391,7 +376,7 @@ def test_an_unjournaled_batch_is_not_applied(run, tiny_tokenizer, tmp_path, monk
     import sphere_edit.session as session_module
 
     copy = _copy(run, tmp_path)
-    loaded = _loaded(tiny_tokenizer)
+    loaded = tiny_loaded(tiny_tokenizer)
     session = EditSession.load(copy, loaded, run.method, run.moments)
     weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     index_before = (copy / "session.json").read_text()
