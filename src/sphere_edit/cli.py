@@ -463,16 +463,26 @@ def bench(
 
 
 def _print_table(run_dirs: list[Path]) -> None:
-    """The paper-style table, one per run (a dataset each) so that it fits a terminal."""
-    from .report import table
+    """The paper-style table, one per column group (model, data set, edits) so that it
+    fits a terminal."""
+    from .report import IN_PROGRESS, table
 
-    for run_dir in run_dirs:
-        datasets, header, rows = table([run_dir])
-        shown = Table(title=f"{datasets[0]}: final model, every edited case (×100)")
-        for h in header:
-            shown.add_column(h.rsplit(" ", 1)[-1], justify="left" if h == "method" else "right")
+    groups, header, rows = table(run_dirs)
+    width = (len(header) - 1) // len(groups)
+    for g, label in enumerate(groups):
+        columns = range(1 + g * width, 1 + (g + 1) * width)
+        shown = Table(title=f"{label}: final model, every edited case (×100)")
+        shown.add_column("method", justify="left")
+        for c in columns:
+            shown.add_column(header[c].rsplit(" ", 1)[-1], justify="right")
+        starred = False
         for row in rows:
-            shown.add_row(*row)
+            if row[columns[0]] == "–":
+                continue  # a method of another group
+            starred |= row[columns[0]].endswith("*")
+            shown.add_row(row[0], *(row[c] for c in columns))
+        if starred:
+            shown.caption = IN_PROGRESS
         console.print(shown)
 
 

@@ -35,10 +35,15 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
             for line in (method_dir / "checkpoints.jsonl").read_text(encoding="utf-8").splitlines()
             if line.strip()
         ]
+        progress = method_dir / "progress.json"
         methods[spec] = {
             "energy": {e: sum(v) / len(v) for e, v in sorted(energy.items())},
             "checkpoints": checkpoints,
             "summary": summary.get("methods", {}).get(spec),
+            # Batches done and time per phase so far: what a run still in progress has.
+            "progress": json.loads(progress.read_text(encoding="utf-8"))
+            if progress.exists()
+            else {},
         }
     return {"summary": summary, "config": config, "methods": methods}
 
@@ -47,13 +52,25 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     """Write ``plots/metrics.png`` (metrics and HE against edits, a line per method) and
     ``plots/he_differences.png`` (consecutive differences, Figure 3 style)."""
     run_dir = Path(run_dir)
-    run = read_run(run_dir)
-    written = [_plot_curves(run, run_dir / "plots" / "metrics.png")]
-    written.append(_plot_differences(run, run_dir / "plots" / "he_differences.png"))
-    general = _plot_general(run, run_dir / "plots" / "general.png")
+    return plot_figures(read_run(run_dir), run_dir / "plots")
+
+
+def plot_figures(run: dict[str, Any], folder: Path) -> list[Path]:
+    """The figures of a run as :func:`read_run` gives it (or of several runs merged into
+    that shape) in ``folder``: ``metrics.png``, ``he_differences.png`` and, when measured,
+    ``general.png``."""
+    written = [_plot_curves(run, folder / "metrics.png")]
+    written.append(_plot_differences(run, folder / "he_differences.png"))
+    general = _plot_general(run, folder / "general.png")
     if general is not None:
         written.append(general)
     return written
+
+
+def _legend(ax: Any) -> None:
+    # A run with one checkpoint has no differences to draw, hence nothing to label.
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
 
 
 def _plot_curves(run: dict[str, Any], path: Path) -> Path:
@@ -75,7 +92,7 @@ def _plot_curves(run: dict[str, Any], path: Path) -> Path:
         ax.plot(list(data["energy"]), list(data["energy"].values()), label=spec)
     ax.set_title("hyperspherical energy (mean over layers)")
     ax.set_xlabel("edits")
-    axes[0].legend(fontsize="small")
+    _legend(axes[0])
     save_png(figure, path)
     return path
 
@@ -102,7 +119,7 @@ def _plot_differences(run: dict[str, Any], path: Path) -> Path:
                 ax.plot([lo, hi], [line["intercept"] + line["slope"] * x for x in (lo, hi)])
         ax.set_title(f"Δ{metric} vs ΔHE between checkpoints")
         ax.set_xlabel("ΔHE")
-    axes[0].legend(fontsize="small")
+    _legend(axes[0])
     save_png(figure, path)
     return path
 
@@ -126,6 +143,6 @@ def _plot_general(run: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(key)
         ax.set_xlabel("edits")
         ax.set_ylim(-0.02, 1.02)
-    axes[0].legend(fontsize="small")
+    _legend(axes[0])
     save_png(figure, path)
     return path

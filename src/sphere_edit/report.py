@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import html
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .figures import img_tag
-from .plots import plot_run, read_run
+from .plots import plot_figures, read_run
+
+IN_PROGRESS = (
+    "Edits marked * belong to a run still in progress: that row is its latest checkpoint "
+    "(the cases edited so far, on the model at that point); fluency and consistency are "
+    "measured on the final model only."
+)
 
 # The paper's columns, per dataset: (label, key in the aggregated metrics).
 COLUMNS = (
@@ -27,27 +34,62 @@ def _cell(value: Any) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
 
+def _status(data: dict[str, Any], n_edits: int) -> tuple[dict[str, Any], str]:
+    """(metrics, edits) of a method's row: its final-model results when it finished, else
+    its latest checkpoint, whose edits are starred."""
+    if data.get("summary"):
+        return data["summary"]["final"]["metrics"], str(n_edits)
+    if data["checkpoints"]:
+        last = data["checkpoints"][-1]
+        return last["metrics"], f"{last['edits']}*"
+    return {}, "0*"
+
+
+def group_runs(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """Runs of the same model, data set and number of edits, merged into one column group:
+    methods benchmarked in separate runs (e.g. one process per method) side by side. The
+    pre-edit row is the first run's (every run evaluates the same base model on the same
+    cases); a method present in two runs of a group is named with its run's folder."""
+    groups: dict[str, dict[str, Any]] = {}
+    for run_dir in run_dirs:
+        run = read_run(run_dir)
+        summary = run["summary"]
+        label = f"{summary['model']} {summary['dataset']} (n={summary['n_edits']})"
+        group = groups.setdefault(
+            label,
+            {"summary": summary, "methods": {}, "run_dirs": [], "n_edits": summary["n_edits"]},
+        )
+        group["run_dirs"].append(Path(run_dir))
+        for spec, data in run["methods"].items():
+            name = spec if spec not in group["methods"] else f"{spec} ({Path(run_dir).name})"
+            group["methods"][name] = data
+    return groups
+
+
 def table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[str], list[list[str]]]:
-    """(dataset per column group, header, rows): methods as rows, "pre-edit" first; the
-    final-model protocol (every edited case on the final model)."""
-    runs = [read_run(d) for d in run_dirs]
-    datasets = [f"{r['summary']['dataset']} (n={r['summary']['n_edits']})" for r in runs]
-    header = ["method"] + [f"{d} {label}" for d in datasets for label, _ in COLUMNS]
+    """(column groups, header, rows): methods as rows, "pre-edit" first; the final-model
+    protocol (every edited case on the final model), or for a run still in progress the
+    latest checkpoint, its number of edits starred."""
+    groups = group_runs(run_dirs)
+    labels = ["Edits"] + [label for label, _ in COLUMNS]
+    header = ["method"] + [f"{g} {label}" for g in groups for label in labels]
     names = ["pre-edit"]
-    for run in runs:
-        names.extend(m for m in run["methods"] if m not in names)
+    for group in groups.values():
+        names.extend(m for m in group["methods"] if m not in names)
     rows = []
     for name in names:
         row = [name]
-        for run in runs:
+        for group in groups.values():
             if name == "pre-edit":
-                metrics = run["summary"]["pre_edit"]["metrics"]
+                metrics, edits = group["summary"]["pre_edit"]["metrics"], "0"
+            elif name in group["methods"]:
+                metrics, edits = _status(group["methods"][name], group["n_edits"])
             else:
-                method = (run["methods"].get(name) or {}).get("summary")
-                metrics = method["final"]["metrics"] if method else {}
+                metrics, edits = {}, "–"
+            row.append(edits)
             row.extend(_cell(metrics.get(key)) for _, key in COLUMNS)
         rows.append(row)
-    return datasets, header, rows
+    return list(groups), header, rows
 
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -61,12 +103,10 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _run_section(run_dir: Path) -> str:
     run = read_run(run_dir)
     summary, config = run["summary"], run["config"]
-    plots = run_dir / "plots"
-    if not (plots / "metrics.png").exists():
-        plot_run(run_dir)
-    parts = [f"<h2>{html.escape(str(run_dir))}</h2>"]
     cfg = config["config"]
     env = config["environment"]
+    wall = summary.get("wall_seconds")
+    parts = [f"<h3>{html.escape(str(run_dir))}</h3>"]
     parts.append(
         "<p>"
         + html.escape(
@@ -75,31 +115,31 @@ def _run_section(run_dir: Path) -> str:
             f"{cfg['batch_size']}, checkpoints {config['checkpoints']}, seed {cfg['seed']}; "
             f"torch {env['torch']}, transformers {env['transformers']}, {env['platform']}, "
             f"{env['cpu_threads']} threads on {env['device']}; "
-            f"wall time {summary.get('wall_seconds', 0):.0f} s"
+            + (f"wall time {wall:.0f} s" if wall is not None else "in progress")
         )
         + "</p>"
     )
-    for png in sorted(plots.glob("*.png")):
-        parts.append(img_tag(png, png.stem))
     rows = []
     for spec, data in run["methods"].items():
         method = data["summary"]
-        if not method:
-            continue
-        corr = method["correlations"]
-        timings = method["timings"]
+        if method:
+            corr, timings = method["correlations"], method["timings"]
+            total = f"{method['wall_seconds']:.0f}"
+        else:  # still running: the time so far, no correlations yet
+            corr, timings = {}, data["progress"].get("timings", {})
+            total = f"in progress ({data['progress'].get('batches', 0)} batches)"
         rows.append(
             [spec]
             + [_rho(corr.get(m)) for m in ("efficacy", "generalization", "specificity")]
             + [f"{timings.get(p, 0.0):.1f}" for p in PHASES]
-            + [f"{method['wall_seconds']:.0f}"]
+            + [total]
         )
     header = (
         ["method", "ρ(HE, Eff.)", "ρ(HE, Gen.)", "ρ(HE, Spe.)"]
         + [f"{p} (s)" for p in PHASES]
         + ["total (s)"]
     )
-    parts.append("<h3>HE correlation (Spearman, checkpoints) and time per phase</h3>")
+    parts.append("<h4>HE correlation (Spearman, checkpoints) and time per phase</h4>")
     parts.append(_html_table(header, rows))
     geometry = run_dir / "geometry" / "summary.json"
     if geometry.exists():
@@ -107,6 +147,15 @@ def _run_section(run_dir: Path) -> str:
 
         parts.append(geometry_html(json.loads(geometry.read_text(encoding="utf-8"))))
     return "\n".join(parts)
+
+
+def _figures(group: dict[str, Any]) -> list[str]:
+    """The group's curves with every method in one figure, drawn from the run files now
+    (a run still in progress has no figures of its own yet); nothing is written into the
+    run directories."""
+    with tempfile.TemporaryDirectory() as folder:
+        paths = plot_figures(group, Path(folder))
+        return [img_tag(path, path.stem) for path in paths]
 
 
 PHASES = ("statistics", "targets", "keys", "solve", "projection", "energy", "evaluation")
@@ -135,9 +184,13 @@ def build_report(run_dirs: Sequence[str | Path]) -> str:
         "<p>All columns ×100, as in the paper: efficacy, generalization and specificity are "
         "top-1 accuracies (every target token the argmax under teacher forcing) of every "
         "edited case on the final model; fluency is the n-gram entropy of generations "
-        "(bits); consistency the TF-IDF cosine to reference text (– where the data has none).</p>",
+        "(bits); consistency the TF-IDF cosine to reference text (– where the data has none). "
+        f"{IN_PROGRESS}</p>",
         _html_table(header, rows),
     ]
-    parts.extend(_run_section(d) for d in run_dirs)
+    for label, group in group_runs(run_dirs).items():
+        parts.append(f"<h2>{html.escape(label)}</h2>")
+        parts.extend(_figures(group))
+        parts.extend(_run_section(d) for d in group["run_dirs"])
     parts.append("</body></html>")
     return "\n".join(parts)

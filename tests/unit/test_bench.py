@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,45 @@ def test_cli_bench_rejects_bad_options_in_one_line(tmp_path):
     assert "checkpoint_every" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_report_merges_runs_of_one_dataset_into_one_column_group(finished_run, tmp_path):
+    run_dir, _, _, _ = finished_run
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin)
+    groups, header, rows = table([run_dir, twin])
+    assert len(groups) == 1
+    assert len(header) == 1 + 6  # method, then Edits and the five metrics once
+    assert [r[0] for r in rows] == [
+        "pre-edit",
+        "memit",
+        "memit+sphere",
+        "memit (twin)",
+        "memit+sphere (twin)",
+    ]
+    assert rows[1][1:] == rows[3][1:]
+
+
+def test_report_shows_a_run_in_progress_at_its_latest_checkpoint(finished_run, tmp_path):
+    run_dir, summary, _, _ = finished_run
+    running = tmp_path / "running"
+    shutil.copytree(run_dir, running)
+    # As the run leaves it while memit+sphere is on its third batch.
+    top = json.loads((running / "summary.json").read_text())
+    del top["methods"]["memit+sphere"]
+    del top["wall_seconds"]
+    (running / "summary.json").write_text(json.dumps(top))
+    lines = (running / "memit_sphere" / "checkpoints.jsonl").read_text().splitlines()
+    (running / "memit_sphere" / "checkpoints.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    _, header, rows = table([running])
+    by_name = {r[0]: r for r in rows}
+    assert by_name["memit"][1] == "3"
+    assert by_name["memit+sphere"][1] == "2*"
+    second = summary["methods"]["memit+sphere"]["checkpoints"][1]["metrics"]
+    eff = header.index(next(h for h in header if h.endswith("Eff.")))
+    assert by_name["memit+sphere"][eff] == f"{100 * second['efficacy']:.2f}"
+    assert by_name["memit+sphere"][header.index(header[-2])] == "–"  # no fluency yet
+    shutil.rmtree(running / "plots")  # a run in progress has no figures yet
+    page = build_report([running])
+    assert "in progress" in page and "data:image/png;base64," in page
+    assert not (running / "plots").exists()  # the report writes nothing into a run
