@@ -4,7 +4,8 @@ A prompt and its target are scored as one row, the prompt's tokens followed by e
 target token but the last: the last ``len(target)`` positions of that row then predict the
 target tokens. Rows are left-padded with explicit ``position_ids`` (see :mod:`.text`), so
 every row ends in the same column and the unembedding runs only over the last ``K``
-positions of the batch (``logits_to_keep=K``, ``K`` the longest target of the batch).
+positions of the batch (``logits_to_keep=K``). A row that is a prefix of another row is
+read from that row's pass instead of running again.
 :func:`score_one_by_one` does the same one prompt at a time without any padding; the
 tests hold the two to each other.
 """
@@ -99,6 +100,28 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def shared_runs(rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """The rows to run, and for each row the index of the run that contains it: a row
+    that is a prefix of another (the prompt of a one-token target is a prefix of the same
+    prompt followed by a longer target) rides along with it. Under causal attention the
+    logits at a row's positions do not depend on anything after them, so this is the same
+    computation, done once."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)
+    runs: list[list[int]] = []
+    owner = [0] * len(rows)
+    prefixes: dict[tuple[int, ...], int] = {}
+    for i in order:
+        key = tuple(rows[i])
+        run = prefixes.get(key)
+        if run is None:
+            run = len(runs)
+            runs.append(list(rows[i]))
+            for end in range(1, len(key) + 1):
+                prefixes.setdefault(key[:end], run)
+        owner[i] = run
+    return runs, owner
+
+
 @torch.no_grad()
 def score_targets(
     model: nn.Module,
@@ -110,35 +133,51 @@ def score_targets(
 ) -> list[TargetScore]:
     """Teacher-forced scores of ``targets[i]`` after ``prompts[i]``, many rows per pass.
 
-    Rows are sorted by length before batching (less padding) and the scores returned in
-    the order of the input.
+    Rows that are a prefix of another row share its pass (:func:`shared_runs`); the runs
+    are sorted by length before batching (less padding) and the scores returned in the
+    order of the input.
     """
     _check_pairs(prompts, targets, batch_size)
     if not prompts:
         return []
     device = _device(model)
     rows, target_ids = _score_rows(tokenizer, prompts, targets)
+    runs, owner = shared_runs(rows)
+    riders: list[list[int]] = [[] for _ in runs]
+    for i, run in enumerate(owner):
+        riders[run].append(i)
     pad = pad_id_of(tokenizer)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    order = sorted(range(len(runs)), key=lambda r: len(runs[r]))
     scores: list[TargetScore | None] = [None] * len(rows)
     for begin in range(0, len(order), batch_size):
         chunk = order[begin : begin + batch_size]
-        batch = pad_left([rows[i] for i in chunk], [0] * len(chunk), pad, device)
-        keep = max(len(target_ids[i]) for i in chunk)
-        # Right-align the targets: kept position j of a row predicts wanted[row, j].
-        wanted = torch.zeros(len(chunk), keep, dtype=torch.long)
-        mask = torch.zeros(len(chunk), keep, dtype=torch.bool)
-        for r, i in enumerate(chunk):
-            n = len(target_ids[i])
-            wanted[r, keep - n :] = torch.tensor(target_ids[i], dtype=torch.long)
-            mask[r, keep - n :] = True
+        batch = pad_left([runs[r] for r in chunk], [0] * len(chunk), pad, device)
+        # Row i (length L, n target tokens) inside its run (length R) predicts its target
+        # at the run's positions L-n .. L-1, i.e. R-L+n .. R-L+1 from the run's end.
+        spans = [
+            (b, i, len(runs[r]) - len(rows[i]) + len(target_ids[i]))
+            for b, r in enumerate(chunk)
+            for i in riders[r]
+        ]
+        keep = max(back for _, _, back in spans)
         logits = model(**batch.model_inputs(), logits_to_keep=keep, use_cache=False).logits
-        log_probs = torch.log_softmax(logits[:, -keep:].float(), dim=-1)
-        on_device = wanted.to(log_probs.device)
-        token_lp = log_probs.gather(2, on_device.unsqueeze(-1)).squeeze(-1).cpu()
+        logits = logits[:, -keep:]
+        batch_rows, cols, wanted = [], [], []
+        for b, i, back in spans:
+            n = len(target_ids[i])
+            batch_rows.extend([b] * n)
+            cols.extend(range(keep - back, keep - back + n))
+            wanted.extend(target_ids[i])
+        picked = logits[torch.tensor(batch_rows), torch.tensor(cols)].float()
+        log_probs = torch.log_softmax(picked, dim=-1)
+        on_device = torch.tensor(wanted, dtype=torch.long, device=log_probs.device)
+        token_lp = log_probs.gather(1, on_device.unsqueeze(-1)).squeeze(-1).cpu()
         hits = (log_probs.argmax(dim=-1) == on_device).cpu()
-        for r, i in enumerate(chunk):
-            scores[i] = _make_score(token_lp[r][mask[r]], hits[r][mask[r]])
+        at = 0
+        for _, i, _ in spans:
+            n = len(target_ids[i])
+            scores[i] = _make_score(token_lp[at : at + n], hits[at : at + n])
+            at += n
     assert all(s is not None for s in scores)
     return scores  # type: ignore[return-value]
 

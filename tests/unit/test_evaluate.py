@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from sphere_edit.evaluate import (
     greedy_token_ids,
     score_one_by_one,
     score_targets,
+    shared_runs,
 )
 from sphere_edit.text import encode, target_token_ids
 
@@ -31,6 +33,9 @@ PAIRS = [
     ("x", "Zebraland"),
     ("What is the capital of France? The answer is", "Paris"),
     ("Lionel Messi plays", "hockey"),
+    # Rows that are prefixes of other rows, so that passes are shared (see the test below).
+    ("Paris is the capital of", "Germany and France"),
+    ("Toronto", "is located"),
 ]
 
 
@@ -53,6 +58,19 @@ def test_batched_scores_equal_one_by_one(tiny_model, batch_size):
         assert got.token_logprobs == pytest.approx(want.token_logprobs, abs=1e-4)
         assert got.logprob <= 0
         assert got.mean_logprob == pytest.approx(got.logprob / got.n_tokens)
+
+
+def test_rows_that_are_prefixes_of_other_rows_share_their_pass(tiny_model):
+    _, tok = tiny_model
+    prompts, targets = _prompts_targets()
+    rows = [encode(tok, p) + target_token_ids(tok, p, t)[:-1] for p, t in PAIRS]
+    runs, owner = shared_runs(rows)
+    assert len(runs) < len(rows)  # the fixture does exercise the sharing
+    for row, run in zip(rows, owner, strict=True):
+        assert runs[run][: len(row)] == row
+    for a, b in itertools.permutations(runs, 2):
+        assert a != b[: len(a)], "a run is itself a prefix of another run"
+    assert shared_runs([[1, 2], [1, 2], [3]]) == ([[1, 2], [3]], [0, 0, 1])
 
 
 def test_scores_keep_input_order_and_handle_duplicates(tiny_model):
