@@ -456,11 +456,10 @@ def _general_curve(
     if out is not None:
         console.print(f"results in {out}")
     plot = plot or (out.with_suffix(".png") if out is not None else None)
-    if (
-        plot is not None
-        and plot_general({curve["method"] or run_dir.name: points}, plot) is not None
-    ):
-        console.print(f"plot in {plot}")
+    if plot is not None:
+        label = curve["method"] or run_dir.name
+        if plot_general({label: points}, plot) is not None:
+            console.print(f"plot in {plot}")
 
 
 @app.command()
