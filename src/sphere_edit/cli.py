@@ -357,8 +357,25 @@ def general(
             "--model", "-m", help="For a run directory: base model, if not the one recorded."
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the results here as JSON.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the results here as JSON; with --edits after every point, and the "
+            "points it already holds are not measured again."
+        ),
+    ] = None,
     details: Annotated[bool, typer.Option(help="Keep every item's output in --out.")] = False,
+    edits: Annotated[
+        str | None,
+        typer.Option(
+            help="For a run directory: comma-separated edit counts (batch ends; 0 = the base "
+            "model) to evaluate after, e.g. 0,200,400. Default: after all batches."
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="With --edits: the curve as PNG. Default: --out's name with .png."),
+    ] = None,
 ) -> None:
     """Zero-shot GSM8K, RTE, NQ and BoolQ (RECT protocol) of a model or an edit run."""
     from .fileio import write_json
@@ -366,7 +383,18 @@ def general(
     from .runs import is_run_dir, load_run_model
 
     chosen = [t.strip() for t in tasks.split(",") if t.strip()]
+    if plot is not None and edits is None:
+        raise ValueError("--plot draws the curve of --edits; give --edits too")
+    if edits is not None and not is_run_dir(model_or_run_dir):
+        raise ValueError(f"--edits needs an edit run directory; {model_or_run_dir} is not one")
     data_dir = resolve_data_dir(data)
+    if edits is not None:
+        _general_curve(
+            Path(model_or_run_dir), _parse_counts(edits, "--edits"), model=model,
+            data_dir=data_dir, n_items=n_items, tasks=chosen, batch_size=batch_size, out=out,
+            details=details, plot=plot,
+        )  # fmt: skip
+        return
     if is_run_dir(model_or_run_dir):
         with console.status(f"loading the edited model of {model_or_run_dir}"):
             loaded, index = load_run_model(model_or_run_dir, model=model)
@@ -397,6 +425,41 @@ def general(
     if out is not None:
         write_json(out, result)
         console.print(f"results in {out}")
+
+
+def _parse_counts(text: str, option: str) -> list[int]:
+    """``"0,200,400"`` -> ``[0, 200, 400]``."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def _general_curve(
+    run_dir: Path, counts: list[int], *, out: Path | None, plot: Path | None, **options: Any
+) -> None:
+    """``general --edits``: the curve, its table and its plot."""
+    from .general import accuracy_keys, general_curve
+    from .plots import plot_general
+
+    curve = general_curve(run_dir, counts, out=out, log=console.print, **options)
+    points = curve["points"]
+    keys = accuracy_keys(point["summary"] for point in points)
+    table = Table(title=f"General abilities along {run_dir} (first {curve['n_items']} items)")
+    table.add_column("edits", justify="right")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for point in points:
+        values = [point["summary"].get(key) for key in keys]
+        table.add_row(str(point["edits"]), *("-" if v is None else f"{v:.3f}" for v in values))
+    console.print(table)
+    if out is not None:
+        console.print(f"results in {out}")
+    plot = plot or (out.with_suffix(".png") if out is not None else None)
+    if plot is not None:
+        label = curve["method"] or run_dir.name
+        if plot_general({label: points}, plot) is not None:
+            console.print(f"plot in {plot}")
 
 
 @app.command()

@@ -297,7 +297,7 @@ def geometry_for_run(
     """
     from .journal import read_index
     from .models import LoadedModel, load_model
-    from .runs import apply_run
+    from .runs import apply_run, restore_weights, snapshot_weights
 
     run_dir = Path(run_dir)
     index = read_index(run_dir)
@@ -310,15 +310,13 @@ def geometry_for_run(
             f"layers {missing} are not edited by this run (it edits {index['layers']})"
         )
     layout = loaded.layout
-    stored = {layer: layout.mlp_out(layer).weight.detach().clone() for layer in index["layers"]}
+    stored = snapshot_weights(loaded, index["layers"])
     pre = {layer: layout.read_weight(layer).detach().cpu().clone() for layer in chosen}
     apply_run(loaded, run_dir)
     try:
         post = {layer: layout.read_weight(layer).detach().cpu().clone() for layer in chosen}
     finally:
-        with torch.no_grad():
-            for layer, weight in stored.items():
-                layout.mlp_out(layer).weight.copy_(weight)
+        restore_weights(loaded, stored)
     s = float(index.get("energy_s", 1.0))
     results: dict[str, Any] = {}
     for layer in chosen:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .editor import MethodSpec
 from .figures import new_figure, save_png
+from .general import accuracy_keys
 
 CURVE_METRICS = ("efficacy", "generalization", "specificity")
 
@@ -125,21 +127,31 @@ def _plot_differences(run: dict[str, Any], path: Path) -> Path:
 
 
 def _plot_general(run: dict[str, Any], path: Path) -> Path | None:
+    """The benchmark's in-run general abilities, the pre-edit model at 0 edits."""
+    pre = run["summary"]["pre_edit"].get("general", {}).get("summary", {})
     series = {
-        spec: (data["summary"] or {}).get("general") or [] for spec, data in run["methods"].items()
+        spec: [{"edits": 0, "summary": pre}, *rows]
+        for spec, data in run["methods"].items()
+        if (rows := (data["summary"] or {}).get("general"))
     }
-    if not any(series.values()):
+    return plot_general(series, path)
+
+
+def plot_general(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path | None:
+    """Each general-ability accuracy against edits, a line per series (a benchmark's
+    methods, or one run's curve from ``sphere-edit general --edits``); the rows are
+    ``{"edits": K, "summary": ...}`` as :func:`.general.evaluate_general` names them.
+    ``None`` (and no file) when no row has a result."""
+    keys = accuracy_keys([row.get("summary", {}) for rows in series.values() for row in rows])
+    if not keys:
         return None
-    keys = sorted({k for rows in series.values() for r in rows for k in r.get("summary", {})})
-    keys = [k for k in keys if k.endswith("_acc")]
     figure = new_figure(3.6 * len(keys), 3.2)
     axes = figure.subplots(1, len(keys), squeeze=False)[0]
-    pre = run["summary"]["pre_edit"].get("general", {}).get("summary", {})
     for ax, key in zip(axes, keys, strict=True):
-        for spec, rows in series.items():
-            points = [(0, pre.get(key))] + [(r["edits"], r["summary"].get(key)) for r in rows]
+        for label, rows in series.items():
+            points = [(r["edits"], r.get("summary", {}).get(key)) for r in rows]
             points = [(x, y) for x, y in points if y is not None]
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=spec)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
         ax.set_title(key)
         ax.set_xlabel("edits")
         ax.set_ylim(-0.02, 1.02)
