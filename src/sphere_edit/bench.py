@@ -66,6 +66,12 @@ from .metrics import (
 from .models import LoadedModel, load_model
 
 HEADLINE_METRICS = ("efficacy", "generalization", "specificity")
+# The settings the pre-edit evaluation depends on (a run may reuse another run's pre-edit
+# results when all of them agree, see ``Benchmark(pre_edit_from=...)``).
+PRE_EDIT_SETTINGS = (
+    "dataset", "n_edits", "offset", "seed", "fluency_cases", "general_every",
+    "general_data", "general_items", "skip_invalid", "eval_batch_size",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -210,8 +216,13 @@ class Benchmark:
         progress: bool = True,
         loaded: LoadedModel | None = None,
         resume: bool = False,
+        pre_edit_from: str | Path | None = None,
     ):
         self.config = config
+        # Another run of the same model, cases and evaluation settings (typically the
+        # same benchmark with other methods, run in parallel): its pre-edit results are
+        # reused instead of evaluated again.
+        self.pre_edit_from = Path(pre_edit_from) if pre_edit_from is not None else None
         self.run_dir = Path(run_dir)
         self.log = log
         self.progress = progress
@@ -283,11 +294,18 @@ class Benchmark:
         load_seconds = time.perf_counter() - clock
         case_set = self._cases()
         cases = list(case_set)
+        # Checked before the folder is created: a refused source leaves nothing behind.
+        borrowed = self._pre_edit_source(loaded) if self.pre_edit_from is not None else None
         if not resuming:
             # Created only now: a run refused for its options or data leaves no folder.
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config(case_set, loaded)
         pre = self._stored_pre_edit() if resuming else None
+        if pre is None and borrowed is not None:
+            for name, text in borrowed.items():
+                write_text(self.run_dir / "pre_edit" / name, text)
+            self.log(f"pre-edit: results of {self.pre_edit_from} reused")
+            pre = json.loads(borrowed["summary.json"])
         if pre is None:
             pre = self._pre_edit(loaded, cases)
         self._mark(pre_edit=True)
@@ -359,6 +377,37 @@ class Benchmark:
         write_json(out / "summary.json", pre)
         self.log(f"pre-edit: {_headline(pre['metrics'])}")
         return pre
+
+    def _pre_edit_source(self, loaded: LoadedModel) -> dict[str, str]:
+        """The pre-edit files of ``pre_edit_from`` (name → text), after checking that they
+        are the ones this run would compute: same model weights, cases and settings."""
+        source, option = self.pre_edit_from, "--pre-edit-from"
+        assert source is not None
+        try:
+            theirs = json.loads((source / "config.json").read_text(encoding="utf-8"))
+            state = json.loads((source / "progress.json").read_text(encoding="utf-8"))
+            files = {
+                name: (source / "pre_edit" / name).read_text(encoding="utf-8")
+                for name in ("summary.json", "cases.jsonl")
+            }
+        except FileNotFoundError as error:
+            raise ValueError(
+                f"{option}: {source} is not a benchmark run with pre-edit results "
+                f"({error.filename} is missing)"
+            ) from None
+        if not state.get("pre_edit"):
+            raise ValueError(f"{option}: {source} has not finished its pre-edit evaluation yet")
+        mine = asdict(self.config)
+        for key in PRE_EDIT_SETTINGS:
+            if theirs["config"].get(key) != json.loads(json.dumps(mine[key])):
+                raise ValueError(
+                    f"{option}: {key} differs ({source} has {theirs['config'].get(key)!r}, "
+                    f"this run {mine[key]!r}); its pre-edit results are not this run's"
+                )
+        fingerprint = environment(loaded)["model_fingerprint"]
+        if theirs["environment"]["model_fingerprint"] != fingerprint:
+            raise ValueError(f"{option}: {source} evaluated other model weights than this run's")
+        return files
 
     def _run_method(self, loaded: LoadedModel, spec: str, cases: list[EditCase]) -> dict[str, Any]:
         c = self.config

@@ -498,6 +498,13 @@ def bench(
         bool, typer.Option(help="Report and skip malformed records instead of stopping.")
     ] = False,
     seed: int = 0,
+    pre_edit_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reuse the pre-edit results of this run (same model, cases and evaluation "
+            "settings; e.g. the same benchmark of other methods run in parallel)."
+        ),
+    ] = None,
 ) -> None:
     """Sequential editing benchmark: every method from the same base model on the same cases."""
     from .bench import BenchConfig, Benchmark
@@ -519,7 +526,14 @@ def bench(
     loaded = _load(model)
     if layers:
         config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
-    bench_run = Benchmark(config, run_dir, log=console.print, loaded=loaded, resume=bool(resume))
+    bench_run = Benchmark(
+        config,
+        run_dir,
+        log=console.print,
+        loaded=loaded,
+        resume=bool(resume),
+        pre_edit_from=pre_edit_from,
+    )
     summary = bench_run.run()
     _print_table([run_dir])
     console.print(f"run directory {run_dir}; {summary['wall_seconds']:.0f}s")

@@ -213,3 +213,34 @@ def test_report_shows_a_run_in_progress_at_its_latest_checkpoint(finished_run, t
     page = build_report([running])
     assert "in progress" in page and "data:image/png;base64," in page
     assert not (running / "plots").exists()  # the report writes nothing into a run
+
+
+def test_pre_edit_results_are_reused_from_a_matching_run(finished_run, tmp_path, monkeypatch):
+    source, _, loaded, _ = finished_run
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the pre-edit model was evaluated again")
+
+    monkeypatch.setattr(Benchmark, "_pre_edit", refuse)
+    run_dir = tmp_path / "second"
+    config = _config(methods=("memit",), n_edits=1)
+    with pytest.raises(ValueError, match="--pre-edit-from: n_edits differs"):
+        Benchmark(config, run_dir, log=lambda _: None, progress=False, loaded=loaded,
+                  pre_edit_from=source).run()  # fmt: skip
+    with pytest.raises(ValueError, match="--pre-edit-from: .* not a benchmark run"):
+        Benchmark(_config(methods=("memit",)), run_dir, log=lambda _: None, progress=False,
+                  loaded=loaded, pre_edit_from=tmp_path).run()  # fmt: skip
+    assert not run_dir.exists()  # a refused run leaves no folder
+    summary = Benchmark(
+        _config(methods=("memit",)),
+        run_dir,
+        log=lambda _: None,
+        progress=False,
+        loaded=loaded,
+        pre_edit_from=source,
+    ).run()
+    for name in ("cases.jsonl", "summary.json"):
+        assert (run_dir / "pre_edit" / name).read_bytes() == (
+            source / "pre_edit" / name
+        ).read_bytes()
+    assert summary["pre_edit"] == json.loads((source / "pre_edit" / "summary.json").read_text())
