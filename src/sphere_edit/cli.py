@@ -298,7 +298,9 @@ def energy(
 @app.command()
 @friendly
 def geometry(
-    run_dir: Annotated[Path, typer.Argument(help="An edit run directory (holds session.json).")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="An edit run (holds session.json) or a benchmark run.")
+    ],
     max_neurons: Annotated[
         int, typer.Option(min=2, help="Neurons sampled for the pairwise views of big layers.")
     ] = 512,
@@ -309,14 +311,29 @@ def geometry(
     tsne: Annotated[bool, typer.Option(help="Draw the t-SNE plot (the slow part).")] = True,
     seed: int = 0,
 ) -> None:
-    """Weight geometry of a run's edited layers, before and after (PNGs and summary.json)."""
-    from .geometry import geometry_for_run
+    """Weight geometry of a run's edited layers, before and after (PNGs and summary.json);
+    for a benchmark run directory, of every method (into RUN/<method>/geometry)."""
+    from .geometry import geometry_for_bench, geometry_for_run
     from .journal import read_index
 
+    if (run_dir / "config.json").exists() and not (run_dir / "session.json").exists():
+        if out is not None:
+            raise ValueError(
+                "--out: a benchmark run writes each method's geometry to RUN/<method>/geometry"
+            )
+        with console.status(f"replaying the methods of {run_dir}"):
+            summaries = geometry_for_bench(run_dir, max_neurons, model=model, seed=seed, tsne=tsne)
+        for spec, summary in summaries.items():
+            _print_geometry(f"{spec}: {summary['run_dir']}", summary)
+        return
     index = read_index(run_dir)
     with console.status(f"loading {model or index['model']} and replaying {run_dir}"):
         summary = geometry_for_run(run_dir, out, max_neurons, model=model, seed=seed, tsne=tsne)
-    table = Table(title=f"Weight geometry: {run_dir} ({summary['n_batches']} batches)")
+    _print_geometry(str(run_dir), summary)
+
+
+def _print_geometry(name: str, summary: dict) -> None:
+    table = Table(title=f"Weight geometry: {name} ({summary['n_batches']} batches)")
     for column in ("layer", "HE pre", "HE post", "relative change", "mean angle pre/post",
                    "min angle pre/post", "neurons shown"):  # fmt: skip
         table.add_column(column, justify="right")

@@ -21,6 +21,7 @@ images embedded. matplotlib and scikit-learn are imported only when figures are 
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -338,6 +339,45 @@ def geometry_for_run(
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def geometry_for_bench(
+    run_dir: str | Path,
+    max_neurons: int = DEFAULT_MAX_NEURONS,
+    *,
+    model: Any = None,
+    seed: int = 0,
+    tsne: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """:func:`geometry_for_run` for every method of a benchmark run directory that has
+    a journal, into ``RUN/<method>/geometry`` (where ``sphere-edit report`` finds it);
+    the base model is loaded once. Returns the summaries by method."""
+    from .editor import MethodSpec
+    from .journal import read_index
+    from .models import LoadedModel, load_model
+
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    journals = {
+        spec: run_dir / MethodSpec.parse(spec).dirname for spec in config["config"]["methods"]
+    }
+    journals = {s: d for s, d in journals.items() if (d / "journal" / "session.json").exists()}
+    if not journals:
+        raise ValueError(f"{run_dir}: no method of this benchmark run has a journal yet")
+    if not isinstance(model, LoadedModel):
+        first = read_index(next(iter(journals.values())) / "journal")
+        model = load_model(model or first["model"])
+    return {
+        spec: geometry_for_run(
+            folder / "journal",
+            folder / "geometry",
+            max_neurons,
+            model=model,
+            seed=seed,
+            tsne=tsne,
+        )  # fmt: skip
+        for spec, folder in journals.items()
+    }
 
 
 # -- HTML ------------------------------------------------------------------------------------

@@ -141,11 +141,14 @@ def _run_section(run_dir: Path) -> str:
     )
     parts.append("<h4>HE correlation (Spearman, checkpoints) and time per phase</h4>")
     parts.append(_html_table(header, rows))
-    geometry = run_dir / "geometry" / "summary.json"
-    if geometry.exists():
-        from .geometry import geometry_html
+    from .editor import MethodSpec
+    from .geometry import geometry_html
 
-        parts.append(geometry_html(json.loads(geometry.read_text(encoding="utf-8"))))
+    for spec in run["methods"]:  # written by ``sphere-edit geometry RUN``
+        geometry = run_dir / MethodSpec.parse(spec).dirname / "geometry" / "summary.json"
+        if geometry.exists():
+            summary = json.loads(geometry.read_text(encoding="utf-8"))
+            parts.append(geometry_html(summary, title=f"Weight geometry: {spec}"))
     return "\n".join(parts)
 
 

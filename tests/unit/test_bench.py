@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from sphere_edit.bench import BenchConfig, Benchmark
 from sphere_edit.cli import app
+from sphere_edit.geometry import geometry_for_bench
 from sphere_edit.models import LoadedModel
 from sphere_edit.report import build_report, table
 from tests.tiny_models import make_tiny_model
@@ -244,3 +245,19 @@ def test_pre_edit_results_are_reused_from_a_matching_run(finished_run, tmp_path,
             source / "pre_edit" / name
         ).read_bytes()
     assert summary["pre_edit"] == json.loads((source / "pre_edit" / "summary.json").read_text())
+
+
+def test_geometry_of_every_method_of_a_run_lands_in_the_report(finished_run, tmp_path):
+    source, _, loaded, base = finished_run
+    run_dir = tmp_path / "geo"
+    shutil.copytree(source, run_dir)
+    summaries = geometry_for_bench(run_dir, max_neurons=16, model=loaded, tsne=False)
+    assert set(summaries) == {"memit", "memit+sphere"}
+    for spec, summary in summaries.items():
+        folder = run_dir / spec.replace("+", "_") / "geometry"
+        assert json.loads((folder / "summary.json").read_text()) == json.loads(json.dumps(summary))
+        assert summary["n_batches"] == 3
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value, base[name]), name
+    page = build_report([run_dir])
+    assert "Weight geometry: memit+sphere" in page and "Weight geometry: memit<" in page
