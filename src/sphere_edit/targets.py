@@ -95,6 +95,20 @@ class _Rows:
     def per_request(self) -> int:
         return self.n_rewrite // self.n_requests
 
+    def split(self) -> tuple[_Rows, _Rows]:
+        """(the rewrite rows, the "is a" rows), each a ``_Rows`` of its own."""
+        k = self.n_rewrite
+        rewrite = _Rows(
+            self.ids[:k],
+            self.lookups[:k],
+            self.prompt_lengths[:k],
+            self.targets,
+            self.n_requests,
+            k,
+        )
+        essence = _Rows(self.ids[k:], self.lookups[k:], self.prompt_lengths[k:], [], 0, 0)
+        return rewrite, essence
+
 
 def _build_rows(
     tokenizer: PreTrainedTokenizerBase,
@@ -154,7 +168,7 @@ class _Pass:
         self.model, self.layers, self.unembed = model, layers, unembed
         self.hidden = layers[-1]
         self.rows, self.bf16 = rows, bf16
-        longest = max(len(t) for t in rows.targets)
+        longest = max((len(t) for t in rows.targets), default=1)
         target_ids = torch.zeros(rows.n_rewrite, longest, dtype=torch.long)
         target_mask = torch.zeros(rows.n_rewrite, longest)
         for i, target in enumerate(rows.targets):
@@ -236,7 +250,12 @@ class _CachedPass(_Pass):
     def _prepare(self) -> None:
         rows = self.rows
         heads = [r[:look] for r, look in zip(rows.ids, rows.lookups, strict=True)]
-        tails = [r[look:] for r, look in zip(rows.ids, rows.lookups, strict=True)]
+        # An "is a" row is read at its first tail position only, and causal attention
+        # makes that position independent of the tokens after it: run it alone.
+        tails = [
+            r[look:] if i < rows.n_rewrite else r[look : look + 1]
+            for i, (r, look) in enumerate(zip(rows.ids, rows.lookups, strict=True))
+        ]
         p_width = max(len(h) for h in heads)
         s_width = max(len(t) for t in tails)
         n = len(rows.ids)
@@ -277,7 +296,7 @@ class _CachedPass(_Pass):
             "position_ids": tail_pos.to(dev),
         }
         t = self.target_ids.shape[1]
-        lengths = torch.tensor(rows.prompt_lengths[: rows.n_rewrite])
+        lengths = torch.tensor(rows.prompt_lengths[: rows.n_rewrite], dtype=torch.long)
         starts = lengths - 1 - head_len[: rows.n_rewrite]
         cols = (starts.unsqueeze(1) + torch.arange(t)).clamp(max=s_width - 1)
         self.rewrite_cols = cols.to(dev)
@@ -323,9 +342,27 @@ class _CachedPass(_Pass):
         ):
             logits = self.model(**self.inputs, **self._cache_inputs()).logits[0]
         log_probs = logits.float().log_softmax(-1)
-        token_lp = log_probs[: n_rw * t].view(n_rw, t, -1)
+        token_lp = log_probs[: n_rw * t].view(n_rw, t, log_probs.shape[-1])
         token_lp = token_lp.gather(2, self.target_ids.unsqueeze(-1)).squeeze(-1)
         return token_lp, log_probs[n_rw * t :]
+
+
+class _SplitPass:
+    """The cached route with the rewrite rows and the "is a" rows in passes of their own:
+    an "is a" row needs one tail position, and in a shared pass it would run to the width
+    of the longest rewrite tail."""
+
+    def __init__(self, model, layers, unembed, rows: _Rows, pad, device, bf16):
+        rewrite, essence = rows.split()
+        self.n_rewrite = rows.n_rewrite
+        self.rewrite = _CachedPass(model, layers, unembed, rewrite, pad, device, bf16)
+        self.essence = _CachedPass(model, layers, unembed, essence, pad, device, bf16)
+        self.target_mask = self.rewrite.target_mask
+
+    def run(self, delta_rows: torch.Tensor, on_init) -> tuple[torch.Tensor, torch.Tensor]:
+        token_lp, _ = self.rewrite.run(delta_rows[: self.n_rewrite], on_init)
+        _, kl_lp = self.essence.run(delta_rows[self.n_rewrite :], lambda _values: None)
+        return token_lp, kl_lp
 
 
 def compute_targets(
@@ -346,7 +383,7 @@ def compute_targets(
     # length cut the positions run per step by a quarter on CounterFact.
     order = sorted(range(n), key=lambda rid: _tail_length(tokenizer, requests, rid))
     groups = [order[b : b + per] for b in range(0, n, per)]
-    route = _CachedPass if config.route == "cached" else _ReferencePass
+    route = _SplitPass if config.route == "cached" else _ReferencePass
     pad = pad_id_of(tokenizer)
     all_rows = [_build_rows(tokenizer, requests, g, templates) for g in groups]
     hidden_size = model.config.get_text_config().hidden_size
