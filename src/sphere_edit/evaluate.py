@@ -130,19 +130,20 @@ def score_targets(
     targets: Sequence[str],
     *,
     batch_size: int = 64,
+    share_prefixes: bool = True,
 ) -> list[TargetScore]:
     """Teacher-forced scores of ``targets[i]`` after ``prompts[i]``, many rows per pass.
 
-    Rows that are a prefix of another row share its pass (:func:`shared_runs`); the runs
-    are sorted by length before batching (less padding) and the scores returned in the
-    order of the input.
+    Rows that are a prefix of another row share its pass (:func:`shared_runs`; off with
+    ``share_prefixes=False``, which runs every row, for comparison); the runs are sorted
+    by length before batching (less padding) and the scores returned in input order.
     """
     _check_pairs(prompts, targets, batch_size)
     if not prompts:
         return []
     device = _device(model)
     rows, target_ids = _score_rows(tokenizer, prompts, targets)
-    runs, owner = shared_runs(rows)
+    runs, owner = shared_runs(rows) if share_prefixes else (rows, list(range(len(rows))))
     riders: list[list[int]] = [[] for _ in runs]
     for i, run in enumerate(owner):
         riders[run].append(i)

@@ -43,11 +43,14 @@ def _prompts_targets():
     return [p for p, _ in PAIRS], [t for _, t in PAIRS]
 
 
+@pytest.mark.parametrize("share_prefixes", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_batched_scores_equal_one_by_one(tiny_model, batch_size):
+def test_batched_scores_equal_one_by_one(tiny_model, batch_size, share_prefixes):
     model, tok = tiny_model
     prompts, targets = _prompts_targets()
-    batched = score_targets(model, tok, prompts, targets, batch_size=batch_size)
+    batched = score_targets(
+        model, tok, prompts, targets, batch_size=batch_size, share_prefixes=share_prefixes
+    )
     reference = score_one_by_one(model, tok, prompts, targets)
     assert len(batched) == len(reference) == len(PAIRS)
     for got, want, (prompt, target) in zip(batched, reference, PAIRS, strict=True):
