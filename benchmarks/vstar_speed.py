@@ -59,6 +59,30 @@ def cat_results(parts: list[TargetResult]) -> TargetResult:
     )
 
 
+def flops_per_request_step(model, tok, layout, z_layer, requests, templates, config) -> dict:
+    """GFLOP per request and step of the fast route: the whole batch as it is grouped, the
+    same requests in input-order passes, and the first pass's requests alone."""
+
+    def per_step(groups: list[list]) -> float:
+        counts = []
+        for steps in (1, 2):  # a final forward only; one forward+backward step before it
+            with FlopCounterMode(display=False) as counter:
+                sample = replace(config, steps=steps, loss_tolerance=0.0)
+                for group in groups:
+                    compute_targets(model, tok, layout, z_layer, group, templates, sample)
+            counts.append(counter.get_total_flops())
+        return (counts[1] - counts[0]) / sum(len(g) for g in groups) / 1e9
+
+    per = config.requests_per_pass
+    chunks = [requests[b : b + per] for b in range(0, len(requests), per)]
+    return {
+        "requests": len(requests),
+        "gflop_per_request_step": per_step([requests]),
+        "gflop_per_request_step_input_order_passes": per_step(chunks),
+        "gflop_per_request_step_first_pass_alone": per_step(chunks[:1]),
+    }
+
+
 def main() -> None:
     default_data = REPO.parent / "shared" / "data"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -71,6 +95,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--stats-tokens", type=int, default=100_000)
     parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument(
+        "--flops-only", action="store_true",
+        help="print the FLOPs per request-step of the fast route and stop (exact, "
+        "unaffected by other load on the machine)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -92,6 +121,10 @@ def main() -> None:
     log(f"matmul peak GFLOP/s: {peaks}")
 
     runs: dict[str, dict] = {}
+    if args.flops_only:
+        print(json.dumps(flops_per_request_step(model, tok, layout, z_layer, requests,
+                                                templates, config), indent=2))  # fmt: skip
+        return
 
     def fast(name: str, bf16: bool) -> TargetResult:
         cfg = replace(config, bf16=bf16)
