@@ -137,18 +137,6 @@ def main() -> None:
         # The whole batch, as the run groups it: the passes, their padding and the
         # once-per-batch prefix work all count.
         per_request_step = (counts[1] - counts[0]) / len(requests)
-        # For comparison, passes of requests in input order (as before they were grouped
-        # by tail length): one call per chunk makes each chunk one pass.
-        per = cfg.requests_per_pass
-        chunked = []
-        for steps in (1, 2):
-            with FlopCounterMode(display=False) as counter:
-                sample = replace(cfg, steps=steps, loss_tolerance=0.0)
-                for b in range(0, len(requests), per):
-                    chunk = requests[b : b + per]
-                    compute_targets(model, tok, layout, z_layer, chunk, templates, sample)
-            chunked.append(counter.get_total_flops())
-        input_order_step = (chunked[1] - chunked[0]) / len(requests)
         start = time.perf_counter()
         result = compute_targets(model, tok, layout, z_layer, requests, templates, cfg)
         seconds = time.perf_counter() - start
@@ -160,7 +148,6 @@ def main() -> None:
             "gflop": flops / 1e9,
             "gflop_per_request_step": per_request_step / 1e9,
             "gflop_once_per_batch": (2 * counts[0] - counts[1]) / 1e9,
-            "gflop_per_request_step_input_order_passes": input_order_step / 1e9,
             "gflop_per_s": flops / seconds / 1e9,
             "share_of_peak": flops / seconds / 1e9 / peaks["bf16" if bf16 else "fp32"],
             "mean_loss": float(result.loss.mean()),
