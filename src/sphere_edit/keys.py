@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .arch import ModelLayout
-from .hooks import capture, run_until_stopped
+from .hooks import capture, run_until_stopped, skipped_layers
 from .requests import EditRequest
 from .text import SubjectPrompt, encode_subject_prompts
 
@@ -31,6 +32,18 @@ class LayerReadout:
     z_out: torch.Tensor  # (n_requests, hidden) output of layer ``z_layer`` on the bare prompt
 
 
+@dataclass
+class LowerLayers:
+    """The outputs of the decoder layers below ``first`` for every chunk of prompts, kept
+    by the first :func:`read_layer` call and replayed by the next ones. Valid while no
+    layer below ``first`` changes, e.g. over MEMIT's schedule on layers ``first`` and up,
+    which reads every layer on the same prompts: each read then runs only the edited
+    window (layers 7 to 11 of 12 on SmolLM2)."""
+
+    first: int
+    outputs: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
+
+
 @torch.no_grad()
 def read_layer(
     model: nn.Module,
@@ -42,11 +55,13 @@ def read_layer(
     templates: Sequence[str],
     *,
     rows_per_pass: int = 128,
+    lower: LowerLayers | None = None,
 ) -> LayerReadout:
     """One pass over every (request, template) prompt, stopped after ``max(layer, z_layer)``.
 
     Template 0 must be the bare prompt ``"{}"``; the MLP output and layer output are read
-    there, the keys are averaged over all templates.
+    there, the keys are averaged over all templates. With ``lower``, the layers below
+    ``lower.first`` run on the first call only (same requests and templates every call).
     """
     if templates[0] != "{}":
         raise ValueError("the first context template must be the bare prompt '{}'")
@@ -55,14 +70,26 @@ def read_layer(
     n_t = len(templates)
     keys, mlp_outs, z_outs = [], [], []
     stop_module = layout.layer(max(layer, z_layer))
-    for begin in range(0, len(prompts), rows_per_pass):
+    first = lower.first if lower is not None else 0
+    below = [layout.layer(i) for i in range(first)]
+    if min(layer, z_layer) < first:
+        raise ValueError(f"read_layer: layer {min(layer, z_layer)} is below the replayed layers")
+    for chunk, begin in enumerate(range(0, len(prompts), rows_per_pass)):
         batch = encode_subject_prompts(tokenizer, prompts[begin : begin + rows_per_pass], device)
         rows = torch.arange(len(batch), device=device)
         with ExitStack() as stack:
             mlp = stack.enter_context(capture(layout.mlp_out(layer)))
             z = stack.enter_context(capture(layout.layer(z_layer)))
             stack.enter_context(capture(stop_module, stop=True))
+            kept = None
+            if lower is not None and below:
+                if chunk < len(lower.outputs):
+                    stack.enter_context(skipped_layers(below, *lower.outputs[chunk]))
+                else:
+                    kept = stack.enter_context(capture(below[-1]))
             run_until_stopped(lambda batch=batch: model(**batch.model_inputs()))
+        if lower is not None and kept is not None:
+            lower.outputs.append((kept.raw_output, kept.output))
         keys.append(mlp.input[rows, batch.lookup].float())
         mlp_outs.append(mlp.output[rows, batch.lookup].float())
         z_outs.append(z.output[rows, batch.lookup].float())

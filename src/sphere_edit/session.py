@@ -32,7 +32,7 @@ from .journal import (
     write_batch,
     write_index,
 )
-from .keys import read_layer, residual_to_mlp_delta
+from .keys import LowerLayers, read_layer, residual_to_mlp_delta
 from .linalg import IllConditionedWarning
 from .methods import EditMethod, GradientMethod, LayerState
 from .methods.base import (
@@ -364,9 +364,13 @@ class EditSession:
         model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
         z_layer = self.layers[-1]
         deltas, keys, raw, norms = {}, {}, {}, {}
+        # The layers below the window do not change here: run them once for all reads.
+        lower = LowerLayers(first=min(self.layers))
         for i, layer in enumerate(self.layers):
             clock = time.perf_counter()
-            readout = read_layer(model, tok, layout, layer, z_layer, requests, templates)
+            readout = read_layer(
+                model, tok, layout, layer, z_layer, requests, templates, lower=lower
+            )
             _require_finite(readout.keys, requests, f"key at layer {layer}")
             remaining = (result.targets - readout.z_out) / (len(self.layers) - i)
             residuals = residual_to_mlp_delta(layout, layer, readout.mlp_out, remaining)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sphere_edit.arch import ModelLayout
-from sphere_edit.keys import read_layer, residual_to_mlp_delta, template_weights
+from sphere_edit.keys import LowerLayers, read_layer, residual_to_mlp_delta, template_weights
 from sphere_edit.requests import EditRequest, RequestError
 from sphere_edit.text import (
     SubjectPrompt,
@@ -216,6 +216,37 @@ def test_read_layer_padding_does_not_change_keys(tiny_model):
         torch.testing.assert_close(batched.keys[i], alone.keys[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(batched.mlp_out[i], alone.mlp_out[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(batched.z_out[i], alone.z_out[0], atol=1e-5, rtol=1e-5)
+
+
+def test_read_layer_replays_the_layers_below_the_window(tiny_model):
+    model, tok = tiny_model
+    layout = ModelLayout.of(model)
+    requests = requests_abc()
+    lower = LowerLayers(first=2)
+    read_layer(model, tok, layout, 2, 3, requests, TEMPLATES, rows_per_pass=4, lower=lower)
+    assert len(lower.outputs) == -(-len(requests) * len(TEMPLATES) // 4)  # one per chunk
+    weight = layout.mlp_out(2).weight
+    below = layout.mlp_out(0).weight
+    original, original_below = weight.detach().clone(), below.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.add_(0.1 * torch.randn_like(weight))  # an edit inside the window
+        expected = read_layer(model, tok, layout, 3, 3, requests, TEMPLATES)
+        with torch.no_grad():
+            below.zero_()  # were layer 0 run again, every read would change
+        got = read_layer(model, tok, layout, 3, 3, requests, TEMPLATES, rows_per_pass=4,
+                         lower=lower)  # fmt: skip
+        rerun = read_layer(model, tok, layout, 3, 3, requests, TEMPLATES)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+            below.copy_(original_below)
+    torch.testing.assert_close(got.keys, expected.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.z_out, expected.z_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.mlp_out, expected.mlp_out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rerun.keys, expected.keys)
+    with pytest.raises(ValueError, match="below the replayed layers"):
+        read_layer(model, tok, layout, 1, 3, requests, TEMPLATES, lower=lower)
 
 
 def test_read_layer_with_z_layer_below_layer(tiny_model):
