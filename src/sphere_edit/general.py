@@ -356,7 +356,7 @@ def one_pass_choices(
     :func:`loglik_choices` picks, and ``fallback`` the indices of the prompts whose
     choice was scored by :func:`loglik_choices` itself (see below). A ``timings`` dict
     receives the seconds of the shared passes (``"shared"``, the answers' tokenisation
-    included) and of the fallback's (``"fallback"``).
+    included) and of the fallback's (``"fallback"``, 0 without one).
     """
     clock = time.perf_counter()
     answer_ids = [[target_token_ids(tokenizer, p, c) for c in choices] for p in prompts]
@@ -374,15 +374,18 @@ def one_pass_choices(
     # loglik_choices, at the cost of its own passes. The answers are one token each for
     # SmolLM2's and Gemma's tokenizers; the tiny test tokenizer splits them.
     fallback = [i for i, ok in enumerate(one_token) if not ok]
+    fallback_seconds = 0.0
     if fallback:
+        clock = time.perf_counter()
         chosen = loglik_choices(
             model, tokenizer, [prompts[i] for i in fallback], choices, batch_size=batch_size
         )
         for i, pick in zip(fallback, chosen, strict=True):
             picks[i] = pick
+        fallback_seconds = time.perf_counter() - clock
     if timings is not None:
         timings["shared"] = shared
-        timings["fallback"] = time.perf_counter() - clock - shared
+        timings["fallback"] = fallback_seconds
     return texts, picks, fallback
 
 
@@ -507,11 +510,16 @@ def score_binary(
     (:func:`one_pass_choices`): one per batch of prompts, since both read only the last
     prompt position. The answers, their correctness and the accuracies are those of the
     two separate routes (``one_pass=False``: generation, then teacher-forced scoring),
-    which stay as the reference. Timing, one-pass: the task's ``seconds`` is its wall
-    time; each variant's ``seconds`` is the time of the passes its answers came from, so
-    both hold the shared passes (``"shared_pass": true``; do not add them up), and
-    ``loglik`` also the passes of the prompts whose choices were several tokens long
-    (``multi_token_items``, scored by the separate route).
+    which stay as the reference.
+
+    Timing, one-pass: the task's ``seconds`` is its wall time. Each variant's ``seconds``
+    is the time of the passes its answers came from: ``generate`` the shared passes;
+    ``loglik`` the shared passes too when some of its choices came from them, plus the
+    passes of the prompts whose choices were several tokens long (``multi_token_items``,
+    scored by the separate route; none with SmolLM2's and Gemma's tokenizers). A variant
+    whose ``seconds`` hold the shared passes says ``"shared_pass": true``: the two
+    variants' ``seconds`` then overlap and are not to be added up. With ``one_pass=False``
+    each variant's ``seconds`` is its own route's and the task has no ``seconds``.
     """
     words, choices = (TRUE_FALSE, RTE_CHOICES) if task == "rte" else (YES_NO, BOOLQ_CHOICES)
     if not one_pass:
@@ -531,9 +539,11 @@ def score_binary(
         model, tokenizer, prompts, choices, batch_size=batch_size, timings=timings
     )
     shared = timings["shared"]
+    used_shared = len(fallback) < len(examples)  # some choices came from the shared passes
+    loglik_seconds = (shared if used_shared else 0.0) + timings["fallback"]
     generate = _generated_choice_result(texts, examples, words, shared, details)
-    loglik = _loglik_choice_result(picks, examples, choices, shared + timings["fallback"], details)
-    generate["shared_pass"] = loglik["shared_pass"] = True
+    loglik = _loglik_choice_result(picks, examples, choices, loglik_seconds, details)
+    generate["shared_pass"], loglik["shared_pass"] = True, used_shared
     loglik["multi_token_items"] = len(fallback)
     return {
         "generate": generate,

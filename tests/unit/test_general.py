@@ -396,7 +396,7 @@ def test_one_pass_gives_the_answers_of_both_routes_in_one_pass_per_batch(
         assert result["generate"]["shared_pass"] and result["loglik"]["shared_pass"]
         shared = result["generate"]["seconds"]
         assert 0 < shared <= result["seconds"]
-        assert result["loglik"]["seconds"] == pytest.approx(shared, abs=1e-3)
+        assert result["loglik"]["seconds"] == shared  # no passes of its own
         assert "one_pass" not in old["tasks"][task]
 
 
@@ -420,6 +420,11 @@ def test_answers_of_several_tokens_fall_back_to_the_teacher_forced_route(
     # The generated token still comes from the shared pass; the choice takes the
     # teacher-forced passes it took before.
     assert new_calls == old_calls
+    for task in ("rte", "boolq"):
+        # Every choice came from the separate route: its time, not the shared passes'.
+        loglik, generate = new["tasks"][task]["loglik"], new["tasks"][task]["generate"]
+        assert generate["shared_pass"] and not loglik["shared_pass"]
+        assert 0 < loglik["seconds"] < new["tasks"][task]["seconds"] - generate["seconds"]
     if which == "half_split":  # " True" and " yes" can still be generated
         answers = {
             i["answer"] for t in ("rte", "boolq") for i in new["tasks"][t]["generate"]["items"]
@@ -465,7 +470,9 @@ def test_only_the_prompts_with_a_long_answer_fall_back(one_token_answers, monkey
     model = _model("llama", tok, True)
     new, old, new_calls, old_calls = _both_routes(model, tok, 2, tasks=("rte",))
     assert _without(new) == _without(old)
-    assert new["tasks"]["rte"]["loglik"]["multi_token_items"] == 2
+    rte = new["tasks"]["rte"]
+    assert rte["loglik"]["multi_token_items"] == 2 and rte["loglik"]["shared_pass"]
+    assert rte["loglik"]["seconds"] > rte["generate"]["seconds"]  # shared + its own passes
     assert (new_calls, old_calls) == (2 + 1, 2 + 2)
     texts, picks, fallback = general.one_pass_choices(
         model, tok, [e.prompt for e in examples], general.RTE_CHOICES, batch_size=2
