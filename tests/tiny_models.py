@@ -8,7 +8,7 @@ seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -112,10 +112,13 @@ TRAINING_SENTENCES: tuple[str, ...] = (
 )
 
 
-def make_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+def make_tiny_tokenizer(
+    vocab_size: int = TINY_VOCAB_SIZE, extra_sentences: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE tokenizer in memory and wrap it as a fast HF tokenizer.
 
-    Training uses a fixed corpus and a fixed vocabulary size, so the result is deterministic.
+    Training uses a fixed corpus (plus ``extra_sentences``, e.g. to make some words single
+    tokens) and a fixed vocabulary size, so the result is deterministic.
     ``<|endoftext|>`` serves as bos, eos, pad and unk token (id 0).
     """
     backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKEN))
@@ -128,7 +131,7 @@ def make_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(list(TRAINING_SENTENCES), trainer=trainer)
+    backend.train_from_iterator([*TRAINING_SENTENCES, *extra_sentences], trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=SPECIAL_TOKEN,

@@ -6,13 +6,15 @@ target tokens. Rows are left-padded with explicit ``position_ids`` (see :mod:`.t
 every row ends in the same column and the unembedding runs only over the last ``K``
 positions of the batch (``logits_to_keep=K``). A row that is a prefix of another row is
 read from that row's pass instead of running again.
+:func:`next_token_scores` is the one-pass case of both: the greedy next token and the
+log-probabilities of one-token candidates, from the last prompt position alone.
 :func:`score_one_by_one` does the same one prompt at a time without any padding; the
 tests hold the two to each other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +102,25 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def length_batches(rows: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
+    """The indices of ``rows`` in groups of ``batch_size``, shortest rows first (rows of
+    equal length in input order): similar lengths in one batch keep the padding small."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for begin in range(0, len(order), batch_size):
+        yield order[begin : begin + batch_size]
+
+
+def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """The token ids of every prompt; a prompt that tokenises to nothing is refused."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, not one string")
+    rows = [encode(tokenizer, p) for p in prompts]
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to nothing")
+    return rows
+
+
 def shared_runs(rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
     """The rows to run, and for each row the index of the run that contains it: a row
     that is a prefix of another (the prompt of a one-token target is a prefix of the same
@@ -148,10 +169,8 @@ def score_targets(
     for i, run in enumerate(owner):
         riders[run].append(i)
     pad = pad_id_of(tokenizer)
-    order = sorted(range(len(runs)), key=lambda r: len(runs[r]))
     scores: list[TargetScore | None] = [None] * len(rows)
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin : begin + batch_size]
+    for chunk in length_batches(runs, batch_size):
         batch = pad_left([runs[r] for r in chunk], [0] * len(chunk), pad, device)
         # Row i (length L, n target tokens) inside its run (length R) predicts its target
         # at the run's positions L-n .. L-1, i.e. R-L+n .. R-L+1 from the run's end.
@@ -257,17 +276,11 @@ def greedy_token_ids(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    rows = [encode(tokenizer, p) for p in prompts]
-    for i, row in enumerate(rows):
-        if not row:
-            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to nothing")
-    # Similar lengths in one batch keep the padding small.
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    rows = _encode_prompts(tokenizer, prompts)
     results: list[list[int]] = [[] for _ in rows]
     if max_new_tokens == 0:
         return results
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin : begin + batch_size]
+    for chunk in length_batches(rows, batch_size):
         new = decode_tokens(
             model, tokenizer, [rows[i] for i in chunk], max_new_tokens,
             lambda logits: logits.argmax(dim=-1), stop_at_eos=True,
@@ -290,3 +303,66 @@ def greedy_completion(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
     return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+
+@dataclass(frozen=True)
+class NextTokenScores:
+    """What the last position of one prompt says about the next token.
+
+    ``argmax`` is the most likely next token; ``greedy`` is what
+    ``greedy_token_ids(..., max_new_tokens=1)`` returns for the prompt (``(argmax,)``, or
+    ``()`` when the argmax is the end-of-sequence token); ``logprobs[j]`` is the
+    log-probability of the ``j``-th candidate token, what :func:`score_targets` gives a
+    one-token target.
+    """
+
+    argmax: int
+    greedy: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+@torch.no_grad()
+def next_token_scores(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    candidates: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 32,
+) -> list[NextTokenScores]:
+    """The greedy next token and the log-probabilities of ``candidates[i]`` (token ids)
+    after ``prompts[i]``, from one batched pass per group of prompts.
+
+    Both need only the logits at the last prompt position, so the unembedding runs there
+    alone (``logits_to_keep=1``). The prompts are batched as :func:`greedy_token_ids`
+    batches them (left-padded, shortest first), and the logits are read as it reads them
+    (cast to float32), so the greedy token is the one it would pick; a candidate's
+    log-probability is a log-softmax over the same float32 row, as in
+    :func:`score_targets`. A target of several tokens needs positions after the prompt:
+    score it with :func:`score_targets`.
+    """
+    rows = _encode_prompts(tokenizer, prompts)
+    if len(candidates) != len(rows):
+        raise ValueError(
+            f"got {len(rows)} prompts but {len(candidates)} candidate lists; give one per prompt"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = _device(model)
+    pad = pad_id_of(tokenizer)
+    eos = tokenizer.eos_token_id
+    results: list[NextTokenScores | None] = [None] * len(rows)
+    for chunk in length_batches(rows, batch_size):
+        batch = pad_left([rows[i] for i in chunk], [0] * len(chunk), pad, device)
+        logits = model(**batch.model_inputs(), logits_to_keep=1, use_cache=False).logits
+        last = logits[:, -1, :].float()
+        argmax = last.argmax(dim=-1).tolist()
+        log_probs = torch.log_softmax(last, dim=-1).cpu()
+        for b, i in enumerate(chunk):
+            wanted = torch.tensor(list(candidates[i]), dtype=torch.long)
+            values = tuple(float(x) for x in log_probs[b].index_select(0, wanted))
+            token = int(argmax[b])
+            greedy = () if eos is not None and token == eos else (token,)
+            results[i] = NextTokenScores(argmax=token, greedy=greedy, logprobs=values)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]

@@ -23,9 +23,14 @@ prompt (``" True"``/``" False"``, ``" yes"``/``" no"``) is the model's answer.
 
 Everything is batched: generation with left padding and the key/value cache
 (:func:`.evaluate.greedy_token_ids`), log-likelihoods with
-:func:`.evaluate.score_targets`. The data are the RECT files (``test-reasoning.jsonl``,
-``test-NLI.tsv``, ``test-OpenDomainQA.jsonl``, ``test-ClosedDomainQA.jsonl``), read from
-a folder; the first ``n_items`` of each are used.
+:func:`.evaluate.score_targets`. RTE and BoolQ need only the logits at the last prompt
+position for both of their answers (one generated token; one-token choices), so both
+come from one pass per batch of prompts (:func:`.evaluate.next_token_scores`, see
+:func:`score_binary`); the two separate routes remain as the reference.
+
+The data are the RECT files (``test-reasoning.jsonl``, ``test-NLI.tsv``,
+``test-OpenDomainQA.jsonl``, ``test-ClosedDomainQA.jsonl``), read from a folder; the first
+``n_items`` of each are used.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .evaluate import greedy_token_ids, score_targets
+from .evaluate import greedy_token_ids, next_token_scores, score_targets
+from .text import target_token_ids
 
 TASKS: tuple[str, ...] = ("gsm8k", "rte", "nq", "boolq")
 TASK_FILES: dict[str, str] = {
@@ -323,11 +329,64 @@ def loglik_choices(
     targets = [c for _ in prompts for c in choices]
     scores = score_targets(model, tokenizer, rows, targets, batch_size=batch_size)
     k = len(choices)
-    picks = []
-    for i in range(len(prompts)):
-        values = [scores[i * k + j].logprob for j in range(k)]
-        picks.append(max(range(k), key=lambda j, values=values: (values[j], -j)))
-    return picks
+    return [
+        _best_choice([scores[i * k + j].logprob for j in range(k)]) for i in range(len(prompts))
+    ]
+
+
+def _best_choice(values: Sequence[float]) -> int:
+    """The index of the largest value; a tie goes to the earlier one."""
+    return max(range(len(values)), key=lambda j: (values[j], -j))
+
+
+def one_pass_choices(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    choices: Sequence[str],
+    *,
+    batch_size: int = 16,
+    timings: dict[str, float] | None = None,
+) -> tuple[list[str], list[int], list[int]]:
+    """The one-token generation and the log-likelihood choice of every prompt, from one
+    batched pass per group of prompts (:func:`.evaluate.next_token_scores`).
+
+    Returns ``(texts, picks, fallback)``: ``texts[i]`` is the greedy token decoded as
+    :func:`_generate` decodes one new token (empty at end of sequence), ``picks[i]`` what
+    :func:`loglik_choices` picks, and ``fallback`` the indices of the prompts whose
+    choice was scored by :func:`loglik_choices` itself (see below). A ``timings`` dict
+    receives the seconds of the shared passes (``"shared"``, the answers' tokenisation
+    included) and of the fallback's (``"fallback"``, 0 without one).
+    """
+    clock = time.perf_counter()
+    answer_ids = [[target_token_ids(tokenizer, p, c) for c in choices] for p in prompts]
+    one_token = [all(len(ids) == 1 for ids in row) for row in answer_ids]
+    candidates = [
+        [ids[0] for ids in row] if ok else [] for row, ok in zip(answer_ids, one_token, strict=True)
+    ]
+    scores = next_token_scores(model, tokenizer, prompts, candidates, batch_size=batch_size)
+    texts = [tokenizer.decode(list(s.greedy), skip_special_tokens=True) for s in scores]
+    picks = [_best_choice(s.logprobs) if s.logprobs else -1 for s in scores]
+    shared = time.perf_counter() - clock
+    # A choice of several tokens (after this prompt, tokenised in context as the
+    # teacher-forced route does) is scored at positions after the prompt, which the
+    # shared pass does not compute: such prompts fall back to the existing route,
+    # loglik_choices, at the cost of its own passes. The answers are one token each for
+    # SmolLM2's and Gemma's tokenizers; the tiny test tokenizer splits them.
+    fallback = [i for i, ok in enumerate(one_token) if not ok]
+    fallback_seconds = 0.0
+    if fallback:
+        clock = time.perf_counter()
+        chosen = loglik_choices(
+            model, tokenizer, [prompts[i] for i in fallback], choices, batch_size=batch_size
+        )
+        for i, pick in zip(fallback, chosen, strict=True):
+            picks[i] = pick
+        fallback_seconds = time.perf_counter() - clock
+    if timings is not None:
+        timings["shared"] = shared
+        timings["fallback"] = fallback_seconds
+    return texts, picks, fallback
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -340,6 +399,11 @@ def _score_generated_choice(
     """One greedy token per prompt, mapped to a label through ``choices``."""
     clock = time.perf_counter()
     texts, _ = _generate(model, tokenizer, [e.prompt for e in examples], 1, batch_size)
+    return _generated_choice_result(texts, examples, choices, time.perf_counter() - clock, details)
+
+
+def _generated_choice_result(texts, examples, choices, seconds, details) -> dict[str, Any]:
+    """The generated variant's result from the decoded one-token answers."""
     answers = [parse_choice(t, choices) for t in texts]
     valid = [a is not None for a in answers]
     correct = [a is not None and a == e.gold for a, e in zip(answers, examples, strict=True)]
@@ -351,7 +415,7 @@ def _score_generated_choice(
         "invalid": len(examples) - sum(valid),
         "n": len(examples),
         "max_new_tokens": 1,
-        "seconds": time.perf_counter() - clock,
+        "seconds": seconds,
     }
     if details:
         result["items"] = [
@@ -369,6 +433,11 @@ def _score_loglik_choice(
     picks = loglik_choices(
         model, tokenizer, [e.prompt for e in examples], choices, batch_size=batch_size
     )
+    return _loglik_choice_result(picks, examples, choices, time.perf_counter() - clock, details)
+
+
+def _loglik_choice_result(picks, examples, choices, seconds, details) -> dict[str, Any]:
+    """The log-likelihood variant's result from the picked choices."""
     answers = [p == 0 for p in picks]
     correct = [a == e.gold for a, e in zip(answers, examples, strict=True)]
     result: dict[str, Any] = {
@@ -376,7 +445,7 @@ def _score_loglik_choice(
         "correct": sum(correct),
         "n": len(examples),
         "choices": list(choices),
-        "seconds": time.perf_counter() - clock,
+        "seconds": seconds,
     }
     if details:
         result["items"] = [
@@ -433,14 +502,55 @@ def _generated_result(
 
 
 def score_binary(
-    model, tokenizer, examples, *, task: str, batch_size=16, details=False
+    model, tokenizer, examples, *, task: str, batch_size=16, details=False, one_pass=True
 ) -> dict[str, Any]:
-    """RTE or BoolQ, both ways: one generated token and the log-likelihood choice."""
+    """RTE or BoolQ, both ways: one generated token and the log-likelihood choice.
+
+    With ``one_pass`` (the default) both variants come from the same forward passes
+    (:func:`one_pass_choices`): one per batch of prompts, since both read only the last
+    prompt position. The answers, their correctness and the accuracies are those of the
+    two separate routes (``one_pass=False``: generation, then teacher-forced scoring),
+    which stay as the reference.
+
+    Timing, one-pass: the task's ``seconds`` is its wall time. Each variant's ``seconds``
+    is the time of the passes its answers came from: ``generate`` the shared passes;
+    ``loglik`` the shared passes too when some of its choices came from them, plus the
+    passes of the prompts whose choices were several tokens long (``multi_token_items``,
+    scored by the separate route; none with SmolLM2's and Gemma's tokenizers). A variant
+    whose ``seconds`` hold the shared passes says ``"shared_pass": true``: the two
+    variants' ``seconds`` then overlap and are not to be added up. With ``one_pass=False``
+    each variant's ``seconds`` is its own route's and the task has no ``seconds``.
+    """
     words, choices = (TRUE_FALSE, RTE_CHOICES) if task == "rte" else (YES_NO, BOOLQ_CHOICES)
+    if not one_pass:
+        return {
+            "generate": _score_generated_choice(
+                model, tokenizer, examples, words, batch_size, details
+            ),
+            "loglik": _score_loglik_choice(
+                model, tokenizer, examples, choices, batch_size, details
+            ),
+            "n": len(examples),
+        }
+    clock = time.perf_counter()
+    prompts = [e.prompt for e in examples]
+    timings: dict[str, float] = {}
+    texts, picks, fallback = one_pass_choices(
+        model, tokenizer, prompts, choices, batch_size=batch_size, timings=timings
+    )
+    shared = timings["shared"]
+    used_shared = len(fallback) < len(examples)  # some choices came from the shared passes
+    loglik_seconds = (shared if used_shared else 0.0) + timings["fallback"]
+    generate = _generated_choice_result(texts, examples, words, shared, details)
+    loglik = _loglik_choice_result(picks, examples, choices, loglik_seconds, details)
+    generate["shared_pass"], loglik["shared_pass"] = True, used_shared
+    loglik["multi_token_items"] = len(fallback)
     return {
-        "generate": _score_generated_choice(model, tokenizer, examples, words, batch_size, details),
-        "loglik": _score_loglik_choice(model, tokenizer, examples, choices, batch_size, details),
+        "generate": generate,
+        "loglik": loglik,
         "n": len(examples),
+        "one_pass": True,
+        "seconds": time.perf_counter() - clock,
     }
 
 
@@ -478,6 +588,7 @@ def evaluate_general(
     paths: Mapping[str, str | Path] | None = None,
     details: bool = False,
     log: Callable[[str], None] | None = None,
+    one_pass: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot general abilities of ``model`` on the first ``n_items`` of each task.
 
@@ -487,7 +598,9 @@ def evaluate_general(
     ``summary`` (flat accuracies: ``gsm8k_acc``, ``rte_generate_acc``, ``rte_loglik_acc``,
     ``nq_acc``, ``boolq_generate_acc``, ``boolq_loglik_acc``, invalid counts), ``n_items``,
     ``files`` and ``seconds``. GSM8K and NQ also count ``empty`` generations (the model
-    ended at once). With ``details`` every item's output is kept too.
+    ended at once). With ``details`` every item's output is kept too. RTE and BoolQ take
+    both their answers from the same passes unless ``one_pass`` is false (the separate
+    routes, the reference; see :func:`score_binary`, also for what their ``seconds`` mean).
     """
     tasks = task_list(tasks)
     if n_items < 1:
@@ -524,8 +637,9 @@ def evaluate_general(
                 )
             else:
                 result = score_binary(
-                    model, tokenizer, examples, task=task, batch_size=batch_size, details=details
-                )
+                    model, tokenizer, examples, task=task, batch_size=batch_size,
+                    details=details, one_pass=one_pass,
+                )  # fmt: skip
             results[task] = result
     finally:
         model.train(was_training)

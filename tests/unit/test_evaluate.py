@@ -15,6 +15,8 @@ from sphere_edit.evaluate import (
     compare_targets,
     greedy_completion,
     greedy_token_ids,
+    length_batches,
+    next_token_scores,
     score_one_by_one,
     score_targets,
     shared_runs,
@@ -255,6 +257,96 @@ def test_top1_with_greedy_on_bigram(tiny_tokenizer):
     assert greedy_token_ids(model, tok, [prompt], max_new_tokens=20) == [ids]
     assert greedy_completion(model, tok, [prompt], max_new_tokens=20) == [tok.decode(ids)]
     assert score_targets(model, tok, [prompt], [target])[0].top1
+
+
+# -- the last position alone: greedy token and one-token candidates ---------------------------
+
+
+def _one_token_targets(tok, prompt):
+    """Targets that are one token after ``prompt`` (in context), with their ids."""
+    words = [" the", " is", " Paris", " in", " France", " plays", " of", " city"]
+    found = {}
+    for word in words:
+        ids = target_token_ids(tok, prompt, word)
+        if len(ids) == 1:
+            found[word] = ids[0]
+    return found
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_next_token_scores_equal_greedy_and_teacher_forced_scores(tiny_model, batch_size):
+    model, tok = tiny_model
+    prompts = list(dict.fromkeys(p for p, _ in PAIRS))  # distinct prompts
+    targets = [_one_token_targets(tok, p) for p in prompts]
+    assert all(len(t) >= 3 for t in targets)
+    candidates = [list(t.values()) for t in targets]
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        got = next_token_scores(model, tok, prompts, candidates, batch_size=batch_size)
+    finally:
+        hook.remove()
+    assert len(calls) == math.ceil(len(prompts) / batch_size)  # one pass per batch
+    greedy = greedy_token_ids(model, tok, prompts, max_new_tokens=1, batch_size=batch_size)
+    assert [list(s.greedy) for s in got] == greedy
+    assert all(s.greedy in ((s.argmax,), ()) for s in got)
+    # score_targets runs these rows (the prompts) in the same batches: the same numbers.
+    rows = [p for p, t in zip(prompts, targets, strict=True) for _ in t]
+    words = [w for t in targets for w in t]
+    batched = iter(score_targets(model, tok, rows, words, batch_size=batch_size))
+    for score, prompt, wanted in zip(got, prompts, targets, strict=True):
+        assert list(score.logprobs) == [next(batched).logprob for _ in wanted]
+        reference = score_one_by_one(model, tok, [prompt] * len(wanted), list(wanted))
+        assert score.logprobs == pytest.approx([r.logprob for r in reference], abs=1e-5)
+
+
+def test_next_token_scores_by_hand(tiny_tokenizer):
+    """On the bigram model: the unembedding runs at the last position only, the greedy
+    token is the argmax unless it is the end of sequence, the log-probabilities are the
+    log-softmax of the last token's row."""
+    tok = tiny_tokenizer
+    prompts = ["x", "Paris is the capital of", "Toronto"]
+    rows = [encode(tok, p) for p in prompts]
+    lasts = [row[-1] for row in rows]
+    assert len(set(lasts)) == 3
+    table = torch.zeros(len(tok), len(tok))
+    table[lasts[0], 7] = 3.0
+    table[lasts[1], tok.eos_token_id] = 3.0  # greedy decoding stops at once
+    table[lasts[2], 9] = 1.0
+    table[lasts[2], 11] = 2.0
+    model = BigramLM(table)
+    got = next_token_scores(model, tok, prompts, [[7, 9], [], [9, 11, 9]], batch_size=2)
+    assert [c["keep"] for c in model.calls] == [1, 1]  # one pass per batch, last position
+    # Shortest rows first: "x" and "Toronto", then the longest prompt alone.
+    assert [c["shape"][0] for c in model.calls] == [2, 1]
+    assert [s.argmax for s in got] == [7, tok.eos_token_id, 11]
+    assert [s.greedy for s in got] == [(7,), (), (11,)]
+    assert greedy_token_ids(model, tok, prompts, max_new_tokens=1) == [[7], [], [11]]
+    assert got[0].logprobs == pytest.approx(
+        [_log_softmax_at(table[lasts[0]], 7), _log_softmax_at(table[lasts[0]], 9)], abs=1e-6
+    )
+    assert got[1].logprobs == ()
+    lp9, lp11 = (_log_softmax_at(table[lasts[2]], t) for t in (9, 11))
+    assert got[2].logprobs == pytest.approx([lp9, lp11, lp9], abs=1e-6)
+
+
+def test_length_batches():
+    rows = [[1, 2, 3], [1], [1, 2], [4], [5, 6, 7, 8]]
+    assert list(length_batches(rows, 2)) == [[1, 3], [2, 0], [4]]
+    assert list(length_batches([], 3)) == []
+
+
+def test_next_token_scores_input_validation(tiny_model):
+    model, tok = tiny_model
+    assert next_token_scores(model, tok, [], []) == []
+    with pytest.raises(ValueError, match="one per prompt"):
+        next_token_scores(model, tok, ["a", "b"], [[1]])
+    with pytest.raises(ValueError, match="batch_size"):
+        next_token_scores(model, tok, ["a"], [[1]], batch_size=0)
+    with pytest.raises(TypeError):
+        next_token_scores(model, tok, "Paris is", [[1]])
+    with pytest.raises(ValueError, match="tokenises to nothing"):
+        next_token_scores(model, tok, [""], [[1]])
 
 
 def test_input_validation(tiny_model):

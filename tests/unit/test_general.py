@@ -4,6 +4,8 @@ the log-likelihood choice, batching, the lm-evaluation-harness adapter and the C
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +34,7 @@ from sphere_edit.general import (
     resolve_data_dir,
     span_match,
 )
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import TINY_VOCAB_SIZE, make_tiny_model, make_tiny_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "general"
 
@@ -220,7 +222,7 @@ def test_binary_generation_counts_invalid_answers(monkeypatch):
     monkeypatch.setattr(general, "_generate", _scripted(script))
     monkeypatch.setattr(general, "loglik_choices", lambda m, t, prompts, c, **k: [0] * len(prompts))
     examples = load_rte(FIXTURES / "test-NLI.tsv")
-    result = general.score_binary(None, None, examples, task="rte", details=True)
+    result = general.score_binary(None, None, examples, task="rte", details=True, one_pass=False)
     generated = result["generate"]
     assert (generated["valid"], generated["invalid"], generated["correct"]) == (3, 1, 2)
     assert generated["accuracy"] == pytest.approx(2 / 3)
@@ -279,6 +281,205 @@ def test_loglik_choice_matches_unbatched_scores(tiny_tokenizer):
     true = score_one_by_one(model, tiny_tokenizer, prompts, [" True"] * len(prompts))
     false = score_one_by_one(model, tiny_tokenizer, prompts, [" False"] * len(prompts))
     assert picks == [0 if t.logprob >= f.logprob else 1 for t, f in zip(true, false, strict=True)]
+
+
+# -- RTE and BoolQ from one pass ----------------------------------------------------------------
+
+ANSWER_WORDS = (" True", " False", " yes", " no")
+
+
+def _tokenizer_with_single_tokens(words: tuple[str, ...]):
+    """The tiny tokenizer trained with ``words`` after ``answer:`` often enough that each
+    is one token; the other answer words stay split."""
+    extra = [f"answer:{w}" for w in words] * 20
+    tok = make_tiny_tokenizer(TINY_VOCAB_SIZE + 20, extra)
+    for word in ANSWER_WORDS:
+        n = len(tok(word, add_special_tokens=False)["input_ids"])
+        assert (n == 1) == (word in words), (word, n)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def one_token_answers():
+    """Every answer word one token, as with SmolLM2's and Gemma's tokenizers."""
+    return _tokenizer_with_single_tokens(ANSWER_WORDS)
+
+
+@pytest.fixture(scope="module")
+def half_split_answers():
+    """`` True`` and `` yes`` one token, `` False`` and `` no`` several."""
+    return _tokenizer_with_single_tokens((" True", " yes"))
+
+
+class Steered(nn.Module):
+    """A tiny model pushed, per row, towards its task's true answer, its false answer, or
+    neither: a checksum of the row's tokens modulo 3 decides. RTE rows (those holding the token of
+    `` True``, from "True or False?") are pushed towards `` True``/`` False``, the others
+    towards `` yes``/`` no`` (a word of several tokens is not pushed). So some greedy
+    answers are valid and some are not, for any route that runs the same rows."""
+
+    def __init__(self, inner: nn.Module, tok, strength: float = 4.0) -> None:
+        super().__init__()
+        self.inner = inner
+        ids = {w: tok(w, add_special_tokens=False)["input_ids"] for w in ANSWER_WORDS}
+        self.words = {w: i[0] if len(i) == 1 else None for w, i in ids.items()}
+        self.rte_marker = ids[" True"][0]
+        self.strength = strength
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        bias = torch.zeros(input_ids.shape[0], out.logits.shape[-1])
+        for row, (ids, keep) in enumerate(zip(input_ids, mask, strict=True)):
+            real = ids[keep.bool()]
+            pair = (" True", " False") if self.rte_marker in real else (" yes", " no")
+            key = zlib.crc32(str(real.tolist()).encode()) % 3
+            token = self.words[pair[key]] if key < 2 else None
+            if token is not None:
+                bias[row, token] = self.strength
+        out.logits = out.logits + bias[:, None, :]
+        return out
+
+
+def _count_passes(model: nn.Module) -> list[int]:
+    calls: list[int] = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    return calls
+
+
+def _model(kind: str, tok, steer: bool) -> nn.Module:
+    model = make_tiny_model(kind, tok, seed=5)
+    return Steered(model, tok) if steer else model
+
+
+def _without(value, keys=("seconds", "shared_pass", "multi_token_items", "one_pass")):
+    if isinstance(value, dict):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_without(v, keys) for v in value]
+    return value
+
+
+def _both_routes(model, tok, batch_size, tasks=("rte", "boolq")):
+    """evaluate_general one-pass and through the two separate routes, with the number of
+    forward passes each took."""
+    calls = _count_passes(model)
+    args = (model, tok, FIXTURES)
+    kwargs = {"n_items": 10, "tasks": list(tasks), "batch_size": batch_size, "details": True}
+    new = evaluate_general(*args, **kwargs)
+    new_calls = len(calls)
+    old = evaluate_general(*args, **kwargs, one_pass=False)
+    return new, old, new_calls, len(calls) - new_calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_one_pass_gives_the_answers_of_both_routes_in_one_pass_per_batch(
+    one_token_answers, kind, batch_size
+):
+    tok = one_token_answers
+    new, old, new_calls, old_calls = _both_routes(_model(kind, tok, True), tok, batch_size)
+    assert _without(new) == _without(old)
+    # The fixture exercises valid and invalid answers, right and wrong ones.
+    generated = [new["tasks"][t]["generate"] for t in ("rte", "boolq")]
+    assert sum(g["invalid"] for g in generated) > 0 and sum(g["valid"] for g in generated) > 0
+    answers = [i["answer"] for g in generated for i in g["items"]]
+    assert {True, False, None} <= set(answers)
+    loglik = [i["correct"] for t in ("rte", "boolq") for i in new["tasks"][t]["loglik"]["items"]]
+    assert True in loglik and False in loglik
+    # 4 RTE and 3 BoolQ items: one pass per batch, where the two routes took two.
+    batches = math.ceil(4 / batch_size) + math.ceil(3 / batch_size)
+    assert (new_calls, old_calls) == (batches, 2 * batches)
+    for task in ("rte", "boolq"):
+        result = new["tasks"][task]
+        assert result["one_pass"] and result["loglik"]["multi_token_items"] == 0
+        assert result["generate"]["shared_pass"] and result["loglik"]["shared_pass"]
+        shared = result["generate"]["seconds"]
+        assert 0 < shared <= result["seconds"]
+        assert result["loglik"]["seconds"] == shared  # no passes of its own
+        assert "one_pass" not in old["tasks"][task]
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "qwen2"])
+def test_one_pass_on_unsteered_models(one_token_answers, kind):
+    tok = one_token_answers
+    new, old, new_calls, old_calls = _both_routes(_model(kind, tok, False), tok, 3)
+    assert _without(new) == _without(old)
+    assert (new_calls, old_calls) == (2 + 1, 2 * (2 + 1))
+
+
+@pytest.mark.parametrize("which", ["half_split", "all_split"])
+def test_answers_of_several_tokens_fall_back_to_the_teacher_forced_route(
+    which, half_split_answers, tiny_tokenizer
+):
+    tok = half_split_answers if which == "half_split" else tiny_tokenizer
+    new, old, new_calls, old_calls = _both_routes(_model("llama", tok, True), tok, 2)
+    assert _without(new) == _without(old)
+    for task, n in (("rte", 4), ("boolq", 3)):
+        assert new["tasks"][task]["loglik"]["multi_token_items"] == n
+    # The generated token still comes from the shared pass; the choice takes the
+    # teacher-forced passes it took before.
+    assert new_calls == old_calls
+    for task in ("rte", "boolq"):
+        # Every choice came from the separate route: its time, not the shared passes'.
+        loglik, generate = new["tasks"][task]["loglik"], new["tasks"][task]["generate"]
+        assert generate["shared_pass"] and not loglik["shared_pass"]
+        assert 0 < loglik["seconds"] < new["tasks"][task]["seconds"] - generate["seconds"]
+    if which == "half_split":  # " True" and " yes" can still be generated
+        answers = {
+            i["answer"] for t in ("rte", "boolq") for i in new["tasks"][t]["generate"]["items"]
+        }
+        assert True in answers
+
+
+def test_one_pass_choice_follows_controlled_logits(one_token_answers):
+    tok = one_token_answers
+    yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" yes", " no"))
+    prompts = ["Is Paris in France? answer:", "Is Rome in Canada? answer:"]
+    choices = general.BOOLQ_CHOICES
+    bias = torch.zeros(len(tok))
+    bias[yes] = 8.0
+    assert general.one_pass_choices(Biased(bias), tok, prompts, choices) == (
+        [" yes", " yes"], [0, 0], []
+    )  # fmt: skip
+    bias = torch.zeros(len(tok))
+    bias[no] = 8.0
+    assert general.one_pass_choices(Biased(bias), tok, prompts, choices) == (
+        [" no", " no"], [1, 1], []
+    )  # fmt: skip
+    # Flat logits: the argmax is token 0, the end of sequence, an empty answer (as the
+    # generation gives); a tie goes to the first choice.
+    flat = Biased(torch.zeros(len(tok)))
+    assert tok.eos_token_id == 0
+    assert general.one_pass_choices(flat, tok, prompts, (" no", " no")) == (["", ""], [0, 0], [])
+
+
+def test_only_the_prompts_with_a_long_answer_fall_back(one_token_answers, monkeypatch):
+    """Whether an answer is one token is decided per prompt (in context): as if the
+    answers of two RTE prompts were two tokens long, those two go the separate route."""
+    tok = one_token_answers
+    examples = load_rte(FIXTURES / "test-NLI.tsv")
+    long_ones = {examples[1].prompt, examples[3].prompt}
+    real = general.target_token_ids
+
+    def split_some(tokenizer, prompt, target, **kwargs):
+        ids = real(tokenizer, prompt, target, **kwargs)
+        return ids * 2 if prompt in long_ones else ids
+
+    monkeypatch.setattr(general, "target_token_ids", split_some)
+    model = _model("llama", tok, True)
+    new, old, new_calls, old_calls = _both_routes(model, tok, 2, tasks=("rte",))
+    assert _without(new) == _without(old)
+    rte = new["tasks"]["rte"]
+    assert rte["loglik"]["multi_token_items"] == 2 and rte["loglik"]["shared_pass"]
+    assert rte["loglik"]["seconds"] > rte["generate"]["seconds"]  # shared + its own passes
+    assert (new_calls, old_calls) == (2 + 1, 2 + 2)
+    texts, picks, fallback = general.one_pass_choices(
+        model, tok, [e.prompt for e in examples], general.RTE_CHOICES, batch_size=2
+    )
+    assert fallback == [1, 3]
+    assert picks == loglik_choices(model, tok, [e.prompt for e in examples], general.RTE_CHOICES)
+    assert texts == general._generate(model, tok, [e.prompt for e in examples], 1, 2)[0]
 
 
 # -- end to end on a tiny model ---------------------------------------------------------------
