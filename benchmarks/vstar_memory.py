@@ -1,0 +1,72 @@
+"""Peak memory of the v* loop: the process's peak resident size (``VmHWM``, Linux) after
+loading the model, after building an AlphaEdit+SPHERE session (statistics loaded) and
+after the target optimisation of the first ``--n`` CounterFact requests.
+
+Run it once per setting (the peak of a process only grows), e.g.
+
+    python benchmarks/vstar_memory.py --n 48 --steps 2 --requests-per-pass 16
+    python benchmarks/vstar_memory.py --n 48 --steps 2 --requests-per-pass 8
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/vstar_memory.py --n 48 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from counterfact_100 import REPO, load_cases  # noqa: E402
+
+from sphere_edit.editor import build_session  # noqa: E402
+from sphere_edit.models import DEFAULT_MODEL, load_model  # noqa: E402
+from sphere_edit.targets import compute_targets  # noqa: E402
+
+
+def memory_mib() -> dict[str, int]:
+    """Peak and current resident size of this process, MiB."""
+    fields = {}
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmHWM", "VmRSS"):
+                fields[name] = int(value.split()[0]) // 1024
+    return {"peak": fields["VmHWM"], "resident": fields["VmRSS"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--n", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--requests-per-pass", type=int, default=16)
+    args = parser.parse_args()
+
+    print(f"{'start':<10}{memory_mib()}", flush=True)
+    loaded = load_model(args.model)
+    print(f"{'model':<10}{memory_mib()}", flush=True)
+    cases = load_cases(args.data / "counterfact" / "train.json", args.n)
+    session = build_session(
+        loaded, "alphaedit+sphere", corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
+        log=lambda _: None, progress=False,
+    )  # fmt: skip
+    print(f"{'session':<10}{memory_mib()}", flush=True)
+    config = replace(
+        session.target, steps=args.steps, loss_tolerance=0.0,
+        requests_per_pass=args.requests_per_pass,
+    )  # fmt: skip
+    start = time.perf_counter()
+    compute_targets(
+        loaded.model, loaded.tokenizer, loaded.layout, session.layers[-1],
+        [c.request for c in cases], session.context_templates(), config,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    print(f"{'v*':<10}{memory_mib()} ({seconds:.1f} s, {args.n} requests, {args.steps} steps, "
+          f"{args.requests_per_pass} per pass)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
