@@ -106,3 +106,45 @@ def assert_weights_equal(loaded: LoadedModel, expected: dict[str, torch.Tensor])
     assert set(state) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
+
+
+# Batches of 2, 1 and 2 requests of different lengths (words of the tiny tokenizer's corpus).
+THREE_BATCHES = [
+    [
+        EditRequest.create("{} is located in", "Toronto", "France"),
+        EditRequest.create("{} plays the", "Glenn Gould", "guitar"),
+    ],
+    [EditRequest.create("The mother tongue of {} is", "Marie Curie", "English")],
+    [
+        EditRequest.create("{} plays", "Lionel Messi", "hockey"),
+        EditRequest.create("{} is a city in", "Lyon", "Italy"),
+    ],
+]
+
+
+def saved_memit_session(directory, tokenizer, family: str, layers: list[int]):
+    """A tiny ``family`` model saved to ``directory/tiny-<family>`` (so that a command can
+    load it by the name its journal records) and loaded back, with a MEMIT session that
+    journals into ``directory/run``. Returns (model folder, loaded model, session)."""
+    from sphere_edit.methods import MEMIT
+    from sphere_edit.models import load_model
+    from sphere_edit.session import EditSession
+    from sphere_edit.stats import collect_second_moments, load_corpus
+    from sphere_edit.targets import TargetConfig
+    from tests.tiny_models import TRAINING_SENTENCES, make_tiny_model
+
+    folder = directory / f"tiny-{family}"
+    make_tiny_model(family, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    loaded = load_model(str(folder))
+    corpus_file = directory / "corpus.txt"
+    corpus_file.write_text("\n\n".join(TRAINING_SENTENCES), encoding="utf-8")
+    moments = collect_second_moments(
+        loaded.model, loaded.tokenizer, layers, load_corpus(str(corpus_file)),
+        max_tokens=1000, progress=False,
+    )  # fmt: skip
+    session = EditSession(
+        loaded, MEMIT(mom2_weight=1.0), layers, {k: m.moment for k, m in moments.items()},
+        target=TargetConfig(steps=3), run_dir=directory / "run", templates=["{}"],
+    )  # fmt: skip
+    return folder, loaded, session

@@ -16,31 +16,21 @@ from typer.testing import CliRunner
 from sphere_edit import general
 from sphere_edit.cli import app
 from sphere_edit.general import general_curve
-from sphere_edit.methods import MEMIT
 from sphere_edit.models import LoadedModel, load_model
 from sphere_edit.plots import _plot_general
-from sphere_edit.requests import EditRequest
-from sphere_edit.session import EditSession
-from sphere_edit.stats import collect_second_moments, load_corpus
-from sphere_edit.targets import TargetConfig
-from tests.tiny_models import TRAINING_SENTENCES, make_tiny_model
-from tests.unit._helpers import assert_weights_equal, weights_copy
+from tests.tiny_models import make_tiny_model
+from tests.unit._helpers import (
+    THREE_BATCHES,
+    assert_weights_equal,
+    saved_memit_session,
+    weights_copy,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "general"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = [1, 2]
-# Batches of 2, 1 and 2 requests: the model can be rebuilt at 0, 2, 3 and 5 edits.
-BATCHES = [
-    [
-        EditRequest.create("{} is located in", "Toronto", "France"),
-        EditRequest.create("{} plays the", "Glenn Gould", "guitar"),
-    ],
-    [EditRequest.create("The mother tongue of {} is", "Marie Curie", "English")],
-    [
-        EditRequest.create("{} plays", "Lionel Messi", "hockey"),
-        EditRequest.create("{} is a city in", "Lyon", "Italy"),
-    ],
-]
+# THREE_BATCHES: the model can be rebuilt at 0, 2, 3 and 5 edits.
+BATCHES = THREE_BATCHES
 EVAL = {"data_dir": FIXTURES, "n_items": 2, "tasks": "rte,boolq"}
 
 
@@ -49,21 +39,8 @@ def run(tiny_tokenizer, tmp_path_factory):
     """Three MEMIT batches on a tiny llama saved to a folder (so the CLI can load it by
     the name the journal records); the weights after 0, 1, 2 and 3 batches."""
     directory = tmp_path_factory.mktemp("curve")
-    folder = directory / "tiny-llama"
-    make_tiny_model("llama", tiny_tokenizer).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    loaded = load_model(str(folder))
-    corpus_file = directory / "corpus.txt"
-    corpus_file.write_text("\n\n".join(TRAINING_SENTENCES), encoding="utf-8")
-    moments = collect_second_moments(
-        loaded.model, loaded.tokenizer, LAYERS, load_corpus(str(corpus_file)),
-        max_tokens=1000, progress=False,
-    )  # fmt: skip
-    run_dir = directory / "run"
-    session = EditSession(
-        loaded, MEMIT(mom2_weight=1.0), LAYERS, {k: m.moment for k, m in moments.items()},
-        target=TargetConfig(steps=3), run_dir=run_dir, templates=["{}"],
-    )  # fmt: skip
+    folder, loaded, session = saved_memit_session(directory, tiny_tokenizer, "llama", LAYERS)
+    run_dir = session.run_dir
     snapshots = [weights_copy(loaded)]
     for batch in BATCHES:
         session.apply(batch)

@@ -29,14 +29,11 @@ from sphere_edit.geometry import (
     sample_neurons,
 )
 from sphere_edit.journal import JournalError, read_index
-from sphere_edit.methods import MEMIT
 from sphere_edit.models import LoadedModel, load_model
 from sphere_edit.requests import EditRequest
 from sphere_edit.runs import apply_run, is_run_dir, load_run_model
-from sphere_edit.session import EditSession
-from sphere_edit.stats import collect_second_moments, load_corpus
-from sphere_edit.targets import TargetConfig
-from tests.tiny_models import TRAINING_SENTENCES, make_tiny_model
+from tests.tiny_models import make_tiny_model
+from tests.unit._helpers import saved_memit_session
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = [1, 2]
@@ -188,21 +185,8 @@ def run(tiny_tokenizer, tmp_path_factory):
     """Two MEMIT batches on a tiny GPT-2 (Conv1D: weights stored (in, out)) saved to disk,
     journaled; returns the folder, the run directory and the edited weights."""
     directory = tmp_path_factory.mktemp("geometry")
-    folder = directory / "tiny-gpt2"
-    make_tiny_model("gpt2", tiny_tokenizer).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    loaded = load_model(str(folder))
-    corpus_file = directory / "corpus.txt"
-    corpus_file.write_text("\n\n".join(TRAINING_SENTENCES), encoding="utf-8")
-    moments = collect_second_moments(
-        loaded.model, loaded.tokenizer, LAYERS, load_corpus(str(corpus_file)),
-        max_tokens=1000, progress=False,
-    )  # fmt: skip
-    run_dir = directory / "run"
-    session = EditSession(
-        loaded, MEMIT(mom2_weight=1.0), LAYERS, {k: m.moment for k, m in moments.items()},
-        target=TargetConfig(steps=3), run_dir=run_dir, templates=["{}"],
-    )  # fmt: skip
+    folder, loaded, session = saved_memit_session(directory, tiny_tokenizer, "gpt2", LAYERS)
+    run_dir = session.run_dir
     session.apply([EditRequest.create("{} is located in", "Toronto", "France")])
     session.apply([EditRequest.create("{} plays the", "Glenn Gould", "guitar")])
     edited = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}

@@ -24,21 +24,11 @@ from sphere_edit.sphere import SphereProjection, principal_directions
 from sphere_edit.stats import collect_second_moments, load_corpus
 from sphere_edit.targets import TargetConfig
 from tests.tiny_models import TRAINING_SENTENCES, make_tiny_model
-from tests.unit._helpers import assert_weights_equal, tiny_loaded, weights_copy
+from tests.unit._helpers import THREE_BATCHES, assert_weights_equal, tiny_loaded, weights_copy
 
 LAYERS = [1, 2]
 TARGET = TargetConfig(steps=3)
-BATCHES = [
-    [
-        EditRequest.create("{} is located in", "Toronto", "France"),
-        EditRequest.create("{} plays the", "Glenn Gould", "guitar"),
-    ],
-    [EditRequest.create("The mother tongue of {} is", "Marie Curie", "English")],
-    [
-        EditRequest.create("{} plays", "Lionel Messi", "hockey"),
-        EditRequest.create("{} is a city in", "Lyon", "Italy"),
-    ],
-]
+BATCHES = THREE_BATCHES
 
 
 def _moments(loaded: LoadedModel, directory: Path, layers=LAYERS) -> dict[int, torch.Tensor]:
