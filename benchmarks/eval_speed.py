@@ -13,9 +13,10 @@ difference between the batched and the one-at-a-time log-probabilities and top-1
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from _output import print_and_save  # benchmarks/, the script's folder
 
 from sphere_edit.data import load_cases
 from sphere_edit.evaluate import score_one_by_one, score_targets
@@ -83,11 +84,7 @@ def main() -> None:
         "max_abs_logprob_difference": max_diff,
         "top1_identical": top1_same,
     }
-    for key, value in result.items():
-        print(f"{key:>28}: {value:.6g}" if isinstance(value, float) else f"{key:>28}: {value}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

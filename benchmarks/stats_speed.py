@@ -11,11 +11,11 @@ tokens/s of each, their ratio, and the time 1 M tokens would take at the measure
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from _output import print_and_save  # benchmarks/, the script's folder
 
 from sphere_edit.hooks import capture, run_until_stopped
 from sphere_edit.models import DEFAULT_MODEL, load_model
@@ -75,11 +75,7 @@ def main() -> None:
         "stats_over_bare": bare / stats,
         "minutes_per_million_tokens": 1e6 / (n_tokens / stats) / 60,
     }
-    for key, value in result.items():
-        print(f"{key:>28}: {value:.3f}" if isinstance(value, float) else f"{key:>28}: {value}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    print_and_save(result, args.out, ".3f")
 
 
 if __name__ == "__main__":
