@@ -59,18 +59,25 @@ def cat_results(parts: list[TargetResult]) -> TargetResult:
     )
 
 
+def step_flops(model, tok, layout, z_layer, groups, templates, config) -> list[int]:
+    """FLOPs of the fast route over ``groups`` (one call each) with 1 step (a final forward
+    only) and with 2 (one forward+backward step before it): their difference is a step."""
+    counts = []
+    for steps in (1, 2):
+        with FlopCounterMode(display=False) as counter:
+            sample = replace(config, steps=steps, loss_tolerance=0.0)
+            for group in groups:
+                compute_targets(model, tok, layout, z_layer, group, templates, sample)
+        counts.append(counter.get_total_flops())
+    return counts
+
+
 def flops_per_request_step(model, tok, layout, z_layer, requests, templates, config) -> dict:
     """GFLOP per request and step of the fast route: the whole batch as it is grouped, the
     same requests in input-order passes, and the first pass's requests alone."""
 
     def per_step(groups: list[list]) -> float:
-        counts = []
-        for steps in (1, 2):  # a final forward only; one forward+backward step before it
-            with FlopCounterMode(display=False) as counter:
-                sample = replace(config, steps=steps, loss_tolerance=0.0)
-                for group in groups:
-                    compute_targets(model, tok, layout, z_layer, group, templates, sample)
-            counts.append(counter.get_total_flops())
+        counts = step_flops(model, tok, layout, z_layer, groups, templates, config)
         return (counts[1] - counts[0]) / sum(len(g) for g in groups) / 1e9
 
     per = config.requests_per_pass
@@ -128,12 +135,7 @@ def main() -> None:
 
     def fast(name: str, bf16: bool) -> TargetResult:
         cfg = replace(config, bf16=bf16)
-        counts = []
-        for steps in (1, 2):  # a final forward only; one forward+backward step before it
-            with FlopCounterMode(display=False) as counter:
-                sample = replace(cfg, steps=steps, loss_tolerance=0.0)
-                compute_targets(model, tok, layout, z_layer, requests, templates, sample)
-            counts.append(counter.get_total_flops())
+        counts = step_flops(model, tok, layout, z_layer, [requests], templates, cfg)
         # The whole batch, as the run groups it: the passes, their padding and the
         # once-per-batch prefix work all count.
         per_request_step = (counts[1] - counts[0]) / len(requests)
