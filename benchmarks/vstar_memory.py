@@ -6,6 +6,7 @@ Run it once per setting (the peak of a process only grows), e.g.
 
     python benchmarks/vstar_memory.py --n 48 --steps 2 --requests-per-pass 16
     python benchmarks/vstar_memory.py --n 48 --steps 2 --requests-per-pass 8
+    python benchmarks/vstar_memory.py --n 100 --steps 2 --positions-per-pass 192
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/vstar_memory.py --n 48 --steps 2
 """
 
@@ -43,6 +44,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--requests-per-pass", type=int, default=16)
+    parser.add_argument(
+        "--positions-per-pass", type=int, default=None,
+        help="cap on context rows × tail positions per pass; 0: none (default: the library's)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     print(f"{'start':<10}{memory_mib()}", flush=True)
@@ -58,6 +63,8 @@ def main() -> None:
         session.target, steps=args.steps, loss_tolerance=0.0,
         requests_per_pass=args.requests_per_pass,
     )  # fmt: skip
+    if args.positions_per_pass is not None:
+        config = replace(config, positions_per_pass=args.positions_per_pass or None)
     start = time.perf_counter()
     compute_targets(
         loaded.model, loaded.tokenizer, loaded.layout, session.layers[-1],
@@ -65,7 +72,8 @@ def main() -> None:
     )  # fmt: skip
     seconds = time.perf_counter() - start
     print(f"{'v*':<10}{memory_mib()} ({seconds:.1f} s, {args.n} requests, {args.steps} steps, "
-          f"{args.requests_per_pass} per pass)")  # fmt: skip
+          f"{args.requests_per_pass} per pass, "
+          f"positions cap {config.positions_per_pass})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from .data import CaseSet, EditCase, load_cases
 from .editor import MethodSpec, build_session
 from .faults import fault_point
 from .fileio import write_json, write_text
+from .heap import release_free_memory
 from .journal import read_index
 from .metrics import (
     aggregate,
@@ -93,6 +94,8 @@ class BenchConfig:
     general_items: int = 200
     skip_invalid: bool = False
     eval_batch_size: int = 64
+    # v* memory cap (TargetConfig.positions_per_pass): None the default, 0 no cap.
+    positions_per_pass: int | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -421,6 +424,11 @@ class Benchmark:
             corpus=c.corpus,
             stats_tokens=c.stats_tokens,
             run_dir=out / "journal",
+            target_overrides=(
+                None
+                if c.positions_per_pass is None
+                else {"positions_per_pass": c.positions_per_pass or None}
+            ),
             seed=c.seed,
             progress=self.progress,
             log=self.log,
@@ -500,6 +508,7 @@ class Benchmark:
         if done in c.checkpoints() and not any(r["edits"] == done for r in record.checkpoints):
             clock = time.perf_counter()
             so_far = self._evaluate(loaded, cases[:done])
+            release_free_memory()
             record.add_time("evaluation", time.perf_counter() - clock)
             record.checkpoints.append(
                 {"edits": done, "protocol": "checkpoint", "metrics": aggregate(so_far)}

@@ -35,6 +35,12 @@ CorpusOpt = Annotated[
 ]  # fmt: skip
 
 
+PositionsOpt = Annotated[
+    int | None,
+    typer.Option(min=0, help="Cap on rows × tail positions per v* pass (peak memory); 0: no cap."),
+]
+
+
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
@@ -130,6 +136,7 @@ def edit(
     lr: Annotated[float | None, typer.Option(help="v* learning rate.")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="v* Adam steps.")] = None,
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast in the v* loop.")] = False,
+    positions_per_pass: PositionsOpt = None,
     export: Annotated[Path | None, typer.Option(help="Also save_pretrained here.")] = None,
     seed: int = 0,
     resume: Annotated[
@@ -164,6 +171,8 @@ def edit(
     loaded = _load(model)
     check_targets(loaded.tokenizer, all_requests)
     overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
+    if positions_per_pass is not None:
+        overrides["positions_per_pass"] = positions_per_pass or None  # 0: no cap
     if bf16:
         overrides["bf16"] = True
     session = build_session(
@@ -515,6 +524,7 @@ def bench(
         bool, typer.Option(help="Report and skip malformed records instead of stopping.")
     ] = False,
     seed: int = 0,
+    positions_per_pass: PositionsOpt = None,
     pre_edit_from: Annotated[
         Path | None,
         typer.Option(
@@ -539,6 +549,7 @@ def bench(
         checkpoint_every=checkpoint_every, seed=seed, offset=offset, corpus=corpus,
         stats_tokens=stats_tokens, fluency_cases=fluency_cases, general_every=general_every,
         general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
+        positions_per_pass=positions_per_pass,
     )  # fmt: skip
     loaded = _load(model)
     if layers:

@@ -11,7 +11,7 @@ import json
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +21,7 @@ import torch
 from .context import generate_context_templates
 from .energy import hyperspherical_energy
 from .faults import fault_point
+from .heap import release_free_memory
 from .journal import (
     INDEX,
     BatchEntry,
@@ -277,6 +278,7 @@ class EditSession:
         if precomputed is None:
             z_layer = self.layers[-1]
             result = compute_targets(model, tok, layout, z_layer, requests, templates, self.target)
+            release_free_memory()  # the v* graphs are gone; see heap.py
         else:
             result = precomputed
         timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - clock
@@ -642,12 +644,18 @@ class EditSession:
                 f"{self.loaded.fingerprint[:12]}…)"
             )
         mine = json.loads(json.dumps(self.header()))
+        theirs = dict(index)
+        if isinstance(theirs.get("target"), dict):
+            # Settings added since the journal was written take their defaults.
+            with suppress(TypeError, ValueError):  # unknown: reported below
+                stored = asdict(TargetConfig(**theirs["target"]))
+                theirs["target"] = json.loads(json.dumps(stored))
         for key, value in mine.items():
             if key in ("model", "templates", "base_fingerprint"):
                 continue
-            if index.get(key) != value:
+            if theirs.get(key) != value:
                 raise JournalError(
-                    f"{self.run_dir}: {key} differs: the journal has {index.get(key)!r}, "
+                    f"{self.run_dir}: {key} differs: the journal has {theirs.get(key)!r}, "
                     f"this run asks for {value!r}"
                 )
 

@@ -54,6 +54,11 @@ class TargetConfig:
     loss_tolerance: float = 5e-2
     bf16: bool = False
     requests_per_pass: int = 16
+    # Cap on (context rows × tail positions) per pass, None for none. The autograd graph
+    # of a pass grows with it (about 2 MiB per position on SmolLM2): with 256, passes of
+    # long-tailed requests hold fewer of them and the v* peak of a batch of 100
+    # CounterFact requests fell from 3,228 to 2,558 MiB (benchmarks/vstar_memory.py).
+    positions_per_pass: int | None = 256
     route: Route = "cached"
 
     def __post_init__(self) -> None:
@@ -65,6 +70,8 @@ class TargetConfig:
             raise ValueError(f"target clamp_factor must be positive, got {self.clamp_factor}")
         if self.requests_per_pass < 1:
             raise ValueError("target requests_per_pass must be at least 1")
+        if self.positions_per_pass is not None and self.positions_per_pass < 1:
+            raise ValueError("target positions_per_pass must be at least 1 (or None for no cap)")
         if self.route not in ("cached", "reference"):
             raise ValueError(f"target route must be 'cached' or 'reference', got {self.route!r}")
 
@@ -365,6 +372,27 @@ class _SplitPass:
         return token_lp, kl_lp
 
 
+def pass_groups(
+    tails: Sequence[int], rows_per_request: int, config: TargetConfig
+) -> list[list[int]]:
+    """Request indices in passes, by ascending tail length: at most ``requests_per_pass``
+    per pass and, with ``positions_per_pass``, at most that many rewrite-row positions
+    (rows × the longest tail in the pass); a request too long for the cap gets a pass
+    of its own."""
+    order = sorted(range(len(tails)), key=lambda rid: tails[rid])
+    groups: list[list[int]] = []
+    for rid in order:
+        group = groups[-1] if groups else []
+        # Ascending order: the request joining a pass has its longest tail.
+        positions = (len(group) + 1) * rows_per_request * tails[rid]
+        cap = config.positions_per_pass
+        if group and len(group) < config.requests_per_pass and (cap is None or positions <= cap):
+            group.append(rid)
+        else:
+            groups.append([rid])
+    return groups
+
+
 def compute_targets(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -377,12 +405,11 @@ def compute_targets(
     device = next(model.parameters()).device
     n = len(requests)
     layers = [layout.layer(i) for i in range(z_layer + 1)]
-    per = config.requests_per_pass
     # A request's rows share one tail (the context templates only add a prefix), and a
     # pass runs every row to the longest tail in it: grouping requests of similar tail
     # length cut the positions run per step by a quarter on CounterFact.
-    order = sorted(range(n), key=lambda rid: _tail_length(tokenizer, requests, rid))
-    groups = [order[b : b + per] for b in range(0, n, per)]
+    tails = [_tail_length(tokenizer, requests, rid) for rid in range(n)]
+    groups = pass_groups(tails, len(templates), config)
     route = _SplitPass if config.route == "cached" else _ReferencePass
     pad = pad_id_of(tokenizer)
     all_rows = [_build_rows(tokenizer, requests, g, templates) for g in groups]

@@ -261,3 +261,16 @@ def test_geometry_of_every_method_of_a_run_lands_in_the_report(finished_run, tmp
         assert torch.equal(value, base[name]), name
     page = build_report([run_dir])
     assert "Weight geometry: memit+sphere" in page and "Weight geometry: memit<" in page
+
+
+@pytest.mark.parametrize(("option", "recorded"), [(None, 256), (0, None), (7, 7)])
+def test_positions_per_pass_reaches_the_session(finished_run, tmp_path, option, recorded):
+    """None keeps the library default, 0 turns the cap off, a number sets it; the journal
+    header records what the session used."""
+    source, _, loaded, _ = finished_run
+    run_dir = tmp_path / "run"
+    config = _config(methods=("memit",), positions_per_pass=option)
+    Benchmark(config, run_dir, log=lambda _: None, progress=False, loaded=loaded,
+              pre_edit_from=source).run()  # fmt: skip
+    header = json.loads((run_dir / "memit" / "journal" / "session.json").read_text())
+    assert header["target"]["positions_per_pass"] == recorded

@@ -341,6 +341,21 @@ def test_resume_with_another_method_option_names_it(journals, tiny_tokenizer):
         session.resume()
 
 
+def test_journal_from_before_a_new_target_setting_resumes(journals, tiny_tokenizer, tmp_path):
+    """A journal whose header predates a TargetConfig field resumes with its default;
+    a stored value that differs is still refused."""
+    run_dir = tmp_path / "old"
+    shutil.copytree(journals / "model0", run_dir)
+    index = read_index(run_dir)
+    index["target"].pop("positions_per_pass")
+    (run_dir / "session.json").write_text(json.dumps(index))
+    assert _session(_loaded(tiny_tokenizer), run_dir).resume() == len(BATCHES)
+    index["target"]["steps"] += 1
+    (run_dir / "session.json").write_text(json.dumps(index))
+    with pytest.raises(JournalError, match="target differs"):
+        _session(_loaded(tiny_tokenizer), run_dir).resume()
+
+
 def test_statistics_cache_checks(env, tiny_tokenizer, caplog):
     loaded = _loaded(tiny_tokenizer)
     one = Corpus(list(TRAINING_SENTENCES[:30]), "a" * 64, "corpus one")

@@ -15,6 +15,7 @@ from sphere_edit.stats import (
     Corpus,
     CorpusError,
     SecondMoment,
+    add_gram,
     collect_second_moments,
     layer_second_moments,
     load_corpus,
@@ -245,3 +246,20 @@ def test_load_corpus_sampled_from_the_model(tiny_tokenizer):
     assert again.fingerprint == corpus.fingerprint
     other = load_corpus(None, loaded, sample_texts=3, sample_tokens=4, seed=1)
     assert other.fingerprint != corpus.fingerprint
+
+
+@pytest.mark.parametrize(("width", "block"), [(7, 3), (12, 4), (5, 8), (9, 1)])
+def test_add_gram_equals_the_full_product(width, block):
+    keys = torch.randn(11, width, generator=torch.Generator().manual_seed(width))
+    total = torch.randn(width, width, dtype=torch.float64)
+    start = total.clone()
+    add_gram(total, keys, block=block)
+    naive = start + keys.double().T @ keys.double()
+    torch.testing.assert_close(total, naive, rtol=1e-5, atol=1e-5)
+    # Outside the diagonal blocks the lower part is the transpose of the upper one.
+    added = torch.zeros(width, width, dtype=torch.float64)
+    add_gram(added, keys, block=block)
+    for row in range(width):
+        for col in range(width):
+            if row // block != col // block:
+                assert added[row, col] == added[col, row]

@@ -11,7 +11,7 @@ import torch
 from sphere_edit.arch import ModelLayout
 from sphere_edit.keys import read_layer
 from sphere_edit.requests import EditRequest, RequestError
-from sphere_edit.targets import TargetConfig, TargetResult, compute_targets
+from sphere_edit.targets import TargetConfig, TargetResult, compute_targets, pass_groups
 from sphere_edit.text import target_token_ids
 from tests.tiny_models import make_tiny_model
 from tests.unit._helpers import (
@@ -133,12 +133,17 @@ def test_batched_optimisation_equals_each_request_alone(models, tiny_tokenizer, 
     two_per_pass = _targets(
         model, tiny_tokenizer, requests, dataclasses.replace(config, requests_per_pass=2)
     )
+    # A positions cap of 12 (two templates): tails 2 and 3 share a pass, 4 runs alone.
+    capped = _targets(
+        model, tiny_tokenizer, requests, dataclasses.replace(config, positions_per_pass=12)
+    )
     alone = [_targets(model, tiny_tokenizer, [r], config) for r in requests]
     alone_targets = torch.cat([a.targets for a in alone])
     assert float((together.targets - together.init).norm()) > 0
     torch.testing.assert_close(together.targets, alone_targets, atol=1e-4, rtol=0)
     torch.testing.assert_close(one_per_pass.targets, alone_targets, atol=1e-4, rtol=0)
     torch.testing.assert_close(two_per_pass.targets, alone_targets, atol=1e-4, rtol=0)
+    torch.testing.assert_close(capped.targets, alone_targets, atol=1e-4, rtol=0)
     torch.testing.assert_close(together.nll, torch.cat([a.nll for a in alone]), atol=1e-4, rtol=0)
 
 
@@ -183,8 +188,22 @@ def test_target_that_tokenises_to_nothing_names_the_request(models, tiny_tokeniz
         ({"lr": 0.0}, "lr"),
         ({"clamp_factor": -1.0}, "clamp_factor"),
         ({"requests_per_pass": 0}, "requests_per_pass"),
+        ({"positions_per_pass": 0}, "positions_per_pass"),
     ],
 )
 def test_target_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TargetConfig(**kwargs)
+
+
+def test_pass_groups_respect_both_caps():
+    tails = [5, 2, 9, 2, 3, 30]
+    by_count = pass_groups(tails, 2, TargetConfig(requests_per_pass=2))
+    assert by_count == [[1, 3], [4, 0], [2, 5]]
+    # 2 rows per request, at most 12 positions: (2 + 2) · 2 · ... grows with the tail.
+    capped = pass_groups(tails, 2, TargetConfig(requests_per_pass=16, positions_per_pass=12))
+    assert capped == [[1, 3], [4], [0], [2], [5]]  # 30 is over the cap: a pass of its own
+    for group in capped:
+        if len(group) > 1:
+            assert len(group) * 2 * max(tails[r] for r in group) <= 12
+    assert sorted(r for g in capped for r in g) == list(range(len(tails)))
