@@ -603,7 +603,27 @@ def report(
 
     write_text(out, build_report(run_dirs))
     _print_table(run_dirs)
+    _print_plugin_table(run_dirs)
     console.print(f"report in {out}")
+
+
+def _print_plugin_table(run_dirs: list[Path]) -> None:
+    """Methods run both without and with +sphere: each metric and the relative change."""
+    from .report import plugin_table
+
+    header, rows = plugin_table(run_dirs)
+    if not rows:
+        return
+    shown = Table(title="SPHERE as a plug-in: without → with (relative change %), ×100")
+    shown.add_column("method", justify="left")
+    shown.add_column("edits", justify="right")
+    metrics = range(3, len(header), 3)  # (without, with, change) per metric
+    for first in metrics:
+        shown.add_column(header[first], justify="right")
+    for row in rows:
+        cells = [f"{row[i]} → {row[i + 1]} ({row[i + 2]})" for i in metrics]
+        shown.add_row(row[1], row[2], *cells)
+    console.print(shown)
 
 
 if __name__ == "__main__":  # pragma: no cover

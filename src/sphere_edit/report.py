@@ -92,6 +92,51 @@ def table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[str], list[li
     return list(groups), header, rows
 
 
+PLUGIN_METRICS = (
+    ("Eff.", "efficacy"),
+    ("Gen.", "generalization"),
+    ("Spe.", "specificity"),
+    ("Flu.", "fluency"),
+)
+
+
+def relative_change(without: float | None, with_sphere: float | None) -> float | None:
+    """(with − without) / without; None where either is missing or ``without`` is 0."""
+    if without is None or with_sphere is None or without == 0:
+        return None
+    return (with_sphere - without) / without
+
+
+def plugin_table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[str]]]:
+    """SPHERE as a plug-in: one row per method that was run both without and with
+    ``+sphere`` in the same column group (model, data set, edits), giving each metric
+    without, with, and the relative change (%). Runs in progress count at their latest
+    checkpoint, starred as in :func:`table`."""
+    header = ["group", "method", "edits"]
+    for label, _ in PLUGIN_METRICS:
+        header += [label, f"{label} +SPHERE", f"{label} change %"]
+    rows = []
+    for label, group in group_runs(run_dirs).items():
+        methods = group["methods"]
+        for name, data in methods.items():
+            paired = methods.get(f"{name}+sphere")
+            if name.endswith("+sphere") or paired is None:
+                continue
+            plain, edits = _status(data, group["n_edits"])
+            projected, edits_sphere = _status(paired, group["n_edits"])
+            shown = edits if edits == edits_sphere else f"{edits} / {edits_sphere}"
+            row = [label, name, shown]
+            for _, key in PLUGIN_METRICS:
+                change = relative_change(plain.get(key), projected.get(key))
+                row += [
+                    _cell(plain.get(key)),
+                    _cell(projected.get(key)),
+                    "–" if change is None else f"{100 * change:+.1f}",
+                ]
+            rows.append(row)
+    return header, rows
+
+
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
@@ -191,6 +236,14 @@ def build_report(run_dirs: Sequence[str | Path]) -> str:
         f"{IN_PROGRESS}</p>",
         _html_table(header, rows),
     ]
+    plugin_header, plugin_rows = plugin_table(run_dirs)
+    if plugin_rows:
+        parts += [
+            "<h2>SPHERE as a plug-in</h2>",
+            "<p>Each method without and with the SPHERE projection, same cases and order; "
+            "change = (with − without) / without.</p>",
+            _html_table(plugin_header, plugin_rows),
+        ]
     for label, group in group_runs(run_dirs).items():
         parts.append(f"<h2>{html.escape(label)}</h2>")
         parts.extend(_figures(group))

@@ -274,3 +274,24 @@ def test_positions_per_pass_reaches_the_session(finished_run, tmp_path, option, 
               pre_edit_from=source).run()  # fmt: skip
     header = json.loads((run_dir / "memit" / "journal" / "session.json").read_text())
     assert header["target"]["positions_per_pass"] == recorded
+
+
+def test_plugin_table_pairs_each_method_with_its_sphere_variant(finished_run, tmp_path):
+    from sphere_edit.report import plugin_table, relative_change
+
+    assert relative_change(0.5, 0.6) == pytest.approx(0.2)
+    assert relative_change(0.0, 0.6) is None
+    assert relative_change(None, 0.6) is None
+    run_dir, summary, _, _ = finished_run
+    header, rows = plugin_table([run_dir])
+    assert [row[1] for row in rows] == ["memit"]  # memit+sphere is its pair, not a row
+    assert header[3:6] == ["Eff.", "Eff. +SPHERE", "Eff. change %"]
+    plain = summary["methods"]["memit"]["final"]["metrics"]
+    projected = summary["methods"]["memit+sphere"]["final"]["metrics"]
+    for i, key in zip(range(3, len(header), 3), ("efficacy", "generalization"), strict=False):
+        assert rows[0][i] == f"{100 * plain[key]:.2f}"
+        assert rows[0][i + 1] == f"{100 * projected[key]:.2f}"
+        change = relative_change(plain[key], projected[key])
+        assert rows[0][i + 2] == ("–" if change is None else f"{100 * change:+.1f}")
+    page = build_report([run_dir])
+    assert "SPHERE as a plug-in" in page
