@@ -74,6 +74,7 @@ class _Edit:
     loss: list[float]
     steps: list[int]
     notes: list[str] = field(default_factory=list)
+    targets: TargetResult | None = None  # the batch's v*, where one v* served every request
 
 
 @dataclass
@@ -88,6 +89,9 @@ class BatchResult:
     update_norms: dict[int, float] = field(default_factory=dict)
     # Solver fallbacks (an ill-conditioned system solved by least squares), one line each.
     warnings: list[str] = field(default_factory=list)
+    # The v* of the whole batch (closed-form methods; None for ROME and FT): what
+    # ``precomputed_targets`` takes, e.g. to give another method the same first batch.
+    targets: TargetResult | None = None
 
     @property
     def energy_change(self) -> dict[int, float]:
@@ -171,6 +175,29 @@ class EditSession:
             )
         return self.templates
 
+    @property
+    def takes_precomputed_targets(self) -> bool:
+        """Whether :meth:`apply` accepts ``precomputed_targets`` (the closed-form methods,
+        which optimise v* for the whole batch at the last edited layer)."""
+        return not (is_gradient_method(self.method) or edits_per_request(self.method))
+
+    def targets_key(self) -> str:
+        """What v* depends on besides the requests and the weights: sessions with equal
+        keys on the same weights compute the same targets."""
+        return json.dumps([self.layers[-1], self.context_templates(), asdict(self.target)])
+
+    def compute_targets(self, requests: Sequence[EditRequest]) -> TargetResult:
+        """v* for ``requests`` on the weights the model has now (to share between
+        sessions: see ``precomputed_targets`` of :meth:`apply`)."""
+        requests = list(requests)
+        validate_batch(requests)
+        result = compute_targets(
+            self.loaded.model, self.loaded.tokenizer, self.layout, self.layers[-1], requests,
+            self.context_templates(), self.target,
+        )  # fmt: skip
+        release_free_memory()  # the v* graphs are gone; see heap.py
+        return result
+
     def energy(self) -> dict[int, float]:
         return {
             layer: hyperspherical_energy(self.layout.read_weight(layer), self.energy_s)
@@ -199,7 +226,7 @@ class EditSession:
         requests = list(requests)
         validate_batch(requests)
         if precomputed_targets is not None:
-            if is_gradient_method(self.method) or edits_per_request(self.method):
+            if not self.takes_precomputed_targets:
                 raise ValueError(
                     f"precomputed_targets: {self.method.name} computes its own targets "
                     "(request by request, or by gradient descent on the weight)"
@@ -248,6 +275,7 @@ class EditSession:
             target_steps=edit.steps,
             update_norms=edit.norms,
             warnings=edit.notes,
+            targets=edit.targets,
         )
         if self.run_dir is not None:
             try:
@@ -273,20 +301,14 @@ class EditSession:
         timings: dict[str, float],
     ) -> _Edit:
         """The closed-form route: v* for every request together, then MEMIT's schedule."""
-        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
         clock = time.perf_counter()
-        if precomputed is None:
-            z_layer = self.layers[-1]
-            result = compute_targets(model, tok, layout, z_layer, requests, templates, self.target)
-            release_free_memory()  # the v* graphs are gone; see heap.py
-        else:
-            result = precomputed
+        result = precomputed if precomputed is not None else self.compute_targets(requests)
         timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - clock
         _require_finite(result.targets, requests, "target vector")
         notes: list[str] = []
         deltas, keys, raw, norms = self._spread(requests, templates, result, timings, notes)
         loss, steps = [float(x) for x in result.loss], [int(x) for x in result.steps]
-        return _Edit(deltas, keys, raw, norms, loss, steps, notes)
+        return _Edit(deltas, keys, raw, norms, loss, steps, notes, targets=result)
 
     def _one_by_one(
         self,

@@ -295,3 +295,24 @@ def test_plugin_table_pairs_each_method_with_its_sphere_variant(finished_run, tm
         assert rows[0][i + 2] == ("–" if change is None else f"{100 * change:+.1f}")
     page = build_report([run_dir])
     assert "SPHERE as a plug-in" in page
+
+
+def test_first_batch_v_star_is_shared_and_changes_nothing(finished_run, tmp_path):
+    """In the finished run memit+sphere reused memit's v* of batch 1; run alone it computes
+    its own: the journals must hold the same deltas, bitwise."""
+    run_dir, _, loaded, _ = finished_run
+    logs: list[str] = []
+    alone = tmp_path / "alone"
+    Benchmark(_config(methods=("memit+sphere",)), alone, log=logs.append, progress=False,
+              loaded=loaded, pre_edit_from=run_dir).run()  # fmt: skip
+    assert not any("shared" in line for line in logs)
+
+    def deltas(root: Path) -> list[str]:
+        index = json.loads((root / "memit_sphere" / "journal" / "session.json").read_text())
+        return [entry["delta_sha256"] for entry in index["batches"]]
+
+    assert deltas(alone) == deltas(run_dir)
+    shared = [json.loads(line) for line in (run_dir / "memit_sphere" / "batches.jsonl").open()]
+    own = [json.loads(line) for line in (alone / "memit_sphere" / "batches.jsonl").open()]
+    assert shared[0]["target_loss_mean"] == own[0]["target_loss_mean"]
+    assert shared[0]["timings"]["targets"] < own[0]["timings"]["targets"]
