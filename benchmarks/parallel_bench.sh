@@ -2,6 +2,9 @@
 # One `sphere-edit bench` process per method, side by side, for machines where one method
 # cannot use every core well (small models on CPU). The first method's run evaluates the
 # pre-edit model; the others start once it has and reuse its results (--pre-edit-from).
+# Methods joined by ':' share one process (one after the other, sharing the first batch's
+# v*), e.g. memit:memit+sphere:rect,rome:rome+sphere: two processes, for many methods on
+# few cores and little memory (each process holds a model and its v* graphs).
 # Every run resumes where it stopped when the script is started again with the same
 # arguments, so a long study can span several sessions. Combine the runs with
 #   sphere-edit report OUT_PREFIX_* --out report.html
@@ -17,7 +20,7 @@
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 prefix=$1
@@ -27,7 +30,7 @@ exe=${SPHERE_EDIT:-sphere-edit}
 cores=$(nproc)
 threads=${THREADS:-$(( cores / ${#methods[@]} > 0 ? cores / ${#methods[@]} : 1 ))}
 
-run_dir() { echo "${prefix}_${1//+/_}"; }
+run_dir() { local name=${1//+/_}; echo "${prefix}_${name//:/-}"; }
 
 start() {  # start METHOD [extra options]: a new run, or resume an interrupted one
     local method=$1 dir
@@ -36,7 +39,7 @@ start() {  # start METHOD [extra options]: a new run, or resume an interrupted o
     local where=(--out "$dir")
     [[ -f "$dir/config.json" ]] && where=(--resume "$dir")
     OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads \
-        "$exe" bench "${where[@]}" --methods "$method" "${ARGS[@]}" "$@" \
+        "$exe" bench "${where[@]}" --methods "${method//:/,}" "${ARGS[@]}" "$@" \
         >> "$dir.log" 2>&1 &
     echo "$method: pid $! -> $dir ($threads threads, log $dir.log)"
 }
