@@ -186,11 +186,9 @@ class EditSession:
         keys on the same weights compute the same targets."""
         return json.dumps([self.layers[-1], self.context_templates(), asdict(self.target)])
 
-    def compute_targets(self, requests: Sequence[EditRequest]) -> TargetResult:
-        """v* for ``requests`` on the weights the model has now (to share between
-        sessions: see ``precomputed_targets`` of :meth:`apply`)."""
-        requests = list(requests)
-        validate_batch(requests)
+    def _compute_targets(self, requests: list[EditRequest]) -> TargetResult:
+        """v* for ``requests`` (validated by :meth:`apply`) on the weights the model has
+        now; :attr:`BatchResult.targets` hands it to other sessions."""
         result = compute_targets(
             self.loaded.model, self.loaded.tokenizer, self.layout, self.layers[-1], requests,
             self.context_templates(), self.target,
@@ -302,7 +300,7 @@ class EditSession:
     ) -> _Edit:
         """The closed-form route: v* for every request together, then MEMIT's schedule."""
         clock = time.perf_counter()
-        result = precomputed if precomputed is not None else self.compute_targets(requests)
+        result = precomputed if precomputed is not None else self._compute_targets(requests)
         timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - clock
         _require_finite(result.targets, requests, "target vector")
         notes: list[str] = []
