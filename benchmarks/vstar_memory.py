@@ -1,6 +1,7 @@
 """Peak memory of the v* loop: the process's peak resident size (``VmHWM``, Linux) after
 loading the model, after building an AlphaEdit+SPHERE session (statistics loaded) and
-after the target optimisation of the first ``--n`` CounterFact requests.
+after the target optimisation of the first ``--n`` requests of ``--dataset`` (CounterFact
+train by default; any file ``sphere-edit bench`` reads, e.g. ZsRE).
 
 Run it once per setting (the peak of a process only grows), e.g.
 
@@ -19,8 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from counterfact_100 import REPO, load_cases  # noqa: E402
+from counterfact_100 import REPO  # noqa: E402
 
+from sphere_edit.data import load_cases  # noqa: E402
 from sphere_edit.editor import build_session  # noqa: E402
 from sphere_edit.models import DEFAULT_MODEL, load_model  # noqa: E402
 from sphere_edit.targets import compute_targets  # noqa: E402
@@ -40,6 +42,10 @@ def memory_mib() -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument(
+        "--dataset", type=Path, default=None,
+        help="edit cases (default: DATA/counterfact/train.json)",
+    )  # fmt: skip
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--steps", type=int, default=2)
@@ -53,7 +59,10 @@ def main() -> None:
     print(f"{'start':<10}{memory_mib()}", flush=True)
     loaded = load_model(args.model)
     print(f"{'model':<10}{memory_mib()}", flush=True)
-    cases = load_cases(args.data / "counterfact" / "train.json", args.n)
+    dataset = args.dataset or args.data / "counterfact" / "train.json"
+    cases = load_cases(dataset, limit=args.n)
+    if len(cases) < args.n:
+        raise SystemExit(f"{dataset} holds {len(cases)} cases, fewer than --n {args.n}")
     session = build_session(
         loaded, "alphaedit+sphere", corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
         log=lambda _: None, progress=False,

@@ -318,6 +318,7 @@ class _CachedPass(_Pass):
         ):
             run_until_stopped(lambda: self.model(**self.inputs, **self._cache_inputs()))
         self.tail_hidden, self.tail_output = seen.output, seen.raw_output
+        _keep_shapes_only(self.cache, len(self.layers))
 
     def _cache_inputs(self) -> dict:
         if self.cache is None:
@@ -352,6 +353,20 @@ class _CachedPass(_Pass):
         token_lp = log_probs[: n_rw * t].view(n_rw, t, log_probs.shape[-1])
         token_lp = token_lp.gather(2, self.target_ids.unsqueeze(-1)).squeeze(-1)
         return token_lp, log_probs[n_rw * t :]
+
+
+def _keep_shapes_only(cache: object, n_layers: int) -> None:
+    """Free the prefix keys and values of the first ``n_layers`` decoder layers, which
+    every step skips (``skipped_layers``): no attention reads them, but the mask
+    construction asks the cache for its length, so each keeps its shape as a zero-stride
+    view of one element. They were two fifths of the cache on SmolLM2 (layers 0-11 of
+    30), 275 of 686 MiB for 100 ZsRE requests. A cache without per-layer tensors (an
+    unknown class) is left whole."""
+    for layer in list(getattr(cache, "layers", []))[:n_layers]:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.numel() > 1:
+                setattr(layer, name, tensor.new_zeros(()).expand(tensor.shape))
 
 
 class _SplitPass:

@@ -207,3 +207,29 @@ def test_pass_groups_respect_both_caps():
         if len(group) > 1:
             assert len(group) * 2 * max(tails[r] for r in group) <= 12
     assert sorted(r for g in capped for r in g) == list(range(len(tails)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_pass_frees_the_prefix_of_skipped_layers(models, tiny_tokenizer, family):
+    from sphere_edit.targets import _build_rows, _CachedPass
+
+    model = models[family]
+    layout = ModelLayout.of(model)
+    z_layer = 1
+    layers = [layout.layer(i) for i in range(z_layer + 1)]
+    rows = _build_rows(tiny_tokenizer, requests_abc(), [0, 1], TEMPLATES[1:])
+    with torch.no_grad():
+        cached = _CachedPass(model, layers, layout.unembed(), rows, 0, torch.device("cpu"), False)
+    per_layer = cached.cache.layers
+    assert len(per_layer) > z_layer + 1, "the tiny model needs a layer above the edited one"
+    # The mask construction reads lengths from the cache: a freed layer keeps the length
+    # of a kept layer of its kind (Gemma's sliding-window layers hold fewer positions).
+    kept = {type(x): x.keys.shape for x in per_layer[z_layer + 1 :]}
+    for i, layer in enumerate(per_layer):
+        storage = layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+        if i <= z_layer:  # skipped by every step: shape only
+            assert storage <= 2 * layer.keys.element_size()
+            if type(layer) in kept:
+                assert layer.keys.shape == kept[type(layer)]
+        else:
+            assert storage >= layer.keys.numel() * layer.keys.element_size()
