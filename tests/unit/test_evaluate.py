@@ -364,3 +364,26 @@ def test_input_validation(tiny_model):
     with pytest.raises(ValueError, match="new targets"):
         compare_targets(model, tok, ["a", "b"], ["c"], ["d", "e"])
     assert isinstance(score_targets(model, tok, ["a"], ["c"])[0], TargetScore)
+
+
+def test_unembedding_runs_only_at_the_scored_positions(tiny_model):
+    model, tok = tiny_model
+    prompts, targets = _prompts_targets()
+    seen: list[int] = []
+    unembed = model.get_output_embeddings()
+    hook = unembed.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[-2]))
+    try:
+        got = score_targets(model, tok, prompts, targets, batch_size=4)
+    finally:
+        hook.remove()
+    # One position per distinct (run, position) pair: the shared rows add none.
+    distinct = set()
+    runs, owner = shared_runs([encode(tok, p) + target_token_ids(tok, p, t)[:-1]
+                               for p, t in PAIRS])  # fmt: skip
+    for i, (prompt, target) in enumerate(PAIRS):
+        n = len(target_token_ids(tok, prompt, target))
+        end = len(encode(tok, prompt)) + n - 1  # row length; it predicts from end - n
+        distinct.update((owner[i], end - n + k) for k in range(n))
+    assert sum(seen) == len(distinct) < sum(s.n_tokens for s in got)
+    reference = score_one_by_one(model, tok, prompts, targets)
+    assert [s.logprob for s in got] == pytest.approx([r.logprob for r in reference], abs=1e-5)
