@@ -198,9 +198,9 @@ def score_targets(
             n = len(target_ids[i])
             scores[i] = _make_score(token_lp[at : at + n], hits[at : at + n])
             at += n
-        # Batches widen as they go (shortest first), and glibc would keep every freed
-        # activation block: without this an evaluation of 300 ZsRE cases grew the
-        # resident size by 600 MiB, most of it free heap (see heap.py).
+        # Batches widen as they go (shortest first), and glibc would keep the freed
+        # activation blocks of every pass (see heap.py): on 300 ZsRE cases this took the
+        # evaluation's peak from 1,522 to 1,444 MiB.
         release_free_memory()
     assert all(s is not None for s in scores)
     return scores  # type: ignore[return-value]
@@ -212,10 +212,10 @@ def logits_at(
     """The logits at positions ``(rows[k], cols[k])`` of ``batch``, shape (len(rows), vocab).
 
     The unembedding runs only there, once per distinct position (rows that share a run
-    read the same ones): the (rows × positions × vocabulary) logits of a batch's widest
-    span were the memory peak of an evaluation (up to 64 × 30 × 49,152 floats on
-    SmolLM2). A model without an output-embedding module (not a Hugging Face model) gets
-    its logits for the last positions, indexed after."""
+    read the same ones), not at rows × the batch's widest span (up to 64 × 30 × 49,152
+    floats on SmolLM2; on 300 ZsRE cases the peak fell from 1,644 to 1,522 MiB). A model
+    without an output-embedding module (not a Hugging Face model) gets its logits for the
+    last positions, indexed after."""
     device, width = batch.input_ids.device, batch.input_ids.shape[1]
     flat = torch.tensor(rows, dtype=torch.long) * width + torch.tensor(cols, dtype=torch.long)
     find = getattr(model, "get_output_embeddings", None)
