@@ -32,19 +32,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from counterfact_100 import REPO, evaluate, load_cases, log  # noqa: E402
 
 from sphere_edit.editor import build_session  # noqa: E402
-from sphere_edit.models import DEFAULT_MODEL, load_model  # noqa: E402
+from sphere_edit.models import DEFAULT_MODEL, load_model, resolve_device  # noqa: E402
 from sphere_edit.targets import TargetResult, compute_targets  # noqa: E402
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    dtype: torch.dtype, size: int = 2048, repeats: int = 10, device: torch.device | None = None
+) -> float:
     """GFLOP/s of a square matmul (best of ``repeats``)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    device = device or torch.device("cpu")
+    a = torch.randn(size, size).to(device, dtype)
+    b = torch.randn(size, size).to(device, dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -107,10 +118,12 @@ def main() -> None:
         help="print the FLOPs per request-step of the fast route and stop (exact, "
         "unaffected by other load on the machine)",
     )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    loaded = load_model(args.model)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device=device)
     cases = load_cases(args.data / "counterfact" / "train.json", args.n)
     requests = [c.request for c in cases]
     session = build_session(
@@ -121,10 +134,14 @@ def main() -> None:
     templates = session.context_templates()
     z_layer = session.layers[-1]
     config = session.target
-    peaks = {"fp32": matmul_peak(torch.float32)}
-    # Without native bf16 units (e.g. AVX2-only CPUs) a bf16 matmul is emulated and slow:
-    # a small one is enough to show it.
-    peaks["bf16"] = matmul_peak(torch.bfloat16, size=512, repeats=2)
+    if device.type == "cuda":  # a GPU needs large products to reach its peak
+        peaks = {name: matmul_peak(dtype, 8192, 10, device) for name, dtype in
+                 (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
+    else:
+        peaks = {"fp32": matmul_peak(torch.float32)}
+        # Without native bf16 units (e.g. AVX2-only CPUs) a bf16 matmul is emulated and
+        # slow: a small one is enough to show it.
+        peaks["bf16"] = matmul_peak(torch.bfloat16, size=512, repeats=2)
     log(f"matmul peak GFLOP/s: {peaks}")
 
     runs: dict[str, dict] = {}
@@ -139,8 +156,10 @@ def main() -> None:
         # The whole batch, as the run groups it: the passes, their padding and the
         # once-per-batch prefix work all count.
         per_request_step = (counts[1] - counts[0]) / len(requests)
+        synchronize(device)
         start = time.perf_counter()
         result = compute_targets(model, tok, layout, z_layer, requests, templates, cfg)
+        synchronize(device)
         seconds = time.perf_counter() - start
         steps = int(result.steps.sum())
         flops = counts[0] + per_request_step * max(0, steps - len(requests))
@@ -163,11 +182,13 @@ def main() -> None:
 
     if args.reference_n > 0:  # 0: the fast routes only (e.g. to count their FLOPs)
         reference_config = replace(config, route="reference", requests_per_pass=1)
+        synchronize(device)
         start = time.perf_counter()
         parts = [
             compute_targets(model, tok, layout, z_layer, [r], templates, reference_config)
             for r in requests[: args.reference_n]
         ]
+        synchronize(device)
         seconds = time.perf_counter() - start
         runs["reference"] = {
             "seconds_measured": seconds,

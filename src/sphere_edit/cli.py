@@ -35,6 +35,11 @@ CorpusOpt = Annotated[
 ]  # fmt: skip
 
 
+DeviceOpt = Annotated[
+    str,
+    typer.Option(help="Where the model runs: cpu, cuda, cuda:N, or auto (a GPU when there "
+                 "is one). The closed-form solves stay on the CPU in float64."),
+]  # fmt: skip
 PositionsOpt = Annotated[
     int | None,
     typer.Option(min=0, help="Cap on rows × tail positions per v* pass (peak memory); 0: no cap."),
@@ -87,17 +92,19 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def _load(model: str):
-    from .models import load_model
+def _load(model: str, device: str = "cpu"):
+    from .models import load_model, resolve_device
 
-    with console.status(f"loading {model}"):
-        return load_model(model)
+    where = resolve_device(device)  # a bad --device fails before the model loads
+    with console.status(f"loading {model} on {where}"):
+        return load_model(model, device=where)
 
 
 @app.command()
 @friendly
 def demo(
     model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
     corpus: CorpusOpt = None,
     stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
@@ -106,7 +113,7 @@ def demo(
     """Edit a dozen facts in three batches and show completions and HE before and after."""
     from .demo import run_demo
 
-    loaded = _load(model)
+    loaded = _load(model, device)
     run_demo(
         loaded, method, corpus=corpus, stats_tokens=stats_tokens,
         run_dir=str(out) if out else None, console=console,
@@ -119,6 +126,7 @@ def edit(
     requests: Annotated[Path, typer.Option(help="JSON list or JSONL of edit requests.")],
     out: Annotated[Path, typer.Option(help="Run directory for the journal and deltas.")],
     model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
     batch_size: Annotated[int, typer.Option(min=1)] = 100,
     layers: Annotated[
@@ -168,7 +176,7 @@ def edit(
             validate_batch(batch)
         except ValueError as error:
             raise ValueError(f"batch {b + 1}: {error}") from None
-    loaded = _load(model)
+    loaded = _load(model, device)
     check_targets(loaded.tokenizer, all_requests)
     overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
     if positions_per_pass is not None:
@@ -230,6 +238,7 @@ def _resume_edit(session: Any, batches: list[list[Any]]) -> int:
 @friendly
 def stats(
     model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
     layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
     corpus: CorpusOpt = None,
     tokens: Annotated[int | None, typer.Option(min=1000)] = None,
@@ -239,7 +248,7 @@ def stats(
     from .presets import preset_for
     from .stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
 
-    loaded = _load(model)
+    loaded = _load(model, device)
     preset = preset_for(loaded.name, loaded.layout.num_layers)
     chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
     source = load_corpus(corpus, loaded)
@@ -259,6 +268,7 @@ def stats(
 @friendly
 def energy(
     model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
     layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
     run: Annotated[Path | None, typer.Option(help="An edit run: its HE journal.")] = None,
     s: Annotated[float, typer.Option(min=0.0, help="Riesz exponent; 0 = log energy.")] = 1.0,
@@ -288,7 +298,7 @@ def energy(
     from .energy import hyperspherical_energy
     from .presets import preset_for
 
-    loaded = _load(model)
+    loaded = _load(model, device)
     n = loaded.layout.num_layers
     chosen = parse_layers(layers, n) if layers else list(preset_for(loaded.name, n).layers)
     table = Table(title=f"Hyperspherical energy (s={s}) of {loaded.name}")
@@ -383,6 +393,7 @@ def general(
             "--model", "-m", help="For a run directory: base model, if not the one recorded."
         ),
     ] = None,
+    device: DeviceOpt = "cpu",
     out: Annotated[
         Path | None,
         typer.Option(
@@ -417,18 +428,18 @@ def general(
     if edits is not None:
         _general_curve(
             Path(model_or_run_dir), _parse_counts(edits, "--edits"), model=model,
-            data_dir=data_dir, n_items=n_items, tasks=chosen, batch_size=batch_size, out=out,
-            details=details, plot=plot,
+            device=device, data_dir=data_dir, n_items=n_items, tasks=chosen,
+            batch_size=batch_size, out=out, details=details, plot=plot,
         )  # fmt: skip
         return
     if is_run_dir(model_or_run_dir):
         with console.status(f"loading the edited model of {model_or_run_dir}"):
-            loaded, index = load_run_model(model_or_run_dir, model=model)
+            loaded, index = load_run_model(model_or_run_dir, model=model, device=device)
         label = f"{model_or_run_dir} ({len(index['batches'])} batches on {loaded.name})"
     else:
         if model is not None:
             raise ValueError("--model is for a run directory; give the model as the argument")
-        loaded = _load(model_or_run_dir)
+        loaded = _load(model_or_run_dir, device)
         label = loaded.name
     result = evaluate_general(
         loaded.model, loaded.tokenizer, data_dir, n_items=n_items, tasks=chosen,
@@ -497,6 +508,7 @@ def bench(
         typer.Option(help="Continue the interrupted run in this directory (same options)."),
     ] = None,
     model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
     methods: Annotated[
         str, typer.Option(help="Comma-separated, e.g. memit,alphaedit,alphaedit+sphere.")
     ] = "memit,alphaedit,alphaedit+sphere",
@@ -551,7 +563,7 @@ def bench(
         general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
         positions_per_pass=positions_per_pass,
     )  # fmt: skip
-    loaded = _load(model)
+    loaded = _load(model, device)
     if layers:
         config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
     bench_run = Benchmark(

@@ -669,6 +669,7 @@ def general_curve(
     edits: Sequence[int],
     *,
     model: Any = None,
+    device: str = "cpu",
     data_dir: str | Path | None = None,
     n_items: int = DEFAULT_N_ITEMS,
     tasks: str | Sequence[str] = TASKS,
@@ -688,8 +689,8 @@ def general_curve(
     With ``out`` the curve is written atomically after every point, and the points
     ``out`` already holds for the same run, items and tasks are kept and not measured
     again, so an interrupted job goes on where it stopped. ``model`` is the base model as in
-    :func:`.geometry.geometry_for_run`; a passed :class:`.LoadedModel` gets its weights
-    back.
+    :func:`.geometry.geometry_for_run` (loaded onto ``device`` when it is a name); a passed
+    :class:`.LoadedModel` gets its weights back.
     """
     from .fileio import write_json
     from .journal import read_index
@@ -720,7 +721,7 @@ def general_curve(
         return curve
     if log and done:
         log(f"{out} already holds the points at {sorted(done)} edits; measuring {todo}")
-    loaded = model if isinstance(model, LoadedModel) else load_model(name)
+    loaded = model if isinstance(model, LoadedModel) else load_model(name, device=device)
     stored = snapshot_weights(loaded, index["layers"])
     applied = 0
     try:

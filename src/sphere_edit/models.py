@@ -121,13 +121,47 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the first GPU when there is one, else the
+    CPU) as a device this machine has; anything else is refused with the choices."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    text = spec.strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(
+            f"--device: {spec!r} is not a device; give cpu, cuda, cuda:N or auto"
+        ) from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device: {spec!r} is not supported; give cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device: {spec!r} asks for a GPU, but this torch ({torch.__version__}) sees "
+            "none; give --device cpu (or auto)"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"--device: {spec!r} does not exist; this machine has {count} GPU(s), "
+            f"cuda:0 to cuda:{count - 1}"
+        )
+    return device
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    """Load an embedded model by short name, a local folder, or a Hugging Face hub id."""
+    """Load an embedded model by short name, a local folder, or a Hugging Face hub id,
+    onto ``device`` (see :func:`resolve_device`)."""
+    device = resolve_device(device)
     if name_or_path in EMBEDDED_MODELS:
         folder = ensure_converted(name_or_path)
         verify_converted(folder)

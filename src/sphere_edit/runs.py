@@ -89,10 +89,11 @@ def apply_run(
 
 
 def load_run_model(
-    run_dir: str | Path, *, model: str | LoadedModel | None = None
+    run_dir: str | Path, *, model: str | LoadedModel | None = None, device: str = "cpu"
 ) -> tuple[LoadedModel, dict[str, Any]]:
-    """Load the run's base model (``model`` overrides the name in the journal: a folder
-    or hub id, or an already loaded unedited model) and apply the run to it."""
+    """Load the run's base model onto ``device`` (``model`` overrides the name in the
+    journal: a folder or hub id, or an already loaded unedited model) and apply the run
+    to it."""
     run_dir = Path(run_dir)
     index = read_index(run_dir)
     if isinstance(model, LoadedModel):
@@ -100,6 +101,6 @@ def load_run_model(
     else:
         from .models import load_model
 
-        loaded = load_model(model or index["model"])
+        loaded = load_model(model or index["model"], device=device)
     apply_run(loaded, run_dir)
     return loaded, index

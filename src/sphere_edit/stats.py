@@ -186,7 +186,7 @@ def collect_second_moments(
         with ExitStack() as stack:
             seen = {layer: stack.enter_context(capture(layout.mlp_out(layer))) for layer in layers}
             stack.enter_context(capture(stop_module, stop=True))
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16))
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
             run_until_stopped(lambda ids=ids, mask=mask: model(input_ids=ids, attention_mask=mask))
         real = mask.bool()
         for layer in layers:

@@ -195,7 +195,7 @@ class _Pass:
         raise NotImplementedError
 
     def run(self, delta_rows: torch.Tensor, on_init) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self._forward(delta_rows, on_init)
 
 
@@ -285,7 +285,10 @@ class _CachedPass(_Pass):
             from .context import cache_argument
 
             self.cache_arg = cache_argument(self.model)
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            with (
+                torch.no_grad(),
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+            ):
                 out = self.model(
                     input_ids=head_ids.to(dev),
                     attention_mask=head_mask.to(dev),
@@ -313,7 +316,7 @@ class _CachedPass(_Pass):
         # of ``layers``: run those layers once here, and skip them in every step.
         with (
             torch.no_grad(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
             capture(self.hidden, stop=True) as seen,
         ):
             run_until_stopped(lambda: self.model(**self.inputs, **self._cache_inputs()))

@@ -61,6 +61,8 @@ def test_edit_run_writes_a_journal_and_energy_reads_it(tiny_dir, tmp_path):
         (["--eta", "1.5"], "--eta"),
         (["--alpha", "-0.1"], "--alpha"),
         (["--batch-size", "0"], "batch-size"),
+        (["--device", "tpu"], "--device: 'tpu'"),
+        (["--device", "cuda:99"], "--device: 'cuda:99'"),
     ],
 )
 def test_bad_options_give_one_line_errors(tiny_dir, tmp_path, extra, message):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from sphere_edit.models import LoadedModel, cache_dir, weights_fingerprint
+from sphere_edit.models import LoadedModel, cache_dir, resolve_device, weights_fingerprint
 from tests.tiny_models import make_tiny_model
 
 
@@ -52,3 +53,27 @@ def test_fingerprint_ignores_where_the_model_was_loaded_from(tiny_tokenizer):
     assert weights_fingerprint(model) == base
     model.config.rms_norm_eps = 0.5
     assert weights_fingerprint(model) != base
+
+
+def test_resolve_device_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--device: 'cuda' asks for a GPU.*--device cpu"):
+        resolve_device("cuda")
+    for bad in ("tpu", "gpu0", ""):
+        with pytest.raises(ValueError, match="cpu, cuda, cuda:N or auto"):
+            resolve_device(bad)
+
+
+def test_resolve_device_with_gpus(monkeypatch):
+    """Only the checks: no tensor is put on the (pretended) GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"has 2 GPU\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_device("mps")
