@@ -13,6 +13,9 @@ another order of summation on the GPU) and the Adam steps of v* that follow them
 
     PYTHONPATH=src:. python benchmarks/device_check.py --device cuda --out runs/device_check
 
+``--device cpu --threads 1 2`` compares two CPU runs that differ only in the order of
+summation: the rounding-noise floor of each method.
+
 Exit status 1 when a ΔW differs by more than ``--tolerance`` (relative to its largest
 entry), so the script can gate a GPU machine.
 """
@@ -79,6 +82,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, help="Keep both run directories here.")
     parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument(
+        "--threads", type=int, nargs=2, metavar=("FIRST", "SECOND"),
+        help="CPU threads of the two runs; with --device cpu, e.g. --threads 1 2, the "
+        "differences are those of rounding alone (another order of summation): the floor "
+        "a GPU run is judged against",
+    )  # fmt: skip
     args = parser.parse_args()
     device = resolve_device(args.device)
 
@@ -88,6 +97,8 @@ def main() -> None:
     make_tiny_model("llama", tokenizer, seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     labels = ("reference_cpu", f"on_{device.type}")
+    if args.threads:
+        labels = (f"cpu_{args.threads[0]}_threads", f"{device.type}_{args.threads[1]}_threads")
     for group, (bases, layers) in GROUPS.items():
         config = BenchConfig(
             model=str(folder), methods=tuple(m for b in bases for m in (b, f"{b}+sphere")),
@@ -95,7 +106,10 @@ def main() -> None:
             checkpoint_every=1, layers=layers, stats_tokens=2000, fluency_cases=2,
             general_every=3, general_data=str(FIXTURES / "general"), general_items=4,
         )  # fmt: skip
-        for label, where in zip(labels, (torch.device("cpu"), device), strict=True):
+        devices = (torch.device("cpu"), device)
+        for run, (label, where) in enumerate(zip(labels, devices, strict=True)):
+            if args.threads:
+                torch.set_num_threads(args.threads[run])
             clock = time.perf_counter()
             loaded = load_model(str(folder), device=where)
             run_dir = work / label / group
