@@ -1,13 +1,15 @@
 """Peak memory of the v* loop: the process's peak resident size (``VmHWM``, Linux) after
 loading the model, after building an AlphaEdit+SPHERE session (statistics loaded) and
-after the target optimisation of the first ``--n`` requests of ``--dataset`` (CounterFact
-train by default; any file ``sphere-edit bench`` reads, e.g. ZsRE).
+after the target optimisation of ``--n`` requests (after the first ``--offset``) of
+``--dataset`` (CounterFact train by default; any file ``sphere-edit bench`` reads, e.g.
+ZsRE).
 
 Run it once per setting (the peak of a process only grows), e.g.
 
     python benchmarks/vstar_memory.py --n 48 --steps 2 --requests-per-pass 16
     python benchmarks/vstar_memory.py --n 48 --steps 2 --requests-per-pass 8
     python benchmarks/vstar_memory.py --n 100 --steps 2 --positions-per-pass 192
+    python benchmarks/vstar_memory.py --n 100 --offset 800 --steps 5
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/vstar_memory.py --n 48 --steps 2
 """
 
@@ -48,6 +50,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--n", type=int, default=48)
+    parser.add_argument(
+        "--offset", type=int, default=0,
+        help="skip this many cases first (800: the requests of batch 9 in batches of 100)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--requests-per-pass", type=int, default=16)
     parser.add_argument(
@@ -60,9 +66,12 @@ def main() -> None:
     loaded = load_model(args.model)
     print(f"{'model':<10}{memory_mib()}", flush=True)
     dataset = args.dataset or args.data / "counterfact" / "train.json"
-    cases = load_cases(dataset, limit=args.n)
+    cases = load_cases(dataset, limit=args.n, offset=args.offset)
     if len(cases) < args.n:
-        raise SystemExit(f"{dataset} holds {len(cases)} cases, fewer than --n {args.n}")
+        raise SystemExit(
+            f"{dataset} holds {len(cases)} cases after --offset {args.offset}, "
+            f"fewer than --n {args.n}"
+        )
     session = build_session(
         loaded, "alphaedit+sphere", corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
         log=lambda _: None, progress=False,
@@ -81,7 +90,7 @@ def main() -> None:
     )  # fmt: skip
     seconds = time.perf_counter() - start
     print(f"{'v*':<10}{memory_mib()} ({seconds:.1f} s, {args.n} requests, {args.steps} steps, "
-          f"{args.requests_per_pass} per pass, "
+          f"offset {args.offset}, {args.requests_per_pass} per pass, "
           f"positions cap {config.positions_per_pass})")  # fmt: skip
 
 
