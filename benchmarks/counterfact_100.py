@@ -4,7 +4,7 @@ The first ``--n`` CounterFact cases are applied as ONE batch, by each method in 
 every time starting from the same base weights (the session is rolled back between
 methods and the weights checked bitwise against a copy). The target vectors v* depend
 only on the base model and the requests, so they are computed once and handed to every
-method (``EditSession.apply(precomputed_targets=...)``).
+method (``EditSession.apply(precomputed_vstar=...)``).
 
 Reported for the base model and after each method: efficacy on the rewrite prompt as
 P(new) > P(old) (total log-probability of each target's tokens) and as top-1 accuracy
@@ -31,17 +31,17 @@ from typing import Any
 
 import torch
 
-from sphere_edit.context import generate_context_templates
-from sphere_edit.editor import MethodSpec, parse_layers
-from sphere_edit.evaluate import TargetComparison, compare_targets
+from sphere_edit.editing.build import MethodSpec, parse_layers
+from sphere_edit.editing.presets import Preset, preset_for
+from sphere_edit.editing.requests import EditRequest, RequestError, validate_batch
+from sphere_edit.editing.sampling import generate_context_templates
+from sphere_edit.editing.session import BatchResult, EditSession
+from sphere_edit.editing.stats import layer_second_moments, load_corpus
+from sphere_edit.editing.vstar import VStarConfig, VStarResult, compute_vstar
+from sphere_edit.evaluation.scoring import TargetComparison, compare_targets
 from sphere_edit.methods import EditMethod, make_method
-from sphere_edit.models import DEFAULT_MODEL, LoadedModel, load_model
-from sphere_edit.presets import Preset, preset_for
-from sphere_edit.requests import EditRequest, RequestError, validate_batch
-from sphere_edit.session import BatchResult, EditSession
-from sphere_edit.sphere import SphereProjection
-from sphere_edit.stats import layer_second_moments, load_corpus
-from sphere_edit.targets import TargetConfig, TargetResult, compute_targets
+from sphere_edit.model.loading import DEFAULT_MODEL, LoadedModel, load_model
+from sphere_edit.sphere.projection import SphereProjection
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("memit", "alphaedit", "alphaedit+sphere")
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="corpus for the statistics (default DATA/corpus/wiki_corpus.jsonl)")
     add("--lr", type=float, default=None,
         help="v* learning rate (default: the model's preset)")
-    add("--steps", type=int, default=TargetConfig.steps,
+    add("--steps", type=int, default=VStarConfig.steps,
         help="v* optimisation steps (default %(default)s)")
     add("--methods", type=parse_methods, default=list(METHODS),
         help=f"comma-separated method specs (default: {','.join(METHODS)})")
@@ -250,8 +250,8 @@ def run_method(
     layers: list[int],
     moments: dict[int, torch.Tensor],
     templates: list[str],
-    config: TargetConfig,
-    vstar: TargetResult,
+    config: VStarConfig,
+    vstar: VStarResult,
     base: dict[int, torch.Tensor],
     batch_size: int,
 ) -> dict[str, Any]:
@@ -260,7 +260,7 @@ def run_method(
         loaded, method, layers, moments, transform=transform, target=config, templates=templates
     )
     clock = time.perf_counter()
-    result: BatchResult = session.apply([c.request for c in cases], precomputed_targets=vstar)
+    result: BatchResult = session.apply([c.request for c in cases], precomputed_vstar=vstar)
     apply_s = time.perf_counter() - clock
     clock = time.perf_counter()
     metrics = evaluate(loaded, cases, batch_size)
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {**preset.target, "steps": args.steps, "bf16": args.bf16}
     if args.lr is not None:
         options["lr"] = args.lr
-    config = TargetConfig(**options)
+    config = VStarConfig(**options)
     log(f"{args.model}: editing layers {layers}, {len(cases)} cases, methods {args.methods}")
 
     corpus_path = args.corpus or args.data / "corpus" / "wiki_corpus.jsonl"
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     log(f"v*: {config.steps} steps for {len(cases)} requests ...")
     clock = time.perf_counter()
-    vstar = compute_targets(
+    vstar = compute_vstar(
         loaded.model, loaded.tokenizer, loaded.layout, layers[-1], requests, templates, config
     )
     once["v*"] = time.perf_counter() - clock

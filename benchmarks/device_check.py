@@ -3,7 +3,7 @@
 A tiny random Llama (the tests' tokenizer and config) edits the test fixture's three
 CounterFact records, one per batch, with every method with and without SPHERE, once with
 the model on the CPU and once on ``--device``; both runs go through
-:class:`sphere_edit.bench.Benchmark` exactly as ``sphere-edit bench`` does (v*, keys, the
+:class:`sphere_edit.bench.runner.Benchmark` exactly as ``sphere-edit bench`` does (v*, keys, the
 closed forms, the projection, HE, checkpoints, fluency, and the general-ability tasks on
 the fixture files). Printed per method: the largest relative difference between the two
 devices of each batch's ΔW (from the journals) and of the final HE, and the largest
@@ -35,8 +35,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
-from sphere_edit.bench import BenchConfig, Benchmark  # noqa: E402
-from sphere_edit.models import load_model, resolve_device  # noqa: E402
+from sphere_edit.bench.runner import BenchConfig, Benchmark  # noqa: E402
+from sphere_edit.model.loading import load_model, resolve_device  # noqa: E402
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"

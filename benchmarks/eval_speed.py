@@ -18,9 +18,9 @@ from pathlib import Path
 
 from _output import print_and_save  # benchmarks/, the script's folder
 
-from sphere_edit.data import load_cases
-from sphere_edit.evaluate import score_one_by_one, score_targets
-from sphere_edit.models import DEFAULT_MODEL, load_model
+from sphere_edit.evaluation.data import load_cases
+from sphere_edit.evaluation.scoring import score_one_by_one, score_targets
+from sphere_edit.model.loading import DEFAULT_MODEL, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

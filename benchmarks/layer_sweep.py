@@ -21,13 +21,13 @@ from pathlib import Path
 
 from counterfact_100 import evaluate, load_cases
 
-from sphere_edit.context import generate_context_templates
-from sphere_edit.editor import parse_layers
+from sphere_edit.editing.build import parse_layers
+from sphere_edit.editing.sampling import generate_context_templates
+from sphere_edit.editing.session import EditSession
+from sphere_edit.editing.stats import layer_second_moments, load_corpus
+from sphere_edit.editing.vstar import VStarConfig, compute_vstar
 from sphere_edit.methods import MEMIT, AlphaEdit
-from sphere_edit.models import load_model
-from sphere_edit.session import EditSession
-from sphere_edit.stats import layer_second_moments, load_corpus
-from sphere_edit.targets import TargetConfig, compute_targets
+from sphere_edit.model.loading import load_model
 
 
 def main() -> None:
@@ -56,10 +56,10 @@ def main() -> None:
     print(f"base: {json.dumps({k: v for k, v in base.items() if k != 'cases'})}", flush=True)
     results = []
     requests = [c.request for c in cases]
-    config = TargetConfig(lr=args.lr)
+    config = VStarConfig(lr=args.lr)
     for window in windows:
         start = time.perf_counter()
-        vstar = compute_targets(
+        vstar = compute_vstar(
             loaded.model, loaded.tokenizer, loaded.layout, window[-1], requests, templates, config
         )
         vstar_s = time.perf_counter() - start
@@ -71,7 +71,7 @@ def main() -> None:
                 loaded, method, window, {layer: moments[layer].moment for layer in window},
                 target=config, templates=templates,
             )  # fmt: skip
-            session.apply(requests, precomputed_targets=vstar)
+            session.apply(requests, precomputed_vstar=vstar)
             scores = evaluate(loaded, cases, 64)
             session.rollback(1)
             row = {

@@ -17,11 +17,16 @@ from pathlib import Path
 import torch
 from _output import print_and_save  # benchmarks/, the script's folder
 
-from sphere_edit.hooks import capture, run_until_stopped
-from sphere_edit.models import DEFAULT_MODEL, load_model
-from sphere_edit.presets import preset_for
-from sphere_edit.stats import _token_pieces, collect_second_moments, load_corpus, packed_batches
-from sphere_edit.text import pad_id_of
+from sphere_edit.editing.presets import preset_for
+from sphere_edit.editing.stats import (
+    _token_pieces,
+    collect_second_moments,
+    load_corpus,
+    packed_batches,
+)
+from sphere_edit.editing.text import pad_id_of
+from sphere_edit.model.hooks import capture, run_until_stopped
+from sphere_edit.model.loading import DEFAULT_MODEL, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from counterfact_100 import REPO  # noqa: E402
 
-from sphere_edit.data import load_cases  # noqa: E402
-from sphere_edit.editor import build_session  # noqa: E402
-from sphere_edit.models import DEFAULT_MODEL, load_model  # noqa: E402
-from sphere_edit.targets import compute_targets  # noqa: E402
+from sphere_edit.editing.build import build_session  # noqa: E402
+from sphere_edit.editing.vstar import compute_vstar  # noqa: E402
+from sphere_edit.evaluation.data import load_cases  # noqa: E402
+from sphere_edit.model.loading import DEFAULT_MODEL, load_model  # noqa: E402
 
 
 def memory_mib() -> dict[str, int]:
@@ -84,7 +84,7 @@ def main() -> None:
     if args.positions_per_pass is not None:
         config = replace(config, positions_per_pass=args.positions_per_pass or None)
     start = time.perf_counter()
-    compute_targets(
+    compute_vstar(
         loaded.model, loaded.tokenizer, loaded.layout, session.layers[-1],
         [c.request for c in cases], session.context_templates(), config,
     )  # fmt: skip

@@ -31,9 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from counterfact_100 import REPO, evaluate, load_cases, log  # noqa: E402
 
-from sphere_edit.editor import build_session  # noqa: E402
-from sphere_edit.models import DEFAULT_MODEL, load_model, resolve_device  # noqa: E402
-from sphere_edit.targets import TargetResult, compute_targets  # noqa: E402
+from sphere_edit.editing.build import build_session  # noqa: E402
+from sphere_edit.editing.vstar import VStarResult, compute_vstar  # noqa: E402
+from sphere_edit.model.loading import DEFAULT_MODEL, load_model, resolve_device  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -60,9 +60,9 @@ def matmul_peak(
     return 2 * size**3 / best / 1e9
 
 
-def cat_results(parts: list[TargetResult]) -> TargetResult:
-    return TargetResult(
-        targets=torch.cat([p.targets for p in parts]),
+def cat_results(parts: list[VStarResult]) -> VStarResult:
+    return VStarResult(
+        vectors=torch.cat([p.vectors for p in parts]),
         init=torch.cat([p.init for p in parts]),
         loss=torch.cat([p.loss for p in parts]),
         nll=torch.cat([p.nll for p in parts]),
@@ -78,7 +78,7 @@ def step_flops(model, tok, layout, z_layer, groups, templates, config) -> list[i
         with FlopCounterMode(display=False) as counter:
             sample = replace(config, steps=steps, loss_tolerance=0.0)
             for group in groups:
-                compute_targets(model, tok, layout, z_layer, group, templates, sample)
+                compute_vstar(model, tok, layout, z_layer, group, templates, sample)
         counts.append(counter.get_total_flops())
     return counts
 
@@ -150,7 +150,7 @@ def main() -> None:
                                                 templates, config), indent=2))  # fmt: skip
         return
 
-    def fast(name: str, bf16: bool) -> TargetResult:
+    def fast(name: str, bf16: bool) -> VStarResult:
         cfg = replace(config, bf16=bf16)
         counts = step_flops(model, tok, layout, z_layer, [requests], templates, cfg)
         # The whole batch, as the run groups it: the passes, their padding and the
@@ -158,7 +158,7 @@ def main() -> None:
         per_request_step = (counts[1] - counts[0]) / len(requests)
         synchronize(device)
         start = time.perf_counter()
-        result = compute_targets(model, tok, layout, z_layer, requests, templates, cfg)
+        result = compute_vstar(model, tok, layout, z_layer, requests, templates, cfg)
         synchronize(device)
         seconds = time.perf_counter() - start
         steps = int(result.steps.sum())
@@ -185,7 +185,7 @@ def main() -> None:
         synchronize(device)
         start = time.perf_counter()
         parts = [
-            compute_targets(model, tok, layout, z_layer, [r], templates, reference_config)
+            compute_vstar(model, tok, layout, z_layer, [r], templates, reference_config)
             for r in requests[: args.reference_n]
         ]
         synchronize(device)
@@ -200,12 +200,12 @@ def main() -> None:
         reference = cat_results(parts)
         # Targets come back in request order whatever the grouping of the fast route.
         runs["reference"]["max_abs_diff_vs_fast_fp32"] = float(
-            (reference.targets - results["fast fp32"].targets[: args.reference_n]).abs().max()
+            (reference.vectors - results["fast fp32"].vectors[: args.reference_n]).abs().max()
         )
 
     # Efficacy of the edits each set of targets gives (MEMIT, same base weights).
     for name, result in results.items():
-        session.apply(requests, precomputed_targets=result)
+        session.apply(requests, precomputed_vstar=result)
         runs[name]["efficacy"] = evaluate(loaded, cases, 64)["rewrite"]
         session.rollback(0)
     if "reference" in runs:

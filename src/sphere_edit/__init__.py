@@ -6,9 +6,10 @@ session = build_session(loaded, "alphaedit+sphere")
 session.apply([EditRequest.create("{} plays the", "Jimi Hendrix", "violin", "guitar")])
 """
 
-from .arch import ARCHITECTURES, ArchSpec, ModelLayout, register_architecture
-from .editor import MethodSpec, build_session
-from .energy import hyperspherical_energy
+from .editing.build import MethodSpec, build_session
+from .editing.requests import EditRequest, RequestError, load_requests
+from .editing.session import BatchResult, EditSession
+from .editing.vstar import VStarConfig
 from .methods import (
     FT,
     MEMIT,
@@ -21,11 +22,10 @@ from .methods import (
     LayerState,
     make_method,
 )
-from .models import LoadedModel, load_model
-from .requests import EditRequest, RequestError, load_requests
-from .session import BatchResult, EditSession
-from .sphere import SphereProjection
-from .targets import TargetConfig
+from .model.arch import ARCHITECTURES, ArchSpec, ModelLayout, register_architecture
+from .model.loading import LoadedModel, load_model
+from .sphere.energy import hyperspherical_energy
+from .sphere.projection import SphereProjection
 
 __all__ = [
     "ARCHITECTURES",
@@ -47,7 +47,7 @@ __all__ = [
     "ROME",
     "RequestError",
     "SphereProjection",
-    "TargetConfig",
+    "VStarConfig",
     "build_session",
     "hyperspherical_energy",
     "load_model",

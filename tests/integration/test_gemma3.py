@@ -7,10 +7,10 @@ import importlib.util
 import pytest
 
 from sphere_edit import EditRequest, build_session, load_model
-from sphere_edit.evaluate import compare_targets, greedy_completion
-from sphere_edit.keys import read_layer
-from sphere_edit.stats import load_corpus
-from sphere_edit.targets import compute_targets
+from sphere_edit.editing.keys import read_layer
+from sphere_edit.editing.stats import load_corpus
+from sphere_edit.editing.vstar import compute_vstar
+from sphere_edit.evaluation.scoring import compare_targets, greedy_completion
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +41,12 @@ def test_edits_reach_their_targets_through_the_post_norm(gemma, tmp_path):
     )  # fmt: skip
     templates = session.context_templates()
     z_layer = session.layers[-1]
-    targets = compute_targets(model, tok, session.layout, z_layer, EDITS, templates, session.target)
-    wanted = (targets.targets - targets.init).norm(dim=1)
+    targets = compute_vstar(model, tok, session.layout, z_layer, EDITS, templates, session.target)
+    wanted = (targets.vectors - targets.init).norm(dim=1)
     try:
-        session.apply(EDITS, precomputed_targets=targets)
+        session.apply(EDITS, precomputed_vstar=targets)
         after = read_layer(model, tok, session.layout, z_layer, z_layer, EDITS, templates)
-        miss = (targets.targets - after.z_out).norm(dim=1)
+        miss = (targets.vectors - after.z_out).norm(dim=1)
         assert (miss < 0.5 * wanted).all(), f"missed v* by {miss.tolist()} of {wanted.tolist()}"
         scores = compare_targets(
             model, tok, [r.text for r in EDITS], [r.target_new for r in EDITS],

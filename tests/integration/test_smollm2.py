@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sphere_edit import EditRequest, build_session, load_model
-from sphere_edit.evaluate import compare_targets, greedy_completion, score_targets
-from sphere_edit.stats import load_corpus
+from sphere_edit.editing.stats import load_corpus
+from sphere_edit.evaluation.scoring import compare_targets, greedy_completion, score_targets
 
 pytestmark = pytest.mark.integration
 

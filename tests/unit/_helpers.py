@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sphere_edit.models import LoadedModel
-from sphere_edit.requests import EditRequest
+from sphere_edit.editing.requests import EditRequest
+from sphere_edit.model.loading import LoadedModel
 
 # Where each family keeps its MLP output projection, spelled out here (not read from
-# ``sphere_edit.arch``) so that tests compare against an independent source.
+# ``sphere_edit.model.arch``) so that tests compare against an independent source.
 MLP_OUT_PATH = {
     "gpt2": ("transformer.h", "mlp.c_proj"),
     "gptj": ("transformer.h", "mlp.fc_out"),
@@ -126,11 +126,11 @@ def saved_memit_session(directory, tokenizer, family: str, layers: list[int]):
     """A tiny ``family`` model saved to ``directory/tiny-<family>`` (so that a command can
     load it by the name its journal records) and loaded back, with a MEMIT session that
     journals into ``directory/run``. Returns (model folder, loaded model, session)."""
+    from sphere_edit.editing.session import EditSession
+    from sphere_edit.editing.stats import collect_second_moments, load_corpus
+    from sphere_edit.editing.vstar import VStarConfig
     from sphere_edit.methods import MEMIT
-    from sphere_edit.models import load_model
-    from sphere_edit.session import EditSession
-    from sphere_edit.stats import collect_second_moments, load_corpus
-    from sphere_edit.targets import TargetConfig
+    from sphere_edit.model.loading import load_model
     from tests.tiny_models import TRAINING_SENTENCES, make_tiny_model
 
     folder = directory / f"tiny-{family}"
@@ -145,6 +145,6 @@ def saved_memit_session(directory, tokenizer, family: str, layers: list[int]):
     )  # fmt: skip
     session = EditSession(
         loaded, MEMIT(mom2_weight=1.0), layers, {k: m.moment for k, m in moments.items()},
-        target=TargetConfig(steps=3), run_dir=directory / "run", templates=["{}"],
+        target=VStarConfig(steps=3), run_dir=directory / "run", templates=["{}"],
     )  # fmt: skip
     return folder, loaded, session

@@ -33,8 +33,8 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ..arch import ModelLayout
-    from ..requests import EditRequest
+    from ..editing.requests import EditRequest
+    from ..model.arch import ModelLayout
 
 
 @dataclass

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..hooks import frozen_parameters
-from ..requests import EditRequest, RequestError
-from ..text import encode, pad_id_of, pad_left, target_token_ids
+from ..editing.requests import EditRequest, RequestError
+from ..editing.text import encode, pad_id_of, pad_left, target_token_ids
+from ..model.hooks import frozen_parameters
 from .base import EditContext, GradientResult
 
 

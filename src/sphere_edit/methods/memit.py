@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..linalg import solve
+from ..common.linalg import solve
 from .base import LayerState
 
 

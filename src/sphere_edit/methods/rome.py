@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..linalg import Factorization, factorize
+from ..common.linalg import Factorization, factorize
 from .base import LayerState
 
 

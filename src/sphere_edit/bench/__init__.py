@@ -1,0 +1,1 @@
+"""The sequential benchmark: config, run directory, runner, plots, report, geometry."""

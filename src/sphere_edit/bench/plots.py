@@ -1,0 +1,160 @@
+"""Plots of a benchmark run directory (see :mod:`sphere_edit.bench` for its layout)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..editing.build import MethodSpec
+from ..evaluation.general import accuracy_keys
+from .figures import new_figure, save_png
+
+CURVE_METRICS = ("efficacy", "generalization", "specificity")
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """The run's summary with, per method, its checkpoints and HE series (edits → mean HE
+    over the edited layers), read from the files the benchmark writes as it goes."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{run_dir} has no summary.json; is it a benchmark run directory?")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    methods: dict[str, dict[str, Any]] = {}
+    for spec in config["config"]["methods"]:
+        method_dir = run_dir / MethodSpec.parse(spec).dirname
+        if not (method_dir / "he.csv").exists():
+            continue  # not started yet
+        energy: dict[int, list[float]] = {}
+        for line in (method_dir / "he.csv").read_text(encoding="utf-8").splitlines()[1:]:
+            edits, _layer, value = line.split(",")
+            energy.setdefault(int(edits), []).append(float(value))
+        checkpoints = [
+            json.loads(line)
+            for line in (method_dir / "checkpoints.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+        progress = method_dir / "progress.json"
+        methods[spec] = {
+            "energy": {e: sum(v) / len(v) for e, v in sorted(energy.items())},
+            "checkpoints": checkpoints,
+            "summary": summary.get("methods", {}).get(spec),
+            # Batches done and time per phase so far: what a run still in progress has.
+            "progress": json.loads(progress.read_text(encoding="utf-8"))
+            if progress.exists()
+            else {},
+        }
+    return {"summary": summary, "config": config, "methods": methods}
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write ``plots/metrics.png`` (metrics and HE against edits, a line per method) and
+    ``plots/he_differences.png`` (consecutive differences, Figure 3 style)."""
+    run_dir = Path(run_dir)
+    return plot_figures(read_run(run_dir), run_dir / "plots")
+
+
+def plot_figures(run: dict[str, Any], folder: Path) -> list[Path]:
+    """The figures of a run as :func:`read_run` gives it (or of several runs merged into
+    that shape) in ``folder``: ``metrics.png``, ``he_differences.png`` and, when measured,
+    ``general.png``."""
+    written = [_plot_curves(run, folder / "metrics.png")]
+    written.append(_plot_differences(run, folder / "he_differences.png"))
+    general = _plot_general(run, folder / "general.png")
+    if general is not None:
+        written.append(general)
+    return written
+
+
+def _legend(ax: Any) -> None:
+    # A run with one checkpoint has no differences to draw, hence nothing to label.
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _plot_curves(run: dict[str, Any], path: Path) -> Path:
+    pre = run["summary"]["pre_edit"]["metrics"]
+    figure = new_figure(4.0 * (len(CURVE_METRICS) + 1), 3.4)
+    axes = figure.subplots(1, len(CURVE_METRICS) + 1)
+    for ax, metric in zip(axes, CURVE_METRICS, strict=False):
+        for spec, data in run["methods"].items():
+            xs = [c["edits"] for c in data["checkpoints"]]
+            ys = [c["metrics"].get(metric) for c in data["checkpoints"]]
+            ax.plot(xs, ys, marker="o", label=spec)
+        if pre.get(metric) is not None:
+            ax.axhline(pre[metric], color="grey", linestyle="--", label="pre-edit")
+        ax.set_title(f"{metric} (cases edited so far)")
+        ax.set_xlabel("edits")
+        ax.set_ylim(-0.02, 1.02)
+    ax = axes[-1]
+    for spec, data in run["methods"].items():
+        ax.plot(list(data["energy"]), list(data["energy"].values()), label=spec)
+    ax.set_title("hyperspherical energy (mean over layers)")
+    ax.set_xlabel("edits")
+    _legend(axes[0])
+    save_png(figure, path)
+    return path
+
+
+def _plot_differences(run: dict[str, Any], path: Path) -> Path:
+    figure = new_figure(4.0 * len(CURVE_METRICS), 3.4)
+    axes = figure.subplots(1, len(CURVE_METRICS))
+    for ax, metric in zip(axes, CURVE_METRICS, strict=True):
+        for spec, data in run["methods"].items():
+            points = [
+                (data["energy"].get(c["edits"]), c["metrics"].get(metric))
+                for c in data["checkpoints"]
+            ]
+            points = [(h, m) for h, m in points if h is not None and m is not None]
+            dh = [b[0] - a[0] for a, b in zip(points, points[1:], strict=False)]
+            dm = [b[1] - a[1] for a, b in zip(points, points[1:], strict=False)]
+            if not dh:
+                continue
+            ax.scatter(dh, dm, label=spec, s=18)
+            fit = ((data["summary"] or {}).get("correlations") or {}).get(metric) or {}
+            line = fit.get("difference_fit")
+            if line and line.get("slope") is not None:
+                lo, hi = min(dh), max(dh)
+                ax.plot([lo, hi], [line["intercept"] + line["slope"] * x for x in (lo, hi)])
+        ax.set_title(f"Δ{metric} vs ΔHE between checkpoints")
+        ax.set_xlabel("ΔHE")
+    _legend(axes[0])
+    save_png(figure, path)
+    return path
+
+
+def _plot_general(run: dict[str, Any], path: Path) -> Path | None:
+    """The benchmark's in-run general abilities, the pre-edit model at 0 edits."""
+    pre = run["summary"]["pre_edit"].get("general", {}).get("summary", {})
+    series = {
+        spec: [{"edits": 0, "summary": pre}, *rows]
+        for spec, data in run["methods"].items()
+        if (rows := (data["summary"] or {}).get("general"))
+    }
+    return plot_general(series, path)
+
+
+def plot_general(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path | None:
+    """Each general-ability accuracy against edits, a line per series (a benchmark's
+    methods, or one run's curve from ``sphere-edit general --edits``); the rows are
+    ``{"edits": K, "summary": ...}`` as :func:`.general.evaluate_general` names them.
+    ``None`` (and no file) when no row has a result."""
+    keys = accuracy_keys([row.get("summary", {}) for rows in series.values() for row in rows])
+    if not keys:
+        return None
+    figure = new_figure(3.6 * len(keys), 3.2)
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys, strict=True):
+        for label, rows in series.items():
+            points = [(r["edits"], r.get("summary", {}).get(key)) for r in rows]
+            points = [(x, y) for x, y in points if y is not None]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+        ax.set_title(key)
+        ax.set_xlabel("edits")
+        ax.set_ylim(-0.02, 1.02)
+    _legend(axes[0])
+    save_png(figure, path)
+    return path

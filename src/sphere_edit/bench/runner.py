@@ -1,0 +1,749 @@
+"""The sequential editing benchmark behind ``sphere-edit bench``.
+
+Every method starts from the same base model and edits the same cases in the same order,
+``batch_size`` at a time. Two protocols are measured and named in the output:
+
+- ``final``: after the last batch, every edited case is evaluated on the final model (the
+  paper's protocol);
+- ``checkpoint``: every ``checkpoint_every`` edits, the cases edited so far are evaluated on
+  the model as it is then, which gives the curves.
+
+The pre-edit model is evaluated on the same cases once. Hyperspherical energy of every
+edited layer is recorded after every batch; the Spearman rank correlation between the HE
+series (mean over edited layers) and each metric series across checkpoints, and the fit of
+consecutive differences, are in the summary (the paper's Figures 2 and 3).
+
+The run directory (every file written atomically, rewritten as the run goes)::
+
+    config.json                 resolved configuration + environment
+    pre_edit/cases.jsonl        per-case results of the unedited model
+    pre_edit/summary.json
+    <method>/batches.jsonl      per batch: HE per layer, timings, v* losses
+    <method>/he.csv             edits, layer, energy
+    <method>/checkpoints.jsonl  aggregate metrics of the cases edited so far
+    <method>/cases.jsonl        per-case results on the final model
+    <method>/summary.json
+    <method>/progress.json      batches recorded so far, timings, general abilities
+    <method>/journal/           the edit journal (deltas per batch)
+    progress.json               what is complete: pre_edit, and each method
+    summary.json                all methods, the protocols, correlations, timings
+    plots/*.png
+
+An interrupted run continues with ``resume=True`` (``sphere-edit bench --resume``): see
+the resume section below and ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..common.faults import fault_point
+from ..common.fileio import write_json, write_text
+from ..common.heap import release_free_memory
+from ..editing.build import MethodSpec, build_session
+from ..editing.journal import read_index
+from ..editing.session import EditSession
+from ..editing.vstar import VStarResult
+from ..evaluation.data import CaseSet, EditCase, load_cases
+from ..evaluation.metrics import (
+    aggregate,
+    consecutive_difference_fit,
+    evaluate_cases,
+    evaluate_generation,
+    merge_results,
+    spearman,
+)
+from ..model.loading import LoadedModel, load_model
+
+HEADLINE_METRICS = ("efficacy", "generalization", "specificity")
+# The settings the pre-edit evaluation depends on (a run may reuse another run's pre-edit
+# results when all of them agree, see ``Benchmark(pre_edit_from=...)``).
+PRE_EDIT_SETTINGS = (
+    "dataset", "n_edits", "offset", "seed", "fluency_cases", "general_every",
+    "general_data", "general_items", "skip_invalid", "eval_batch_size",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "smollm2-135m"
+    methods: tuple[str, ...] = ("memit", "alphaedit", "alphaedit+sphere")
+    dataset: str = "counterfact"
+    n_edits: int = 1000
+    batch_size: int = 100
+    checkpoint_every: int | None = None  # None: only the final evaluation
+    seed: int = 0
+    offset: int = 0
+    layers: tuple[int, ...] | None = None
+    corpus: str | None = None
+    stats_tokens: int | None = None
+    fluency_cases: int = 0  # generations (fluency, consistency) for the first K cases
+    general_every: int | None = None  # general abilities every K edits (and pre-edit)
+    general_data: str | None = None
+    general_items: int = 200
+    skip_invalid: bool = False
+    eval_batch_size: int = 64
+    # v* memory cap (VStarConfig.positions_per_pass): None the default, 0 no cap.
+    positions_per_pass: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods: give at least one method, e.g. memit,alphaedit+sphere")
+        for spec in self.methods:
+            MethodSpec.parse(spec)
+        if self.n_edits < 1:
+            raise ValueError(f"n_edits: must be at least 1, got {self.n_edits}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+        for name in ("checkpoint_every", "general_every"):
+            every = getattr(self, name)
+            if every is not None and (every < 1 or every % self.batch_size):
+                raise ValueError(
+                    f"{name}: must be a positive multiple of the batch size "
+                    f"({self.batch_size}), got {every}"
+                )
+        if self.offset < 0:
+            raise ValueError(f"offset: must be >= 0, got {self.offset}")
+        if self.fluency_cases < 0:
+            raise ValueError(f"fluency_cases: must be >= 0, got {self.fluency_cases}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods: a method is listed twice")
+
+    def checkpoints(self) -> list[int]:
+        """Numbers of edits after which the cases edited so far are evaluated."""
+        ends = list(range(self.batch_size, self.n_edits, self.batch_size)) + [self.n_edits]
+        if self.checkpoint_every is None:
+            return [self.n_edits]
+        marks = [e for e in ends if e % self.checkpoint_every == 0]
+        return sorted(set(marks) | {self.n_edits})
+
+    def general_marks(self) -> list[int]:
+        if self.general_every is None:
+            return []
+        ends = list(range(self.batch_size, self.n_edits, self.batch_size)) + [self.n_edits]
+        return sorted({e for e in ends if e % self.general_every == 0} | {self.n_edits})
+
+
+def environment(loaded: LoadedModel) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "sphere_edit": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(next(loaded.model.parameters()).device),
+        "model_fingerprint": loaded.fingerprint,
+    }
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in rows))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+@dataclass
+class MethodRun:
+    """What one method's run records as it goes (everything JSON-ready)."""
+
+    spec: str
+    layers: list[int] = field(default_factory=list)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    energy: list[dict[str, Any]] = field(default_factory=list)  # edits, layer, energy
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    general: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+    def mean_energy(self, edits: int) -> float:
+        values = [row["energy"] for row in self.energy if row["edits"] == edits]
+        return sum(values) / len(values)
+
+    def correlations(self) -> dict[str, Any]:
+        """Spearman ρ between mean HE and each headline metric across checkpoints, and the
+        linear fit of their consecutive differences."""
+        he = [self.mean_energy(c["edits"]) for c in self.checkpoints]
+        result: dict[str, Any] = {"n_points": len(he), "energy": "mean over edited layers"}
+        for metric in HEADLINE_METRICS:
+            series = [c["metrics"].get(metric) for c in self.checkpoints]
+            if len(he) < 3 or any(v is None for v in series):
+                result[metric] = {"spearman": None, "reason": "needs 3 or more checkpoints"}
+                continue
+            fit = consecutive_difference_fit(he, series)
+            result[metric] = {
+                "spearman": _finite_or_none(spearman(he, series)),
+                "difference_fit": {
+                    "slope": _finite_or_none(fit.slope),
+                    "intercept": _finite_or_none(fit.intercept),
+                    "r": _finite_or_none(fit.r),
+                    "n": fit.n,
+                },
+            }
+        return result
+
+
+class Benchmark:
+    """Runs a :class:`BenchConfig` into a run directory."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        run_dir: str | Path,
+        *,
+        log: Callable[[str], None] = print,
+        progress: bool = True,
+        loaded: LoadedModel | None = None,
+        resume: bool = False,
+        pre_edit_from: str | Path | None = None,
+    ):
+        self.config = config
+        # Another run of the same model, cases and evaluation settings (typically the
+        # same benchmark with other methods, run in parallel): its pre-edit results are
+        # reused instead of evaluated again.
+        self.pre_edit_from = Path(pre_edit_from) if pre_edit_from is not None else None
+        self.run_dir = Path(run_dir)
+        self.log = log
+        self.progress = progress
+        self._loaded = loaded
+        self.resume = resume
+        self._state: dict[str, Any] = {"pre_edit": False, "methods": {}}
+        # Every method edits the same first batch of the same base model: the v* of
+        # methods that take precomputed targets is computed once per targets key.
+        self._first_targets: dict[str, tuple[str, VStarResult]] = {}  # key: (method, v*)
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def _prepare_dir(self) -> None:
+        if self.resume and not self.run_dir.exists():
+            raise FileNotFoundError(f"--resume: {self.run_dir} does not exist; nothing to resume")
+        if self.run_dir.exists() and any(
+            not (self.resume and p.name.startswith(".")) for p in self.run_dir.iterdir()
+        ):
+            raise FileExistsError(
+                f"output: {self.run_dir} is not empty; choose a new directory "
+                "(or remove this one) so that no earlier run is overwritten, "
+                "or continue it with --resume"
+            )
+
+    def _cases(self) -> CaseSet:
+        c = self.config
+        case_set = load_cases(
+            c.dataset, limit=c.n_edits, offset=c.offset, skip_invalid=c.skip_invalid
+        )
+        for problem in case_set.problems:
+            self.log(f"skipped: {problem}")
+        if len(case_set) < c.n_edits:
+            raise ValueError(
+                f"n_edits: {c.dataset} gives {len(case_set)} valid cases from offset "
+                f"{c.offset}, fewer than {c.n_edits}; lower --n-edits"
+            )
+        return case_set
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def _evaluate(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict[str, Any]]:
+        return evaluate_cases(
+            loaded.model, loaded.tokenizer, cases, batch_size=self.config.eval_batch_size
+        )
+
+    def _generation(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict]:
+        chosen = list(cases[: self.config.fluency_cases])
+        if not chosen:
+            return []
+        return evaluate_generation(loaded.model, loaded.tokenizer, chosen, seed=self.config.seed)
+
+    def _general(self, loaded: LoadedModel) -> dict[str, Any]:
+        from ..evaluation.general import evaluate_general
+
+        c = self.config
+        return evaluate_general(
+            loaded.model, loaded.tokenizer, c.general_data, n_items=c.general_items
+        )
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        resuming = self.resume and (self.run_dir / "config.json").exists()
+        if resuming:
+            self._state = load_resume_state(c, self.run_dir)
+        else:
+            self._prepare_dir()
+        started = time.perf_counter()
+        clock = time.perf_counter()
+        loaded = self._loaded or load_model(c.model)
+        load_seconds = time.perf_counter() - clock
+        case_set = self._cases()
+        cases = list(case_set)
+        # Checked before the folder is created: a refused source leaves nothing behind.
+        borrowed = self._pre_edit_source(loaded) if self.pre_edit_from is not None else None
+        if not resuming:
+            # Created only now: a run refused for its options or data leaves no folder.
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_config(case_set, loaded)
+        pre = self._stored_pre_edit() if resuming else None
+        if pre is None and borrowed is not None:
+            for name, text in borrowed.items():
+                write_text(self.run_dir / "pre_edit" / name, text)
+            self.log(f"pre-edit: results of {self.pre_edit_from} reused")
+            pre = json.loads(borrowed["summary.json"])
+        if pre is None:
+            pre = self._pre_edit(loaded, cases)
+        self._mark(pre_edit=True)
+        summary: dict[str, Any] = {
+            "dataset": case_set.dataset,
+            "model": loaded.name,
+            "n_edits": c.n_edits,
+            "batch_size": c.batch_size,
+            "pre_edit": pre,
+            "methods": {},
+            "load_model_seconds": load_seconds,
+        }
+        write_json(self.run_dir / "summary.json", summary)
+
+        base = _snapshot(loaded)
+        for spec in c.methods:
+            stored = self._stored_method(spec) if resuming else None
+            if stored is not None:
+                self.log(f"{spec}: complete in {self.run_dir}; skipped")
+                summary["methods"][spec] = stored
+                continue
+            self._mark(method=(spec, "running"))
+            try:
+                summary["methods"][spec] = self._run_method(loaded, spec, cases)
+            finally:
+                _restore(loaded, base)
+            self._mark(method=(spec, "complete"))
+            summary["wall_seconds"] = time.perf_counter() - started
+            write_json(self.run_dir / "summary.json", summary)
+        summary["wall_seconds"] = time.perf_counter() - started
+        summary["peak_rss_mib"] = peak_rss_mib()
+        write_json(self.run_dir / "summary.json", summary)
+        self._plots()
+        return summary
+
+    def _write_config(self, case_set: CaseSet, loaded: LoadedModel) -> None:
+        c = self.config
+        write_json(
+            self.run_dir / "config.json",
+            {
+                "config": asdict(c),
+                "protocols": {
+                    "final": "every edited case evaluated on the final model",
+                    "checkpoint": "cases edited so far evaluated every checkpoint_every edits",
+                },
+                "checkpoints": c.checkpoints(),
+                "dataset": {
+                    "kind": case_set.dataset,
+                    "format": case_set.format,
+                    "path": str(case_set.path),
+                    "skipped": [p.to_dict() for p in case_set.problems],
+                },
+                "environment": environment(loaded),
+            },
+        )
+
+    def _pre_edit(self, loaded: LoadedModel, cases: list[EditCase]) -> dict[str, Any]:
+        out = self.run_dir / "pre_edit"
+        clock = time.perf_counter()
+        results = self._evaluate(loaded, cases)
+        generation = self._generation(loaded, cases)
+        per_case = merge_results(results, generation) if generation else results
+        _write_jsonl(out / "cases.jsonl", per_case)
+        pre = {"metrics": aggregate(per_case), "seconds": time.perf_counter() - clock}
+        if self.config.general_every:
+            clock = time.perf_counter()
+            pre["general"] = self._general(loaded)
+            pre["general_seconds"] = time.perf_counter() - clock
+        write_json(out / "summary.json", pre)
+        self.log(f"pre-edit: {_headline(pre['metrics'])}")
+        return pre
+
+    def _pre_edit_source(self, loaded: LoadedModel) -> dict[str, str]:
+        """The pre-edit files of ``pre_edit_from`` (name → text), after checking that they
+        are the ones this run would compute: same model weights, cases and settings."""
+        source, option = self.pre_edit_from, "--pre-edit-from"
+        assert source is not None
+        try:
+            theirs = json.loads((source / "config.json").read_text(encoding="utf-8"))
+            state = json.loads((source / "progress.json").read_text(encoding="utf-8"))
+            files = {
+                name: (source / "pre_edit" / name).read_text(encoding="utf-8")
+                for name in ("summary.json", "cases.jsonl")
+            }
+        except FileNotFoundError as error:
+            raise ValueError(
+                f"{option}: {source} is not a benchmark run with pre-edit results "
+                f"({error.filename} is missing)"
+            ) from None
+        if not state.get("pre_edit"):
+            raise ValueError(f"{option}: {source} has not finished its pre-edit evaluation yet")
+        mine = asdict(self.config)
+        for key in PRE_EDIT_SETTINGS:
+            if theirs["config"].get(key) != json.loads(json.dumps(mine[key])):
+                raise ValueError(
+                    f"{option}: {key} differs ({source} has {theirs['config'].get(key)!r}, "
+                    f"this run {mine[key]!r}); its pre-edit results are not this run's"
+                )
+        fingerprint = environment(loaded)["model_fingerprint"]
+        if theirs["environment"]["model_fingerprint"] != fingerprint:
+            raise ValueError(f"{option}: {source} evaluated other model weights than this run's")
+        return files
+
+    def _run_method(self, loaded: LoadedModel, spec: str, cases: list[EditCase]) -> dict[str, Any]:
+        c = self.config
+        out = self.run_dir / MethodSpec.parse(spec).dirname
+        started = time.perf_counter()
+        clock = time.perf_counter()
+        session = build_session(
+            loaded,
+            spec,
+            layers=list(c.layers) if c.layers else None,
+            corpus=c.corpus,
+            stats_tokens=c.stats_tokens,
+            run_dir=out / "journal",
+            target_overrides=(
+                None
+                if c.positions_per_pass is None
+                else {"positions_per_pass": c.positions_per_pass or None}
+            ),
+            seed=c.seed,
+            progress=self.progress,
+            log=self.log,
+        )
+        record = MethodRun(spec=spec, layers=list(session.layers))
+        record.add_time("statistics", time.perf_counter() - clock)
+        for layer, energy in session.energy().items():
+            record.energy.append({"edits": 0, "layer": layer, "energy": energy})
+
+        first, final = 0, None
+        if self.resume:
+            first, final = self._resume_method(loaded, session, record, out, cases)
+        starts = range(0, c.n_edits, c.batch_size)[first:]
+        bar = tqdm(starts, desc=spec, unit="batch", disable=not self.progress)
+        for begin in bar:
+            batch_cases = cases[begin : begin + c.batch_size]
+            requests = [case.request for case in batch_cases]
+            key, shared = self._shared_targets(spec, session, begin)
+            result = session.apply(requests, precomputed_vstar=shared)
+            if key is not None and shared is None and result.vstar is not None:
+                self._first_targets[key] = (spec, result.vstar)
+            fault_point("bench-record")
+            done = begin + len(batch_cases)
+            _add_batch(
+                record,
+                done,
+                result.index,
+                result.energy_before,
+                result.energy_after,
+                result.update_norms,
+                result.timings,
+                result.target_loss,
+                result.target_steps,
+                result.warnings,
+            )
+            final = self._marks(loaded, record, done, cases) or final
+            self._write_progress(out, record)
+            bar.set_postfix_str(
+                _headline(record.checkpoints[-1]["metrics"]) if record.checkpoints else ""
+            )
+        if final is None:  # resumed after the last batch: evaluate the final model
+            final = self._evaluate(loaded, cases)
+
+        clock = time.perf_counter()
+        generation = self._generation(loaded, cases)
+        record.add_time("generation", time.perf_counter() - clock)
+        per_case = merge_results(final, generation) if generation else final
+        _write_jsonl(out / "cases.jsonl", per_case)
+        summary = {
+            "method": spec,
+            "layers": record.layers,
+            "final": {"protocol": "final", "metrics": aggregate(per_case)},
+            "checkpoints": record.checkpoints,
+            "general": record.general,
+            "energy_final": {
+                str(r["layer"]): r["energy"] for r in record.energy if r["edits"] == c.n_edits
+            },
+            "energy_initial": {
+                str(r["layer"]): r["energy"] for r in record.energy if r["edits"] == 0
+            },
+            "correlations": record.correlations(),
+            "timings": record.timings,
+            "wall_seconds": time.perf_counter() - started,
+            "session": session.header(),
+        }
+        write_json(out / "summary.json", summary)
+        self.log(f"{spec}: {_headline(summary['final']['metrics'])}")
+        return summary
+
+    def _shared_targets(
+        self, spec: str, session: EditSession, begin: int
+    ) -> tuple[str | None, VStarResult | None]:
+        """(targets key, v* to reuse) for the batch starting at case ``begin``. Every
+        method edits the same first batch of the same base model, so a closed-form
+        method's v* of it is computed once per targets key and reused by the next ones
+        (bitwise what they would compute; tested). (None, None) for any other batch."""
+        if begin != 0 or not session.takes_precomputed_vstar:
+            return None, None
+        key = session.vstar_key()
+        owner, shared = self._first_targets.get(key, (None, None))
+        if owner is not None:
+            self.log(f"{spec}: v* of batch 1 shared with {owner} (same base model, requests "
+                     "and target settings)")  # fmt: skip
+        return key, shared
+
+    def _marks(
+        self,
+        loaded: LoadedModel,
+        record: MethodRun,
+        done: int,
+        cases: list[EditCase],
+    ) -> list[dict[str, Any]] | None:
+        """Checkpoint evaluation and general abilities after ``done`` edits, where due and
+        not yet recorded; the per-case results when this is the final model."""
+        c = self.config
+        final = None
+        if done in c.checkpoints() and not any(r["edits"] == done for r in record.checkpoints):
+            clock = time.perf_counter()
+            so_far = self._evaluate(loaded, cases[:done])
+            release_free_memory()
+            record.add_time("evaluation", time.perf_counter() - clock)
+            record.checkpoints.append(
+                {"edits": done, "protocol": "checkpoint", "metrics": aggregate(so_far)}
+            )
+            if done == c.n_edits:
+                final = so_far
+        if done in c.general_marks() and not any(r["edits"] == done for r in record.general):
+            clock = time.perf_counter()
+            record.general.append({"edits": done, **self._general(loaded)})
+            record.add_time("general", time.perf_counter() - clock)
+        return final
+
+    def _write_progress(self, out: Path, record: MethodRun) -> None:
+        _write_jsonl(out / "batches.jsonl", record.batches)
+        _write_jsonl(out / "checkpoints.jsonl", record.checkpoints)
+        rows = ["edits,layer,energy"] + [
+            f"{r['edits']},{r['layer']},{r['energy']!r}" for r in record.energy
+        ]
+        write_text(out / "he.csv", "\n".join(rows) + "\n")
+        write_json(
+            out / "progress.json",
+            {"batches": len(record.batches), "timings": record.timings, "general": record.general},
+        )
+
+    # -- resume -----------------------------------------------------------------------------
+    #
+    # The journal is the source of truth. A method's record (batches.jsonl, he.csv, the
+    # batch timings) is rebuilt from its journal, which holds every number those files
+    # hold; checkpoints and general abilities (evaluations, not in the journal) are read
+    # back and cut to the journal's batches, and one that is due but missing (the run was
+    # killed between the journal write and the record write) is evaluated on the model as
+    # the journal leaves it, which is the model it would have been evaluated on.
+
+    def _mark(self, *, pre_edit: bool | None = None, method: tuple[str, str] | None = None) -> None:
+        if pre_edit is not None:
+            self._state["pre_edit"] = pre_edit
+        if method is not None:
+            self._state["methods"][method[0]] = method[1]
+        write_json(self.run_dir / "progress.json", self._state)
+
+    def _stored_pre_edit(self) -> dict[str, Any] | None:
+        path = self.run_dir / "pre_edit" / "summary.json"
+        if not self._state.get("pre_edit") or not path.exists():
+            return None
+        self.log("pre-edit: results reused from the interrupted run")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def _stored_method(self, spec: str) -> dict[str, Any] | None:
+        path = self.run_dir / MethodSpec.parse(spec).dirname / "summary.json"
+        if self._state["methods"].get(spec) != "complete" or not path.exists():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def _resume_method(
+        self,
+        loaded: LoadedModel,
+        session: Any,
+        record: MethodRun,
+        out: Path,
+        cases: list[EditCase],
+    ) -> tuple[int, list[dict[str, Any]] | None]:
+        """Replay the method's journal onto the model and rebuild its record; return the
+        number of batches done and, if that was all of them, the final per-case results."""
+        c = self.config
+        n_batches = session.resume()
+        if n_batches == 0:
+            return 0, None
+        journal = session.run_dir
+        index = read_index(journal)
+        starts = list(range(0, c.n_edits, c.batch_size))
+        if n_batches > len(starts):
+            raise ValueError(
+                f"--resume: {journal} holds {n_batches} batches, the run has {len(starts)}"
+            )
+        done = 0
+        for entry, begin in zip(index["batches"], starts, strict=False):
+            batch = json.loads((journal / entry["requests_file"]).read_text(encoding="utf-8"))
+            wanted = [case.request.to_dict() for case in cases[begin : begin + c.batch_size]]
+            if batch["requests"] != wanted:
+                raise ValueError(
+                    f"--resume: batch {entry['index']} of {journal} edited other requests "
+                    "than the data set gives for it; the data set changed"
+                )
+            done = begin + len(wanted)
+            energy = entry["energy"]
+            _add_batch(
+                record,
+                done,
+                entry["index"],
+                {int(k): v["before"] for k, v in energy.items()},
+                {int(k): v["after"] for k, v in energy.items()},
+                {int(k): v for k, v in batch["update_norms"].items()},
+                batch["timings"],
+                batch["target_loss"],
+                batch["target_steps"],
+                batch.get("warnings", []),
+            )
+        record.checkpoints = [
+            row for row in _read_jsonl(out / "checkpoints.jsonl") if row["edits"] <= done
+        ]
+        stored = {}
+        if (out / "progress.json").exists():
+            stored = json.loads((out / "progress.json").read_text(encoding="utf-8"))
+        record.general = [row for row in stored.get("general", []) if row["edits"] <= done]
+        for phase in ("evaluation", "general"):
+            if phase in stored.get("timings", {}):
+                record.add_time(phase, stored["timings"][phase])
+        final = self._marks(loaded, record, done, cases)
+        if done == c.n_edits and final is None:
+            final = self._evaluate(loaded, cases)
+        self._write_progress(out, record)
+        self.log(f"{record.spec}: resumed after batch {n_batches} ({done} edits) from {journal}")
+        return n_batches, final
+
+    def _plots(self) -> None:
+        from .plots import plot_run
+
+        try:
+            plot_run(self.run_dir)
+        except ImportError as error:
+            self.log(f"plots skipped: {error}")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
+
+
+def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
+    """Check that ``config`` is the configuration ``run_dir`` was started with (naming the
+    first field that differs) and return what the run recorded as complete."""
+    stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]
+    mine = json.loads(json.dumps(asdict(config)))
+    for key in sorted(set(stored) | set(mine)):
+        if stored.get(key) != mine.get(key):
+            raise ValueError(
+                f"--resume: {key} differs from {run_dir / 'config.json'}: the run was "
+                f"started with {stored.get(key)!r}, this command gives {mine.get(key)!r}; "
+                "repeat the original options"
+            )
+    path = run_dir / "progress.json"
+    if not path.exists():
+        return {"pre_edit": False, "methods": {}}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _add_batch(
+    record: MethodRun,
+    done: int,
+    index: int,
+    energy_before: dict[int, float],
+    energy_after: dict[int, float],
+    update_norms: dict[int, float],
+    timings: dict[str, float],
+    target_loss: list[float],
+    target_steps: list[int],
+    warnings: list[str],
+) -> None:
+    """One batch into the record: the same row whether the batch was just applied or is
+    rebuilt from the journal on resume."""
+    for phase, seconds in timings.items():
+        record.add_time(phase, seconds)
+    for layer, energy in energy_after.items():
+        record.energy.append({"edits": done, "layer": layer, "energy": energy})
+    record.batches.append(
+        {
+            "batch": index,
+            "edits": done,
+            "energy_before": energy_before,
+            "energy_after": energy_after,
+            "energy_change": {k: energy_after[k] - energy_before[k] for k in energy_after},
+            "update_norms": update_norms,
+            "timings": timings,
+            "target_loss_mean": sum(target_loss) / len(target_loss),
+            "target_steps_mean": sum(target_steps) / len(target_steps),
+            "warnings": warnings,
+        }
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    parts = []
+    for name in HEADLINE_METRICS + ("fluency",):
+        value = metrics.get(name)
+        if value is not None:
+            parts.append(f"{name[:4]} {value:.3f}")
+    return ", ".join(parts)
+
+
+def _snapshot(loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    """Every parameter any method may change: the MLP output projections of all layers."""
+    layout = loaded.layout
+    return {
+        name: param.detach().clone()
+        for i in range(layout.num_layers)
+        for name, param in layout.mlp_out(i).named_parameters(prefix=f"layer{i}")
+    }
+
+
+def _restore(loaded: LoadedModel, base: dict[str, torch.Tensor]) -> None:
+    layout = loaded.layout
+    with torch.no_grad():
+        for i in range(layout.num_layers):
+            for name, param in layout.mlp_out(i).named_parameters(prefix=f"layer{i}"):
+                param.copy_(base[name])

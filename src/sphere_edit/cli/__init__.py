@@ -1,0 +1,5 @@
+"""The ``sphere-edit`` command line."""
+
+from .app import app
+
+__all__ = ["app"]

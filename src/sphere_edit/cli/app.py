@@ -1,0 +1,642 @@
+"""The ``sphere-edit`` command line."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Sequential knowledge editing of language models with the SPHERE projection.",
+)
+console = Console()
+err = Console(stderr=True)
+DEBUG = {"on": False}
+METHOD_HELP = "memit, alphaedit, ft, rome, rect or prune; add '+sphere' for SPHERE."
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Embedded name, local folder or hub id.")
+]
+CorpusOpt = Annotated[
+    str | None,
+    typer.Option(help="Text for key statistics: .jsonl/.txt file or hub dataset name. "
+                 "Default: text sampled from the model."),
+]  # fmt: skip
+
+
+DeviceOpt = Annotated[
+    str,
+    typer.Option(help="Where the model runs: cpu, cuda, cuda:N, or auto (a GPU when there "
+                 "is one). The closed-form solves stay on the CPU in float64."),
+]  # fmt: skip
+PositionsOpt = Annotated[
+    int | None,
+    typer.Option(min=0, help="Cap on rows × tail positions per v* pass (peak memory); 0: no cap."),
+]
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    DEBUG["on"] = debug
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One-line errors with a non-zero exit code; ``--debug`` shows the traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            err.print("interrupted; completed batches are in the journal")
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the CLI boundary
+            if DEBUG["on"]:
+                traceback.print_exc()
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            err.print(f"[red]error:[/] {message}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["epsilon=null", "steps=10"]`` -> ``{"epsilon": None, "steps": 10}``; a value
+    that is not JSON stays a string."""
+    import json
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option: expected KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def _load(model: str, device: str = "cpu"):
+    from ..model.loading import load_model, resolve_device
+
+    where = resolve_device(device)  # a bad --device fails before the model loads
+    with console.status(f"loading {model} on {where}"):
+        return load_model(model, device=where)
+
+
+@app.command()
+@friendly
+def demo(
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
+    corpus: CorpusOpt = None,
+    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the journal here.")] = None,
+) -> None:
+    """Edit a dozen facts in three batches and show completions and HE before and after."""
+    from .demo import run_demo
+
+    loaded = _load(model, device)
+    run_demo(
+        loaded, method, corpus=corpus, stats_tokens=stats_tokens,
+        run_dir=str(out) if out else None, console=console,
+    )  # fmt: skip
+
+
+@app.command()
+@friendly
+def edit(
+    requests: Annotated[Path, typer.Option(help="JSON list or JSONL of edit requests.")],
+    out: Annotated[Path, typer.Option(help="Run directory for the journal and deltas.")],
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
+    batch_size: Annotated[int, typer.Option(min=1)] = 100,
+    layers: Annotated[
+        str | None, typer.Option(help="e.g. '3,4,5' or '3-7'; one layer for rome and ft.")
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="Method option KEY=VALUE (JSON value), e.g. epsilon=null; repeatable."),
+    ] = None,
+    eta: Annotated[float | None, typer.Option(help="SPHERE eigenvalue share, in (0, 1].")] = None,
+    alpha: Annotated[float | None, typer.Option(help="SPHERE strength, in [0, 1].")] = None,
+    basis: Annotated[str, typer.Option(help="SPHERE basis: current or pre_edit.")] = "current",
+    corpus: CorpusOpt = None,
+    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    lr: Annotated[float | None, typer.Option(help="v* learning rate.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="v* Adam steps.")] = None,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast in the v* loop.")] = False,
+    positions_per_pass: PositionsOpt = None,
+    export: Annotated[Path | None, typer.Option(help="Also save_pretrained here.")] = None,
+    seed: int = 0,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue an interrupted run in --out after its last journaled batch."),
+    ] = False,
+) -> None:
+    """Apply edit requests sequentially in batches, journaling every batch."""
+    from ..editing.build import MethodSpec, build_session, parse_layers
+    from ..editing.requests import load_requests, validate_batch
+    from ..editing.text import check_targets
+
+    spec = MethodSpec.parse(method)
+    method_overrides = parse_options(option or [])
+    if eta is not None and not 0 < eta <= 1:
+        raise ValueError(f"--eta must be in (0, 1], got {eta}")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
+    if basis not in ("current", "pre_edit"):
+        raise ValueError(f"--basis must be 'current' or 'pre_edit', got {basis!r}")
+    if (out / "session.json").exists() and not resume:
+        raise ValueError(
+            f"--out {out} already holds a run; choose a new directory or continue it with --resume"
+        )
+    all_requests = load_requests(requests)
+    batches = [all_requests[i : i + batch_size] for i in range(0, len(all_requests), batch_size)]
+    for b, batch in enumerate(batches):
+        try:
+            validate_batch(batch)
+        except ValueError as error:
+            raise ValueError(f"batch {b + 1}: {error}") from None
+    loaded = _load(model, device)
+    check_targets(loaded.tokenizer, all_requests)
+    overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
+    if positions_per_pass is not None:
+        overrides["positions_per_pass"] = positions_per_pass or None  # 0: no cap
+    if bf16:
+        overrides["bf16"] = True
+    session = build_session(
+        loaded, spec,
+        layers=parse_layers(layers, loaded.layout.num_layers) if layers else None,
+        corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis,
+        target_overrides=overrides, method_overrides=method_overrides, run_dir=out,
+        seed=seed, log=console.print,
+    )  # fmt: skip
+    done = _resume_edit(session, batches) if resume else 0
+    console.print(f"{spec} on layers {session.layers}: {len(all_requests)} requests, "
+                  f"{len(batches)} batches")  # fmt: skip
+    for batch in batches[done:]:
+        start = time.perf_counter()
+        result = session.apply(batch)
+        change = ", ".join(f"L{k} {v:+.2e}" for k, v in result.energy_change.items())
+        console.print(
+            f"batch {result.index}/{len(batches)}: {len(batch)} edits in "
+            f"{time.perf_counter() - start:.1f}s; HE change {change}"
+        )
+    if export:
+        session.export(export)
+        console.print(f"edited model saved to {export}")
+    console.print(f"journal in {out}")
+
+
+def _resume_edit(session: Any, batches: list[list[Any]]) -> int:
+    """Replay the journal of an interrupted ``edit`` run; its batches must be the first
+    batches of this request file with this batch size."""
+    import json
+
+    from ..editing.journal import read_index
+
+    done = session.resume()
+    if done == 0:
+        return 0
+    if done > len(batches):
+        raise ValueError(
+            f"--resume: {session.run_dir} holds {done} batches, the request file gives "
+            f"{len(batches)}"
+        )
+    for entry, batch in zip(read_index(session.run_dir)["batches"], batches, strict=False):
+        path = session.run_dir / entry["requests_file"]
+        journaled = json.loads(path.read_text(encoding="utf-8"))["requests"]
+        if journaled != [r.to_dict() for r in batch]:
+            raise ValueError(
+                f"--resume: batch {entry['index']} in {session.run_dir} holds other requests "
+                "than this request file gives for it; use the same file and --batch-size"
+            )
+    console.print(f"resumed: {done} of {len(batches)} batches already in {session.run_dir}")
+    return done
+
+
+@app.command()
+@friendly
+def stats(
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
+    corpus: CorpusOpt = None,
+    tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+) -> None:
+    """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
+    from ..editing.build import parse_layers
+    from ..editing.presets import preset_for
+    from ..editing.stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
+
+    loaded = _load(model, device)
+    preset = preset_for(loaded.name, loaded.layout.num_layers)
+    chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
+    source = load_corpus(corpus, loaded)
+    console.print(f"statistics: {source.description}")
+    n_tokens = tokens or preset.stats_tokens
+    start = time.perf_counter()
+    moments = layer_second_moments(loaded, chosen, source, max_tokens=n_tokens)
+    elapsed = time.perf_counter() - start
+    for layer, moment in moments.items():
+        dtype = weights_dtype(loaded)
+        path = stats_cache_path(loaded.fingerprint, source.fingerprint, layer, n_tokens, dtype)
+        console.print(f"layer {layer}: {moment.count} keys -> {path}")
+    console.print(f"done in {elapsed:.1f}s")
+
+
+@app.command()
+@friendly
+def energy(
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
+    run: Annotated[Path | None, typer.Option(help="An edit run: its HE journal.")] = None,
+    s: Annotated[float, typer.Option(min=0.0, help="Riesz exponent; 0 = log energy.")] = 1.0,
+) -> None:
+    """Print the hyperspherical energy of a model's layers, or the HE series of a run."""
+    if run is not None:
+        from ..editing.journal import read_index
+
+        index = read_index(run)
+        table = Table(title=f"HE per batch: {run} ({index.get('method_spec', '')})")
+        table.add_column("batch")
+        for layer in index["layers"]:
+            table.add_column(f"layer {layer}", justify="right")
+        for entry in index["batches"]:
+            row = entry.get("energy", {})
+            table.add_row(
+                str(entry["index"]),
+                *[
+                    f"{row[str(layer)]['after']:.6f} ({row[str(layer)]['change']:+.2e})"
+                    if str(layer) in row else "-"
+                    for layer in index["layers"]
+                ],
+            )  # fmt: skip
+        console.print(table)
+        return
+    from ..editing.build import parse_layers
+    from ..editing.presets import preset_for
+    from ..sphere.energy import hyperspherical_energy
+
+    loaded = _load(model, device)
+    n = loaded.layout.num_layers
+    chosen = parse_layers(layers, n) if layers else list(preset_for(loaded.name, n).layers)
+    table = Table(title=f"Hyperspherical energy (s={s}) of {loaded.name}")
+    table.add_column("layer")
+    table.add_column("module")
+    table.add_column("HE", justify="right")
+    for layer in chosen:
+        value = hyperspherical_energy(loaded.layout.read_weight(layer), s)
+        table.add_row(str(layer), loaded.layout.mlp_out_weight_name(layer), f"{value:.6f}")
+    console.print(table)
+
+
+# -- geometry and general abilities ---------------------------------------------------------
+
+
+@app.command()
+@friendly
+def geometry(
+    run_dir: Annotated[
+        Path, typer.Argument(help="An edit run (holds session.json) or a benchmark run.")
+    ],
+    max_neurons: Annotated[
+        int, typer.Option(min=2, help="Neurons sampled for the pairwise views of big layers.")
+    ] = 512,
+    out: Annotated[Path | None, typer.Option(help="Default: RUN_DIR/geometry.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model, if not the one recorded.")
+    ] = None,
+    tsne: Annotated[bool, typer.Option(help="Draw the t-SNE plot (the slow part).")] = True,
+    seed: int = 0,
+) -> None:
+    """Weight geometry of a run's edited layers, before and after (PNGs and summary.json);
+    for a benchmark run directory, of every method (into RUN/<method>/geometry)."""
+    from ..bench.geometry import geometry_for_bench, geometry_for_run
+    from ..editing.journal import read_index
+
+    if (run_dir / "config.json").exists() and not (run_dir / "session.json").exists():
+        if out is not None:
+            raise ValueError(
+                "--out: a benchmark run writes each method's geometry to RUN/<method>/geometry"
+            )
+        with console.status(f"replaying the methods of {run_dir}"):
+            summaries = geometry_for_bench(run_dir, max_neurons, model=model, seed=seed, tsne=tsne)
+        for spec, summary in summaries.items():
+            _print_geometry(f"{spec}: {summary['run_dir']}", summary)
+        return
+    index = read_index(run_dir)
+    with console.status(f"loading {model or index['model']} and replaying {run_dir}"):
+        summary = geometry_for_run(run_dir, out, max_neurons, model=model, seed=seed, tsne=tsne)
+    _print_geometry(str(run_dir), summary)
+
+
+def _print_geometry(name: str, summary: dict) -> None:
+    table = Table(title=f"Weight geometry: {name} ({summary['n_batches']} batches)")
+    for column in ("layer", "HE pre", "HE post", "relative change", "mean angle pre/post",
+                   "min angle pre/post", "neurons shown"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for layer, result in summary["layers"].items():
+        change = result["he_relative_change"]
+        table.add_row(
+            layer, f"{result['he_pre']:.6f}", f"{result['he_post']:.6f}",
+            "-" if change is None else f"{change:+.3e}",
+            f"{result['angles_pre']['mean']:.2f}° / {result['angles_post']['mean']:.2f}°",
+            f"{result['angles_pre']['min']:.2f}° / {result['angles_post']['min']:.2f}°",
+            f"{result['n_sampled']}/{result['n_neurons']}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"figures and summary.json in {summary['out_dir']}")
+
+
+@app.command()
+@friendly
+def general(
+    model_or_run_dir: Annotated[
+        str, typer.Argument(help="Embedded name, local folder, hub id, or an edit run directory.")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder with the RECT files (or its parent holding general/). "
+            "Default: $SPHERE_EDIT_DATA."
+        ),
+    ] = None,
+    n_items: Annotated[int, typer.Option(min=1, help="First N items of each task.")] = 200,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: gsm8k,rte,nq,boolq.")] = (
+        "gsm8k,rte,nq,boolq"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="For a run directory: base model, if not the one recorded."
+        ),
+    ] = None,
+    device: DeviceOpt = "cpu",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the results here as JSON; with --edits after every point, and the "
+            "points it already holds are not measured again."
+        ),
+    ] = None,
+    details: Annotated[bool, typer.Option(help="Keep every item's output in --out.")] = False,
+    edits: Annotated[
+        str | None,
+        typer.Option(
+            help="For a run directory: comma-separated edit counts (batch ends; 0 = the base "
+            "model) to evaluate after, e.g. 0,200,400. Default: after all batches."
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="With --edits: the curve as PNG. Default: --out's name with .png."),
+    ] = None,
+) -> None:
+    """Zero-shot GSM8K, RTE, NQ and BoolQ (RECT protocol) of a model or an edit run."""
+    from ..common.fileio import write_json
+    from ..editing.runs import is_run_dir, load_run_model
+    from ..evaluation.general import evaluate_general, resolve_data_dir
+
+    chosen = [t.strip() for t in tasks.split(",") if t.strip()]
+    if plot is not None and edits is None:
+        raise ValueError("--plot draws the curve of --edits; give --edits too")
+    if edits is not None and not is_run_dir(model_or_run_dir):
+        raise ValueError(f"--edits needs an edit run directory; {model_or_run_dir} is not one")
+    data_dir = resolve_data_dir(data)
+    if edits is not None:
+        _general_curve(
+            Path(model_or_run_dir), _parse_counts(edits, "--edits"), model=model,
+            device=device, data_dir=data_dir, n_items=n_items, tasks=chosen,
+            batch_size=batch_size, out=out, details=details, plot=plot,
+        )  # fmt: skip
+        return
+    if is_run_dir(model_or_run_dir):
+        with console.status(f"loading the edited model of {model_or_run_dir}"):
+            loaded, index = load_run_model(model_or_run_dir, model=model, device=device)
+        label = f"{model_or_run_dir} ({len(index['batches'])} batches on {loaded.name})"
+    else:
+        if model is not None:
+            raise ValueError("--model is for a run directory; give the model as the argument")
+        loaded = _load(model_or_run_dir, device)
+        label = loaded.name
+    result = evaluate_general(
+        loaded.model, loaded.tokenizer, data_dir, n_items=n_items, tasks=chosen,
+        batch_size=batch_size, details=details, log=console.print,
+    )  # fmt: skip
+    result["model"] = label
+    table = Table(title=f"General abilities of {label} (first {n_items} items)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["summary"].items():
+        if value is None:
+            shown = "-"
+        elif isinstance(value, float):
+            shown = f"{value:.3f}"
+        else:
+            shown = str(value)
+        table.add_row(key, shown)
+    console.print(table)
+    console.print(f"done in {result['seconds']:.1f}s")
+    if out is not None:
+        write_json(out, result)
+        console.print(f"results in {out}")
+
+
+def _parse_counts(text: str, option: str) -> list[int]:
+    """``"0,200,400"`` -> ``[0, 200, 400]``."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def _general_curve(
+    run_dir: Path, counts: list[int], *, out: Path | None, plot: Path | None, **options: Any
+) -> None:
+    """``general --edits``: the curve, its table and its plot."""
+    from ..bench.plots import plot_general
+    from ..evaluation.general import accuracy_keys, general_curve
+
+    curve = general_curve(run_dir, counts, out=out, log=console.print, **options)
+    points = curve["points"]
+    keys = accuracy_keys(point["summary"] for point in points)
+    table = Table(title=f"General abilities along {run_dir} (first {curve['n_items']} items)")
+    table.add_column("edits", justify="right")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for point in points:
+        values = [point["summary"].get(key) for key in keys]
+        table.add_row(str(point["edits"]), *("-" if v is None else f"{v:.3f}" for v in values))
+    console.print(table)
+    if out is not None:
+        console.print(f"results in {out}")
+    plot = plot or (out.with_suffix(".png") if out is not None else None)
+    if plot is not None:
+        label = curve["method"] or run_dir.name
+        if plot_general({label: points}, plot) is not None:
+            console.print(f"plot in {plot}")
+
+
+@app.command()
+@friendly
+def bench(
+    out: Annotated[Path | None, typer.Option(help="Run directory (must be new or empty).")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the interrupted run in this directory (same options)."),
+    ] = None,
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated, e.g. memit,alphaedit,alphaedit+sphere.")
+    ] = "memit,alphaedit,alphaedit+sphere",
+    dataset: Annotated[
+        str, typer.Option(help="counterfact, multi_counterfact, zsre, or a local file.")
+    ] = "counterfact",
+    n_edits: Annotated[int, typer.Option(min=1)] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 100,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Evaluate the cases edited so far every K edits.")
+    ] = None,
+    offset: Annotated[int, typer.Option(min=0, help="Skip the first records.")] = 0,
+    layers: Annotated[str | None, typer.Option(help="Default: the preset's.")] = None,
+    corpus: CorpusOpt = None,
+    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    fluency_cases: Annotated[
+        int, typer.Option(min=0, help="Generate (fluency, consistency) for the first K cases.")
+    ] = 0,
+    general_every: Annotated[
+        int | None, typer.Option(help="General abilities every K edits (and pre-edit).")
+    ] = None,
+    general_data: Annotated[str | None, typer.Option(help="Folder of the task files.")] = None,
+    general_items: Annotated[int, typer.Option(min=1)] = 200,
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Report and skip malformed records instead of stopping.")
+    ] = False,
+    seed: int = 0,
+    positions_per_pass: PositionsOpt = None,
+    pre_edit_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reuse the pre-edit results of this run (same model, cases and evaluation "
+            "settings; e.g. the same benchmark of other methods run in parallel)."
+        ),
+    ] = None,
+) -> None:
+    """Sequential editing benchmark: every method from the same base model on the same cases."""
+    from ..bench.runner import BenchConfig, Benchmark
+    from ..editing.build import parse_layers
+
+    if out is None and resume is None:
+        raise ValueError("--out: give a new run directory (or --resume RUN_DIR)")
+    if out is not None and resume is not None and out.resolve() != resume.resolve():
+        raise ValueError(f"--resume {resume} and --out {out} differ; give one run directory")
+    run_dir = resume if resume is not None else out
+    assert run_dir is not None
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    config = BenchConfig(
+        model=model, methods=names, dataset=dataset, n_edits=n_edits, batch_size=batch_size,
+        checkpoint_every=checkpoint_every, seed=seed, offset=offset, corpus=corpus,
+        stats_tokens=stats_tokens, fluency_cases=fluency_cases, general_every=general_every,
+        general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
+        positions_per_pass=positions_per_pass,
+    )  # fmt: skip
+    loaded = _load(model, device)
+    if layers:
+        config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
+    bench_run = Benchmark(
+        config,
+        run_dir,
+        log=console.print,
+        loaded=loaded,
+        resume=bool(resume),
+        pre_edit_from=pre_edit_from,
+    )
+    summary = bench_run.run()
+    _print_table([run_dir])
+    console.print(f"run directory {run_dir}; {summary['wall_seconds']:.0f}s")
+
+
+def _print_table(run_dirs: list[Path]) -> None:
+    """The paper-style table, one per column group (model, data set, edits) so that it
+    fits a terminal."""
+    from ..bench.report import IN_PROGRESS, table
+
+    groups, header, rows = table(run_dirs)
+    width = (len(header) - 1) // len(groups)
+    for g, label in enumerate(groups):
+        columns = range(1 + g * width, 1 + (g + 1) * width)
+        shown = Table(title=f"{label}: final model, every edited case (×100)")
+        shown.add_column("method", justify="left")
+        for c in columns:
+            shown.add_column(header[c].rsplit(" ", 1)[-1], justify="right")
+        starred = False
+        for row in rows:
+            if row[columns[0]] == "–":
+                continue  # a method of another group
+            starred |= row[columns[0]].endswith("*")
+            shown.add_row(row[0], *(row[c] for c in columns))
+        if starred:
+            shown.caption = IN_PROGRESS
+        console.print(shown)
+
+
+@app.command()
+@friendly
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Benchmark run directories.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("report.html"),
+) -> None:
+    """One self-contained HTML page (plots embedded) and the paper-style table."""
+    from ..bench.report import build_report
+    from ..common.fileio import write_text
+
+    write_text(out, build_report(run_dirs))
+    _print_table(run_dirs)
+    _print_plugin_table(run_dirs)
+    console.print(f"report in {out}")
+
+
+def _print_plugin_table(run_dirs: list[Path]) -> None:
+    """Methods run both without and with +sphere: each metric and the relative change."""
+    from ..bench.report import plugin_table
+
+    header, rows = plugin_table(run_dirs)
+    if not rows:
+        return
+    shown = Table(title="SPHERE as a plug-in: without → with (relative change %), ×100")
+    shown.add_column("method", justify="left")
+    shown.add_column("edits", justify="right")
+    metrics = range(3, len(header), 3)  # (without, with, change) per metric
+    for first in metrics:
+        shown.add_column(header[first], justify="right")
+    for row in rows:
+        cells = [f"{row[i]} → {row[i + 1]} ({row[i + 2]})" for i in metrics]
+        shown.add_row(row[1], row[2], *cells)
+    console.print(shown)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,758 @@
+"""Sequential editing: batches applied one after another to the same model.
+
+The session owns each edited layer's state (C0, the method's derived cache, the keys of
+every earlier edit) and a journal of every applied batch, from which the edited model can
+be saved as deltas, replayed onto the base model, rolled back or exported.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from ..common.faults import fault_point
+from ..common.heap import release_free_memory
+from ..common.linalg import IllConditionedWarning
+from ..methods import EditMethod, GradientMethod, LayerState
+from ..methods.base import (
+    EditContext,
+    edits_per_request,
+    edits_single_layer,
+    is_gradient_method,
+    restrains,
+)
+from ..model.loading import LoadedModel
+from ..sphere.energy import hyperspherical_energy
+from ..sphere.projection import SphereProjection
+from .journal import (
+    INDEX,
+    BatchEntry,
+    JournalError,
+    chain_fingerprint,
+    read_batch,
+    read_index,
+    require_base,
+    write_batch,
+    write_index,
+)
+from .keys import LowerLayers, read_layer, residual_to_mlp_delta
+from .requests import EditRequest, RequestError, validate_batch
+from .sampling import generate_context_templates
+from .vstar import VStarConfig, VStarResult, compute_vstar
+
+
+class NumericalError(ValueError):
+    """A batch produced NaN or Inf; the model and journal were left as they were."""
+
+
+class AppliedBatch(NamedTuple):
+    """One applied batch as the journal holds it: what was added to each stored weight,
+    the keys per layer, and for a method that restrains the sum of its updates (PRUNE) the
+    raw update per layer (float64, (out, in)); empty otherwise."""
+
+    deltas: dict[str, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    raw: dict[int, torch.Tensor]
+
+
+@dataclass
+class _Edit:
+    """What one way of editing a batch produced (see ``EditSession.apply``)."""
+
+    deltas: dict[str, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    raw: dict[int, torch.Tensor]
+    norms: dict[int, float]
+    loss: list[float]
+    steps: list[int]
+    notes: list[str] = field(default_factory=list)
+    vstar: VStarResult | None = None  # the batch's v*, where one v* served every request
+
+
+@dataclass
+class BatchResult:
+    index: int
+    requests: list[EditRequest]
+    energy_before: dict[int, float]
+    energy_after: dict[int, float]
+    timings: dict[str, float]
+    target_loss: list[float]
+    target_steps: list[int]
+    update_norms: dict[int, float] = field(default_factory=dict)
+    # Solver fallbacks (an ill-conditioned system solved by least squares), one line each.
+    warnings: list[str] = field(default_factory=list)
+    # The v* of the whole batch (closed-form methods; None for ROME and FT): what
+    # ``precomputed_vstar`` takes, e.g. to give another method the same first batch.
+    vstar: VStarResult | None = None
+
+    @property
+    def energy_change(self) -> dict[int, float]:
+        return {k: self.energy_after[k] - self.energy_before[k] for k in self.energy_after}
+
+
+class EditSession:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        method: EditMethod | GradientMethod,
+        layers: Sequence[int],
+        second_moments: dict[int, torch.Tensor],
+        *,
+        transform: SphereProjection | None = None,
+        target: VStarConfig = VStarConfig(),
+        templates: Sequence[str] | None = None,
+        seed: int = 0,
+        run_dir: str | Path | None = None,
+        energy_s: float = 1.0,
+        extra_header: dict[str, Any] | None = None,
+    ) -> None:
+        layout = loaded.layout
+        if not layers:
+            raise ValueError("layers: give at least one layer to edit")
+        if list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers must be increasing and distinct, got {list(layers)}")
+        if edits_single_layer(method) and len(layers) != 1:
+            raise ValueError(f"{method.name} edits one layer; got layers {list(layers)}")
+        if edits_per_request(method) and restrains(method):
+            raise ValueError(f"{method.name}: a method cannot both edit per request and restrain")
+        for layer in layers:
+            if not 0 <= layer < layout.num_layers:
+                last = layout.num_layers - 1
+                raise ValueError(f"layer {layer} is out of range: the model has layers 0..{last}")
+            if layer not in second_moments:
+                raise ValueError(f"second_moments has no entry for layer {layer}")
+        self.loaded = loaded
+        self.layout = layout
+        self.method = method
+        self.layers = list(layers)
+        self.transform = transform
+        self.target = target
+        self.seed = seed
+        self.energy_s = energy_s
+        self.templates = list(templates) if templates is not None else None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.extra_header = dict(extra_header or {})
+        self.states: dict[int, LayerState] = {}
+        for layer in self.layers:
+            weight = layout.read_weight(layer).detach()
+            d_k = weight.shape[1]
+            moment = second_moments[layer].double()
+            if moment.shape != (d_k, d_k):
+                raise ValueError(
+                    f"second moment of layer {layer} has shape {tuple(moment.shape)}, "
+                    f"expected {(d_k, d_k)}"
+                )
+            self.states[layer] = LayerState(
+                layer=layer,
+                weight_name=layout.mlp_out_weight_name(layer),
+                pre_edit=weight.clone().cpu(),
+                second_moment=moment,
+                edited_keys=torch.zeros(d_k, d_k, dtype=torch.float64),
+                accumulated=(
+                    torch.zeros(weight.shape, dtype=torch.float64) if restrains(method) else None
+                ),
+            )
+        self._base_storage = {
+            layer: layout.mlp_out(layer).weight.detach().clone() for layer in self.layers
+        }
+        self.batches: list[AppliedBatch] = []
+        self.entries: list[BatchEntry] = []
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def context_templates(self) -> list[str]:
+        if self.templates is None:
+            self.templates = generate_context_templates(
+                self.loaded.model, self.loaded.tokenizer, seed=self.seed
+            )
+        return self.templates
+
+    @property
+    def takes_precomputed_vstar(self) -> bool:
+        """Whether :meth:`apply` accepts ``precomputed_vstar`` (the closed-form methods,
+        which optimise v* for the whole batch at the last edited layer)."""
+        return not (is_gradient_method(self.method) or edits_per_request(self.method))
+
+    def vstar_key(self) -> str:
+        """What v* depends on besides the requests and the weights: sessions with equal
+        keys on the same weights compute the same targets."""
+        return json.dumps([self.layers[-1], self.context_templates(), asdict(self.target)])
+
+    def _compute_vstar(self, requests: list[EditRequest]) -> VStarResult:
+        """v* for ``requests`` (validated by :meth:`apply`) on the weights the model has
+        now; :attr:`BatchResult.vstar` hands it to other sessions."""
+        result = compute_vstar(
+            self.loaded.model, self.loaded.tokenizer, self.layout, self.layers[-1], requests,
+            self.context_templates(), self.target,
+        )  # fmt: skip
+        release_free_memory()  # the v* graphs are gone; see heap.py
+        return result
+
+    def energy(self) -> dict[int, float]:
+        return {
+            layer: hyperspherical_energy(self.layout.read_weight(layer), self.energy_s)
+            for layer in self.layers
+        }
+
+    def apply(
+        self,
+        requests: Sequence[EditRequest],
+        *,
+        precomputed_vstar: VStarResult | None = None,
+    ) -> BatchResult:
+        """Edit the model so that every request holds; on any error the weights stay as
+        they were before the call.
+
+        Three routes, by the kind of method: v* for the whole batch and MEMIT's schedule
+        over the layers (closed-form methods); the same one request at a time (``per_request``
+        methods: ROME); or ΔW from the method's own ``compute`` (gradient methods: FT).
+        Every ΔW then goes through the same SPHERE transform (``_commit``).
+
+        ``precomputed_vstar`` skips the v* optimisation and uses these target vectors
+        instead; they must come from :func:`compute_vstar` for the same requests, the
+        same templates and layer ``layers[-1]``, on the weights the model has now (e.g.
+        to give several methods applied to the same base model the same v*).
+        """
+        requests = list(requests)
+        validate_batch(requests)
+        if precomputed_vstar is not None:
+            if not self.takes_precomputed_vstar:
+                raise ValueError(
+                    f"precomputed_vstar: {self.method.name} computes its own targets "
+                    "(request by request, or by gradient descent on the weight)"
+                )
+            hidden_size = self.loaded.model.config.get_text_config().hidden_size
+            shape = tuple(precomputed_vstar.vectors.shape)
+            if shape != (len(requests), hidden_size):
+                raise ValueError(
+                    f"precomputed_vstar has vectors of shape {shape}, expected "
+                    f"{(len(requests), hidden_size)} for {len(requests)} requests"
+                )
+        layout = self.layout
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        templates = self.context_templates()
+        timings["context"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        energy_before = self.energy()
+        timings["energy"] = time.perf_counter() - clock
+
+        backup = {layer: layout.mlp_out(layer).weight.detach().clone() for layer in self.layers}
+        try:
+            if is_gradient_method(self.method):
+                edit = self._gradient(requests, templates, timings)
+            elif edits_per_request(self.method):
+                edit = self._one_by_one(requests, templates, backup, timings)
+            else:
+                edit = self._batch(requests, templates, precomputed_vstar, timings)
+        except BaseException:
+            self._restore(backup)
+            raise
+
+        self.batches.append(AppliedBatch(edit.deltas, edit.keys, edit.raw))
+        self._count(self.batches[-1])
+        clock = time.perf_counter()
+        energy_after = self.energy()
+        timings["energy"] += time.perf_counter() - clock
+        batch = BatchResult(
+            index=len(self.batches),
+            requests=requests,
+            energy_before=energy_before,
+            energy_after=energy_after,
+            timings=timings,
+            target_loss=edit.loss,
+            target_steps=edit.steps,
+            update_norms=edit.norms,
+            warnings=edit.notes,
+            vstar=edit.vstar,
+        )
+        if self.run_dir is not None:
+            try:
+                self._journal(batch)
+            except BaseException:
+                # Not journaled means not applied: memory must match the disk.
+                self.batches.pop()
+                self._restore(backup)
+                self._rebuild_states()
+                raise
+        return batch
+
+    def _restore(self, weights: dict[int, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for layer, weight in weights.items():
+                self.layout.mlp_out(layer).weight.copy_(weight)
+
+    def _batch(
+        self,
+        requests: list[EditRequest],
+        templates: list[str],
+        precomputed: VStarResult | None,
+        timings: dict[str, float],
+    ) -> _Edit:
+        """The closed-form route: v* for every request together, then MEMIT's schedule."""
+        clock = time.perf_counter()
+        result = precomputed if precomputed is not None else self._compute_vstar(requests)
+        timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - clock
+        _require_finite(result.vectors, requests, "target vector")
+        notes: list[str] = []
+        deltas, keys, raw, norms = self._spread(requests, templates, result, timings, notes)
+        loss, steps = [float(x) for x in result.loss], [int(x) for x in result.steps]
+        return _Edit(deltas, keys, raw, norms, loss, steps, notes, vstar=result)
+
+    def _one_by_one(
+        self,
+        requests: list[EditRequest],
+        templates: list[str],
+        backup: dict[int, torch.Tensor],
+        timings: dict[str, float],
+    ) -> _Edit:
+        """Each request edited on the weights its predecessors left (ROME). The batch is
+        then journaled as one delta per weight, their sum, added once to the weights as
+        they were: exactly what a replay of the journal does."""
+        parts = []
+        for i, request in enumerate(requests):
+            try:
+                parts.append(self._batch([request], templates, None, timings))
+            except RequestError as error:
+                reason = str(error).split(": ", 1)[-1]
+                raise RequestError(reason, index=i, field=error.field) from None
+        deltas: dict[str, torch.Tensor] = {}
+        norms: dict[int, float] = {}
+        for layer in self.layers:
+            name = self.states[layer].weight_name
+            total = torch.stack([part.deltas[name].double() for part in parts]).sum(0)
+            norms[layer] = float(total.norm())
+            deltas[name] = total.to(backup[layer].dtype).contiguous()
+        self._restore(backup)
+        with torch.no_grad():
+            self._add_deltas(deltas)
+        keys = {layer: torch.cat([part.keys[layer] for part in parts]) for layer in self.layers}
+        loss = [x for part in parts for x in part.loss]
+        steps = [x for part in parts for x in part.steps]
+        notes = [x for part in parts for x in part.notes]
+        return _Edit(deltas, keys, {}, norms, loss, steps, notes)
+
+    def _gradient(
+        self, requests: list[EditRequest], templates: list[str], timings: dict[str, float]
+    ) -> _Edit:
+        """A gradient method computes ΔW itself; the keys are read for the journal."""
+        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
+        deltas, keys, raw, norms = {}, {}, {}, {}
+        loss: list[float] = []
+        steps: list[int] = []
+        notes: list[str] = []
+        for layer in self.layers:
+            clock = time.perf_counter()
+            readout = read_layer(model, tok, layout, layer, layer, requests, templates)
+            _require_finite(readout.keys, requests, f"key at layer {layer}")
+            timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            state = self.states[layer]
+            context = EditContext(model, tok, layout, templates, state)
+            with _solver_notes(notes):
+                result = self.method.compute(context, requests, layer)  # type: ignore[union-attr]
+            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - clock
+            loss, steps = result.loss, [result.steps] * len(requests)
+
+            stored, raw_update, norms[layer] = self._commit(layer, result.delta, timings)
+            deltas[state.weight_name] = stored
+            keys[layer] = readout.keys.cpu().float()
+            if raw_update is not None:
+                raw[layer] = raw_update
+        return _Edit(deltas, keys, raw, norms, loss, steps, notes)
+
+    def _spread(
+        self,
+        requests: list[EditRequest],
+        templates: list[str],
+        result: VStarResult,
+        timings: dict[str, float],
+        notes: list[str],
+    ) -> tuple[
+        dict[str, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, float]
+    ]:
+        """MEMIT's schedule: layer by layer, recompute keys and the remaining residual at
+        the last edited layer, and give this layer its share of it."""
+        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
+        z_layer = self.layers[-1]
+        deltas, keys, raw, norms = {}, {}, {}, {}
+        # The layers below the window do not change here: run them once for all reads.
+        lower = LowerLayers(first=min(self.layers))
+        for i, layer in enumerate(self.layers):
+            clock = time.perf_counter()
+            readout = read_layer(
+                model, tok, layout, layer, z_layer, requests, templates, lower=lower
+            )
+            _require_finite(readout.keys, requests, f"key at layer {layer}")
+            remaining = (result.vectors - readout.z_out) / (len(self.layers) - i)
+            residuals = residual_to_mlp_delta(layout, layer, readout.mlp_out, remaining)
+            # The closed forms run on the CPU in float64, next to the layer state.
+            layer_keys, residuals = readout.keys.cpu(), residuals.cpu()
+            timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            state = self.states[layer]
+            state.weight = layout.read_weight(layer).detach().cpu()
+            try:
+                with _solver_notes(notes):
+                    delta = self.method.update(layer_keys, residuals, state)  # type: ignore
+            finally:
+                state.weight = None
+            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - clock
+
+            stored, raw_update, norms[layer] = self._commit(layer, delta, timings)
+            deltas[state.weight_name] = stored
+            keys[layer] = layer_keys.float()
+            if raw_update is not None:
+                raw[layer] = raw_update
+            fault_point("layer")
+        return deltas, keys, raw, norms
+
+    def _commit(
+        self, layer: int, delta: torch.Tensor, timings: dict[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Project a method's ΔW (out, in) with SPHERE and add it to the weight; return
+        what was added (storage layout), the raw update when the method restrains the sum
+        of its updates, and the norm of the change.
+
+        For such a method (PRUNE) the weight becomes W0 + SPHERE(restrain(Σ ΔW)), the
+        projection taking its basis from W0, and the change is that minus the weight now.
+        """
+        layout, state = self.layout, self.states[layer]
+        clock = time.perf_counter()
+        current = layout.read_weight(layer).detach().cpu()
+        raw = None
+        if restrains(self.method):
+            assert state.accumulated is not None
+            raw = delta.double()
+            wanted = self.method.restrain(state.accumulated + raw, state)  # type: ignore[union-attr]
+            if self.transform is not None:
+                wanted = self.transform(wanted, current=state.pre_edit, pre_edit=state.pre_edit)
+            delta = state.pre_edit.double() + wanted - current.double()
+        elif self.transform is not None:
+            delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
+        timings["projection"] = timings.get("projection", 0.0) + time.perf_counter() - clock
+
+        if not bool(torch.isfinite(delta).all()):
+            raise NumericalError(
+                f"the update of layer {layer} is not finite; "
+                "the batch was rejected and the model left unchanged"
+            )
+        weight = layout.mlp_out(layer).weight
+        stored = layout.to_storage_layout(delta).to(weight.device, weight.dtype).contiguous()
+        with torch.no_grad():
+            weight.add_(stored)
+        return stored.clone(), raw, float(delta.norm())
+
+    # -- journal ----------------------------------------------------------------------------
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "model": self.loaded.name,
+            "base_fingerprint": self.loaded.fingerprint,
+            "method": self.method.describe(),
+            "transform": asdict(self.transform) if self.transform is not None else None,
+            "layers": self.layers,
+            "target": asdict(self.target),
+            "templates": self.templates,
+            "seed": self.seed,
+            "energy_s": self.energy_s,
+            **self.extra_header,
+        }
+
+    def _journal(self, batch: BatchResult) -> None:
+        assert self.run_dir is not None
+        applied = self.batches[-1]
+        record = {
+            "index": batch.index,
+            "requests": [r.to_dict() for r in batch.requests],
+            "target_loss": batch.target_loss,
+            "target_steps": batch.target_steps,
+            "timings": batch.timings,
+            "update_norms": {str(k): v for k, v in batch.update_norms.items()},
+            "warnings": batch.warnings,
+        }
+        before = self.state_fingerprint()
+        tensors_file, digest, requests_file, content = write_batch(
+            self.run_dir,
+            batch.index,
+            applied.deltas,
+            applied.keys,
+            record,
+            raw=applied.raw,
+            base=self.loaded.fingerprint,
+            state_before=before,
+        )
+        energy = {
+            str(layer): {
+                "before": batch.energy_before[layer],
+                "after": batch.energy_after[layer],
+                "change": batch.energy_change[layer],
+            }
+            for layer in self.layers
+        }
+        entry = BatchEntry(
+            batch.index,
+            tensors_file,
+            digest,
+            requests_file,
+            energy,
+            tensors_bytes=(self.run_dir / tensors_file).stat().st_size,
+            delta_sha256=content,
+            state_before=before,
+            state_after=chain_fingerprint(before, content),
+        )
+        entries = [*self.entries, entry]
+        fault_point("journal-index")
+        write_index(self.run_dir, self.header(), entries)
+        self.entries = entries
+
+    def save(self, run_dir: str | Path) -> None:
+        """Write the whole journal to ``run_dir`` (a session started without one)."""
+        self.run_dir = Path(run_dir)
+        self.entries = []
+        history = list(self.batches)
+        state = self.loaded.fingerprint
+        for i, applied in enumerate(history, 1):
+            tensors_file, digest, requests_file, content = write_batch(
+                self.run_dir,
+                i,
+                applied.deltas,
+                applied.keys,
+                {"index": i},
+                raw=applied.raw,
+                base=self.loaded.fingerprint,
+                state_before=state,
+            )
+            after = chain_fingerprint(state, content)
+            size = (self.run_dir / tensors_file).stat().st_size
+            self.entries.append(
+                BatchEntry(i, tensors_file, digest, requests_file, {}, size, content, state, after)
+            )
+            state = after
+        write_index(self.run_dir, self.header(), self.entries)
+
+    def state_fingerprint(self) -> str:
+        """The edit state the next batch applies to: the base model's fingerprint chained
+        with the checksum of every journaled batch (``journal.chain_fingerprint``)."""
+        if self.entries and self.entries[-1].state_after:
+            return self.entries[-1].state_after
+        state = self.loaded.fingerprint
+        for entry in self.entries:
+            state = chain_fingerprint(state, entry.delta_sha256 or entry.tensors_sha256)
+        return state
+
+    def rollback(self, n_batches: int = 1) -> None:
+        """Undo the last ``n_batches``: the weights become bitwise what they were, by
+        replaying the remaining deltas onto the saved base weights in the same order."""
+        if not 0 <= n_batches <= len(self.batches):
+            raise ValueError(
+                f"cannot roll back {n_batches} batches: the session has {len(self.batches)}"
+            )
+        keep = len(self.batches) - n_batches
+        self.batches = self.batches[:keep]
+        self.entries = self.entries[:keep]
+        with torch.no_grad():
+            for layer in self.layers:
+                self.layout.mlp_out(layer).weight.copy_(self._base_storage[layer])
+            for applied in self.batches:
+                self._add_deltas(applied.deltas)
+        self._rebuild_states()
+        if self.run_dir is not None:
+            write_index(self.run_dir, self.header(), self.entries)
+
+    def _count(self, applied: AppliedBatch) -> None:
+        """Add a batch's keys (and raw updates) to the layer states."""
+        for layer in self.layers:
+            state = self.states[layer]
+            k = applied.keys[layer].double()
+            state.edited_keys += k.T @ k
+            state.n_edits += k.shape[0]
+            if state.accumulated is not None:
+                if layer not in applied.raw:
+                    raise JournalError(f"batch has no raw update of layer {layer} for PRUNE")
+                state.accumulated += applied.raw[layer].double()
+
+    def _rebuild_states(self) -> None:
+        """The layer states from the batches, in order: bitwise what adding them one by
+        one gave."""
+        for state in self.states.values():
+            state.edited_keys.zero_()
+            state.n_edits = 0
+            if state.accumulated is not None:
+                state.accumulated.zero_()
+        for applied in self.batches:
+            self._count(applied)
+
+    def _add_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        by_name = {self.states[layer].weight_name: layer for layer in self.layers}
+        for name, delta in deltas.items():
+            if name not in by_name:
+                raise JournalError(f"the journal edits {name}, which this session does not edit")
+            weight = self.layout.mlp_out(by_name[name]).weight
+            if weight.shape != delta.shape:
+                raise JournalError(
+                    f"{name}: journal delta has shape {tuple(delta.shape)}, "
+                    f"the model's weight {tuple(weight.shape)}"
+                )
+            weight.add_(delta.to(weight.device, weight.dtype))
+
+    @classmethod
+    def load(
+        cls,
+        run_dir: str | Path,
+        loaded: LoadedModel,
+        method: EditMethod,
+        second_moments: dict[int, torch.Tensor],
+        *,
+        transform: SphereProjection | None = None,
+        target: VStarConfig | None = None,
+    ) -> EditSession:
+        """Replay a journal onto the unedited base model ``loaded``."""
+        run_dir = Path(run_dir)
+        index = read_index(run_dir)
+        require_base(run_dir, index, loaded.fingerprint)
+        session = cls(
+            loaded,
+            method,
+            index["layers"],
+            second_moments,
+            transform=transform,
+            target=target or VStarConfig(**index["target"]),
+            templates=index["templates"],
+            seed=index["seed"],
+            energy_s=index.get("energy_s", 1.0),
+        )
+        session._replay_or_reset(run_dir, index)
+        session.run_dir = run_dir
+        return session
+
+    def resume(self) -> int:
+        """Continue the journal in ``run_dir``, if there is one: check that it was recorded
+        with this session's base model and options, replay its batches (bitwise what
+        applying them gave) and return how many there were; the next :meth:`apply` appends
+        to it. Without a journal (nothing was completed) return 0."""
+        if self.run_dir is None:
+            raise ValueError("resume: the session has no run directory")
+        if self.batches:
+            raise ValueError("resume: the session has already applied batches")
+        if not (self.run_dir / INDEX).exists():
+            return 0
+        index = read_index(self.run_dir)
+        self.check_header(index)
+        self.templates = list(index["templates"]) if index.get("templates") else None
+        self._replay_or_reset(self.run_dir, index)
+        return len(self.batches)
+
+    def check_header(self, index: dict[str, Any]) -> None:
+        """Refuse a journal recorded with another base model or other options, naming
+        the first field that differs."""
+        if index.get("base_fingerprint") != self.loaded.fingerprint:
+            raise JournalError(
+                f"{self.run_dir} was recorded on a different base model (fingerprint "
+                f"{str(index.get('base_fingerprint'))[:12]}…, this model "
+                f"{self.loaded.fingerprint[:12]}…)"
+            )
+        mine = json.loads(json.dumps(self.header()))
+        theirs = dict(index)
+        if isinstance(theirs.get("target"), dict):
+            # Settings added since the journal was written take their defaults.
+            with suppress(TypeError, ValueError):  # unknown: reported below
+                stored = asdict(VStarConfig(**theirs["target"]))
+                theirs["target"] = json.loads(json.dumps(stored))
+        for key, value in mine.items():
+            if key in ("model", "templates", "base_fingerprint"):
+                continue
+            if theirs.get(key) != value:
+                raise JournalError(
+                    f"{self.run_dir}: {key} differs: the journal has {theirs.get(key)!r}, "
+                    f"this run asks for {value!r}"
+                )
+
+    def _replay_or_reset(self, run_dir: Path, index: dict[str, Any]) -> None:
+        try:
+            self._replay(run_dir, index)
+        except BaseException:
+            # Leave the caller's model as it came: unedited.
+            self.batches, self.entries = [], []
+            with torch.no_grad():
+                for layer in self.layers:
+                    self.layout.mlp_out(layer).weight.copy_(self._base_storage[layer])
+            self._rebuild_states()
+            raise
+
+    def _replay(self, run_dir: Path, index: dict[str, Any]) -> None:
+        """Apply every batch the index names, checking the chain of edit states: each
+        batch must apply to the state the batches before it left."""
+        base = index["base_fingerprint"]
+        state = base
+        for number, entry in enumerate(index["batches"], 1):
+            if entry["index"] != number:
+                raise JournalError(
+                    f"{run_dir / INDEX}: entry {number} is batch {entry['index']}; "
+                    "the journal is out of order or has a gap"
+                )
+            applied = AppliedBatch(*read_batch(run_dir, entry, base=base, state_before=state))
+            content = entry.get("delta_sha256") or entry["tensors_sha256"]
+            after = chain_fingerprint(state, content)
+            if entry.get("state_after") not in (None, after):
+                raise JournalError(
+                    f"batch {number}: the index says the edit state after it is "
+                    f"{entry['state_after'][:12]}…, the chain gives {after[:12]}…"
+                )
+            with torch.no_grad():
+                self._add_deltas(applied.deltas)
+            self._count(applied)
+            self.batches.append(applied)
+            self.entries.append(
+                BatchEntry(
+                    entry["index"],
+                    entry["tensors_file"],
+                    entry["tensors_sha256"],
+                    entry["requests_file"],
+                    entry.get("energy", {}),
+                    entry.get("tensors_bytes"),
+                    entry.get("delta_sha256"),
+                    state,
+                    after,
+                )
+            )
+            state = after
+
+    def export(self, directory: str | Path) -> None:
+        """Save the edited model as an ordinary checkpoint (``save_pretrained``)."""
+        self.loaded.model.save_pretrained(directory, safe_serialization=True)
+        self.loaded.tokenizer.save_pretrained(directory)
+
+
+@contextmanager
+def _solver_notes(notes: list[str]) -> Iterator[None]:
+    """Collect the solver fallbacks of a method call into ``notes`` (and let them be
+    reported as warnings as usual)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IllConditionedWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, IllConditionedWarning):
+            notes.append(str(warning.message))
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _require_finite(values: torch.Tensor, requests: Sequence[EditRequest], what: str) -> None:
+    bad = (~torch.isfinite(values.reshape(len(requests), -1))).any(dim=1).nonzero().flatten()
+    if len(bad):
+        names = ", ".join(f"{int(i)} ({requests[int(i)].subject!r})" for i in bad[:5])
+        raise NumericalError(
+            f"{what} is NaN or Inf for request(s) {names}; the batch was rejected and the "
+            "model left unchanged"
+        )

@@ -1,0 +1,501 @@
+"""Target values v*: the residual at the last edited layer that makes the model say the new target.
+
+For every request a vector delta is added to the output of layer ``z_layer`` at the
+subject's last token and optimised with Adam so that the model emits ``target_new`` after
+the prompt (in every context template), while the distribution after "{subject} is a"
+stays close to the unedited one (MEMIT's ``compute_z``). All requests of a batch are
+optimised together, each with its own vector: the losses are independent, so the summed
+loss gives every vector exactly the gradient it would get alone, and Adam is elementwise.
+
+Two forward routes give the same numbers:
+
+- ``"reference"``: every step runs every prompt in full.
+- ``"cached"`` (default): tokens before the subject's last token cannot depend on delta,
+  so they are run once per batch and kept as a key/value cache; each step runs only the
+  positions from the subject's last token on, and the unembedding only where the loss
+  reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..common.faults import fault_point
+from ..model.arch import ModelLayout
+from ..model.hooks import (
+    capture,
+    edit_input,
+    edit_output,
+    frozen_parameters,
+    run_until_stopped,
+    skipped_layers,
+)
+from .requests import EditRequest, RequestError
+from .text import SubjectPrompt, encode, last_token_index, pad_id_of, target_token_ids
+
+KL_TEMPLATE = "{} is a"
+Route = Literal["cached", "reference"]
+
+
+@dataclass(frozen=True)
+class VStarConfig:
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_factor: float = 0.75
+    loss_tolerance: float = 5e-2
+    bf16: bool = False
+    requests_per_pass: int = 16
+    # Cap on (context rows × tail positions) per pass, None for none. The autograd graph
+    # of a pass grows with it (about 2 MiB per position on SmolLM2): with 256, passes of
+    # long-tailed requests hold fewer of them and the v* peak of a batch of 100
+    # CounterFact requests fell from 3,228 to 2,558 MiB (benchmarks/vstar_memory.py).
+    positions_per_pass: int | None = 256
+    route: Route = "cached"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"target steps must be at least 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"target lr must be positive, got {self.lr}")
+        if self.clamp_factor <= 0:
+            raise ValueError(f"target clamp_factor must be positive, got {self.clamp_factor}")
+        if self.requests_per_pass < 1:
+            raise ValueError("target requests_per_pass must be at least 1")
+        if self.positions_per_pass is not None and self.positions_per_pass < 1:
+            raise ValueError("target positions_per_pass must be at least 1 (or None for no cap)")
+        if self.route not in ("cached", "reference"):
+            raise ValueError(f"target route must be 'cached' or 'reference', got {self.route!r}")
+
+
+@dataclass
+class VStarResult:
+    vectors: torch.Tensor  # (n, hidden): v* = init + delta
+    init: torch.Tensor  # (n, hidden): layer output before the edit
+    loss: torch.Tensor  # (n,) final total loss
+    nll: torch.Tensor  # (n,) final mean target NLL
+    steps: torch.Tensor  # (n,) optimisation steps each request took
+    history: list[float] = field(default_factory=list)  # mean loss per step
+
+
+@dataclass
+class _Rows:
+    """The prompts of a group of requests: for each request one row per context template
+    (prompt + target tokens but the last), then one "{subject} is a" row per request."""
+
+    ids: list[list[int]]
+    lookups: list[int]
+    prompt_lengths: list[int]  # tokens before the target tokens
+    target_ids: list[list[int]]  # target token ids of each rewrite row
+    n_requests: int
+    n_rewrite: int
+
+    @property
+    def per_request(self) -> int:
+        return self.n_rewrite // self.n_requests
+
+    def split(self) -> tuple[_Rows, _Rows]:
+        """(the rewrite rows, the "is a" rows), each a ``_Rows`` of its own."""
+        k = self.n_rewrite
+        rewrite = _Rows(
+            self.ids[:k],
+            self.lookups[:k],
+            self.prompt_lengths[:k],
+            self.target_ids,
+            self.n_requests,
+            k,
+        )
+        essence = _Rows(self.ids[k:], self.lookups[k:], self.prompt_lengths[k:], [], 0, 0)
+        return rewrite, essence
+
+
+def _build_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    request_ids: Sequence[int],
+    templates: Sequence[str],
+) -> _Rows:
+    ids, lookups, lengths, targets = [], [], [], []
+    for rid in request_ids:
+        request = requests[rid]
+        try:
+            target = target_token_ids(tokenizer, request.text, request.target_new)
+        except RequestError as error:
+            reason = str(error).split(": ", 1)[-1]
+            raise RequestError(reason, index=rid, field="target_new") from None
+        for context in templates:
+            prompt = SubjectPrompt.build(request, context=context)
+            prompt_ids = encode(tokenizer, prompt.text)
+            ids.append(prompt_ids + target[:-1])
+            lookups.append(last_token_index(tokenizer, prompt.text, prompt.subject_end))
+            lengths.append(len(prompt_ids))
+            targets.append(target)
+    n_rewrite = len(ids)
+    for rid in request_ids:
+        prompt = SubjectPrompt.build(requests[rid], template=KL_TEMPLATE)
+        prompt_ids = encode(tokenizer, prompt.text)
+        ids.append(prompt_ids)
+        lookups.append(last_token_index(tokenizer, prompt.text, prompt.subject_end))
+        lengths.append(len(prompt_ids))
+    return _Rows(ids, lookups, lengths, targets, len(request_ids), n_rewrite)
+
+
+def _tail_length(
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], rid: int
+) -> int:
+    """Positions from the subject's last token to the end of the prompt and target."""
+    rows = _build_rows(tokenizer, requests, [rid], ["{}"])
+    return len(rows.ids[0]) - rows.lookups[0]
+
+
+class _Pass:
+    """One forward route over a group's rows. ``run(delta_rows, on_init)`` returns the
+    log-probabilities the loss needs: per rewrite row and target token, and the full
+    distribution at the subject's last token of each "is a" row."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[nn.Module],
+        unembed: nn.Module,
+        rows: _Rows,
+        pad: int,
+        device: torch.device,
+        bf16: bool,
+    ):
+        # ``layers``: the decoder layers up to the one delta is added to (its output).
+        self.model, self.layers, self.unembed = model, layers, unembed
+        self.hidden = layers[-1]
+        self.rows, self.bf16 = rows, bf16
+        longest = max((len(t) for t in rows.target_ids), default=1)
+        target_ids = torch.zeros(rows.n_rewrite, longest, dtype=torch.long)
+        target_mask = torch.zeros(rows.n_rewrite, longest)
+        for i, target in enumerate(rows.target_ids):
+            target_ids[i, : len(target)] = torch.tensor(target)
+            target_mask[i, : len(target)] = 1.0
+        self.target_ids, self.target_mask = target_ids.to(device), target_mask.to(device)
+        self.device = device
+        self.pad = pad
+        self._prepare()
+
+    def _prepare(self) -> None:
+        raise NotImplementedError
+
+    def _forward(self, delta_rows: torch.Tensor, on_init) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (log-probs of the rewrite rows at target positions (rows, T, V) as
+        gathered token log-probs (rows, T), kl log-probs (n_requests, V))."""
+        raise NotImplementedError
+
+    def run(self, delta_rows: torch.Tensor, on_init) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self._forward(delta_rows, on_init)
+
+
+class _ReferencePass(_Pass):
+    """Every step runs every row in full (left-padded, explicit positions)."""
+
+    def _prepare(self) -> None:
+        rows = self.rows
+        width = max(len(r) for r in rows.ids)
+        self.width = width
+        ids = torch.full((len(rows.ids), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows.ids):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        self.inputs = {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": (mask.cumsum(1) - 1).clamp(min=0).to(self.device),
+        }
+        shift = torch.tensor([width - len(r) for r in rows.ids])
+        self.lookup = (torch.tensor(rows.lookups) + shift).to(self.device)
+        t = self.target_ids.shape[1]
+        starts = torch.tensor(rows.prompt_lengths[: rows.n_rewrite]) - 1 + shift[: rows.n_rewrite]
+        cols = (starts.unsqueeze(1) + torch.arange(t)).clamp(max=width - 1)
+        self.keep = int(width - min(int(cols.min()), int(self.lookup[rows.n_rewrite :].min())))
+        offset = width - self.keep
+        self.rewrite_cols = (cols - offset).to(self.device)
+        self.kl_cols = self.lookup[rows.n_rewrite :] - offset
+
+    def _forward(self, delta_rows, on_init):
+        rows_index = torch.arange(len(self.rows.ids), device=self.device)
+
+        def add(output: torch.Tensor) -> torch.Tensor:
+            on_init(output[rows_index, self.lookup])
+            return output.index_put(
+                (rows_index, self.lookup), delta_rows.to(output.dtype), accumulate=True
+            )
+
+        with edit_output(self.hidden, add):
+            logits = self.model(**self.inputs, logits_to_keep=self.keep).logits
+        return self._gather(logits, self.rewrite_cols, self.kl_cols)
+
+    def _gather(
+        self, logits: torch.Tensor, rewrite_cols: torch.Tensor, kl_cols: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_rw = self.rows.n_rewrite
+        rows = torch.arange(n_rw, device=self.device).unsqueeze(1)
+        picked = logits[:n_rw][rows, rewrite_cols].float().log_softmax(-1)
+        token_lp = picked.gather(2, self.target_ids.unsqueeze(-1)).squeeze(-1)
+        kl_rows = torch.arange(n_rw, len(self.rows.ids), device=self.device)
+        kl_lp = logits[kl_rows, kl_cols].float().log_softmax(-1)
+        return token_lp, kl_lp
+
+
+class _CachedPass(_Pass):
+    """Positions before the subject's last token run once; each step runs the rest."""
+
+    def _prepare(self) -> None:
+        rows = self.rows
+        heads = [r[:look] for r, look in zip(rows.ids, rows.lookups, strict=True)]
+        # An "is a" row is read at its first tail position only, and causal attention
+        # makes that position independent of the tokens after it: run it alone.
+        tails = [
+            r[look:] if i < rows.n_rewrite else r[look : look + 1]
+            for i, (r, look) in enumerate(zip(rows.ids, rows.lookups, strict=True))
+        ]
+        p_width = max(len(h) for h in heads)
+        s_width = max(len(t) for t in tails)
+        n = len(rows.ids)
+        head_ids = torch.full((n, p_width), self.pad, dtype=torch.long)
+        head_mask = torch.zeros_like(head_ids)
+        tail_ids = torch.full((n, s_width), self.pad, dtype=torch.long)
+        tail_mask = torch.zeros_like(tail_ids)
+        for i, (head, tail) in enumerate(zip(heads, tails, strict=True)):
+            if head:
+                head_ids[i, p_width - len(head) :] = torch.tensor(head)
+                head_mask[i, p_width - len(head) :] = 1
+            tail_ids[i, : len(tail)] = torch.tensor(tail)
+            tail_mask[i, : len(tail)] = 1
+        head_len = torch.tensor([len(h) for h in heads])
+        tail_pos = head_len.unsqueeze(1) + torch.arange(s_width)
+        self.cache = None
+        self.cache_arg = None
+        dev = self.device
+        if p_width > 0:
+            from .sampling import cache_argument
+
+            self.cache_arg = cache_argument(self.model)
+            with (
+                torch.no_grad(),
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+            ):
+                out = self.model(
+                    input_ids=head_ids.to(dev),
+                    attention_mask=head_mask.to(dev),
+                    position_ids=(head_mask.cumsum(1) - 1).clamp(min=0).to(dev),
+                    use_cache=True,
+                    # Only the cache is wanted: the unembedding of every prefix position
+                    # was a fifth of this pass (49,152 × 576 per position on SmolLM2).
+                    logits_to_keep=1,
+                )
+            cache = getattr(out, "cache", None)
+            self.cache = cache if cache is not None else out.past_key_values
+        self.inputs = {
+            "input_ids": tail_ids.to(dev),
+            "attention_mask": torch.cat([head_mask, tail_mask], dim=1).to(dev),
+            "position_ids": tail_pos.to(dev),
+        }
+        t = self.target_ids.shape[1]
+        lengths = torch.tensor(rows.prompt_lengths[: rows.n_rewrite], dtype=torch.long)
+        starts = lengths - 1 - head_len[: rows.n_rewrite]
+        cols = (starts.unsqueeze(1) + torch.arange(t)).clamp(max=s_width - 1)
+        self.rewrite_cols = cols.to(dev)
+        self.kl_cols = torch.zeros(n - rows.n_rewrite, dtype=torch.long, device=dev)
+
+        # No tail position depends on delta before it is added at the output of the last
+        # of ``layers``: run those layers once here, and skip them in every step.
+        with (
+            torch.no_grad(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+            capture(self.hidden, stop=True) as seen,
+        ):
+            run_until_stopped(lambda: self.model(**self.inputs, **self._cache_inputs()))
+        self.tail_hidden, self.tail_output = seen.output, seen.raw_output
+        _keep_shapes_only(self.cache, len(self.layers))
+
+    def _cache_inputs(self) -> dict:
+        if self.cache is None:
+            return {}
+        # The forward appends to the cache: give it a copy, keep the prefix intact.
+        return {self.cache_arg: copy.deepcopy(self.cache), "use_cache": True}
+
+    def _forward(self, delta_rows, on_init):
+        def add(output: torch.Tensor) -> torch.Tensor:
+            on_init(output[:, 0])
+            shifted = output.clone()
+            shifted[:, 0] = output[:, 0] + delta_rows.to(output.dtype)
+            return shifted
+
+        n_rw, t = self.rewrite_cols.shape
+        kl_rows = torch.arange(n_rw, len(self.rows.ids), device=self.device)
+        rows = torch.cat([torch.arange(n_rw, device=self.device).repeat_interleave(t), kl_rows])
+        cols = torch.cat([self.rewrite_cols.flatten(), self.kl_cols])
+
+        def only_needed(hidden: torch.Tensor) -> torch.Tensor:
+            # The unembedding is the widest matrix of the model: run it only where the
+            # loss reads it (every target position and each "is a" row's subject token).
+            return hidden[rows, cols].unsqueeze(0)
+
+        with (
+            skipped_layers(self.layers, self.tail_output, self.tail_hidden),
+            edit_output(self.hidden, add),
+            edit_input(self.unembed, only_needed),
+        ):
+            logits = self.model(**self.inputs, **self._cache_inputs()).logits[0]
+        log_probs = logits.float().log_softmax(-1)
+        token_lp = log_probs[: n_rw * t].view(n_rw, t, log_probs.shape[-1])
+        token_lp = token_lp.gather(2, self.target_ids.unsqueeze(-1)).squeeze(-1)
+        return token_lp, log_probs[n_rw * t :]
+
+
+def _keep_shapes_only(cache: object, n_layers: int) -> None:
+    """Free the prefix keys and values of the first ``n_layers`` decoder layers, which
+    every step skips (``skipped_layers``): no attention reads them, but the mask
+    construction asks the cache for its length, so each keeps its shape as a zero-stride
+    view of one element. They were two fifths of the cache on SmolLM2 (layers 0-11 of
+    30), 275 of 686 MiB for 100 ZsRE requests. A cache without per-layer tensors (an
+    unknown class) is left whole."""
+    for layer in list(getattr(cache, "layers", []))[:n_layers]:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.numel() > 1:
+                setattr(layer, name, tensor.new_zeros(()).expand(tensor.shape))
+
+
+class _SplitPass:
+    """The cached route with the rewrite rows and the "is a" rows in passes of their own:
+    an "is a" row needs one tail position, and in a shared pass it would run to the width
+    of the longest rewrite tail."""
+
+    def __init__(self, model, layers, unembed, rows: _Rows, pad, device, bf16):
+        rewrite, essence = rows.split()
+        self.n_rewrite = rows.n_rewrite
+        self.rewrite = _CachedPass(model, layers, unembed, rewrite, pad, device, bf16)
+        self.essence = _CachedPass(model, layers, unembed, essence, pad, device, bf16)
+        self.target_mask = self.rewrite.target_mask
+
+    def run(self, delta_rows: torch.Tensor, on_init) -> tuple[torch.Tensor, torch.Tensor]:
+        token_lp, _ = self.rewrite.run(delta_rows[: self.n_rewrite], on_init)
+        _, kl_lp = self.essence.run(delta_rows[self.n_rewrite :], lambda _values: None)
+        return token_lp, kl_lp
+
+
+def pass_groups(
+    tails: Sequence[int], rows_per_request: int, config: VStarConfig
+) -> list[list[int]]:
+    """Request indices in passes, by ascending tail length: at most ``requests_per_pass``
+    per pass and, with ``positions_per_pass``, at most that many rewrite-row positions
+    (rows × the longest tail in the pass); a request too long for the cap gets a pass
+    of its own."""
+    order = sorted(range(len(tails)), key=lambda rid: tails[rid])
+    groups: list[list[int]] = []
+    for rid in order:
+        group = groups[-1] if groups else []
+        # Ascending order: the request joining a pass has its longest tail.
+        positions = (len(group) + 1) * rows_per_request * tails[rid]
+        cap = config.positions_per_pass
+        if group and len(group) < config.requests_per_pass and (cap is None or positions <= cap):
+            group.append(rid)
+        else:
+            groups.append([rid])
+    return groups
+
+
+def compute_vstar(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    z_layer: int,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    config: VStarConfig = VStarConfig(),
+) -> VStarResult:
+    device = next(model.parameters()).device
+    n = len(requests)
+    layers = [layout.layer(i) for i in range(z_layer + 1)]
+    # A request's rows share one tail (the context templates only add a prefix), and a
+    # pass runs every row to the longest tail in it: grouping requests of similar tail
+    # length cut the positions run per step by a quarter on CounterFact.
+    tails = [_tail_length(tokenizer, requests, rid) for rid in range(n)]
+    groups = pass_groups(tails, len(templates), config)
+    route = _SplitPass if config.route == "cached" else _ReferencePass
+    pad = pad_id_of(tokenizer)
+    all_rows = [_build_rows(tokenizer, requests, g, templates) for g in groups]
+    hidden_size = model.config.get_text_config().hidden_size
+    delta = torch.zeros(n, hidden_size, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=config.lr)
+    init = torch.zeros(n, hidden_size, device=device)
+    kl_init: dict[int, torch.Tensor] = {}
+    converged = torch.zeros(n, dtype=torch.bool, device=device)
+    last_loss = torch.zeros(n, device=device)
+    last_nll = torch.zeros(n, device=device)
+    steps_taken = torch.zeros(n, dtype=torch.long)
+    history: list[float] = []
+
+    with frozen_parameters(model):
+        unembed = layout.unembed()
+        passes = [
+            route(model, layers, unembed, rows, pad, device, config.bf16) for rows in all_rows
+        ]
+        for step in range(config.steps):
+            fault_point("vstar")
+            delta.grad = torch.zeros_like(delta)
+            for g, (group, rows, fwd) in enumerate(zip(groups, all_rows, passes, strict=True)):
+                ids = torch.tensor(group, device=device)
+                if step > 0 and bool(converged[ids].all()):
+                    continue  # every request of this group is done: skip its forward
+                row_request = ids.repeat_interleave(rows.per_request)
+                row_request = torch.cat([row_request, ids])
+                first = rows.per_request * torch.arange(len(group), device=device)
+
+                def remember(values: torch.Tensor, ids=ids, first=first, step=step) -> None:
+                    if step == 0:
+                        init[ids] = values[first].detach().float()
+
+                token_lp, kl_lp = fwd.run(delta[row_request], remember)
+                if step == 0:
+                    kl_init[g] = kl_lp.detach()
+                row_nll = -(token_lp * fwd.target_mask).sum(1) / fwd.target_mask.sum(1)
+                nll = row_nll.view(len(group), rows.per_request).mean(1)
+                kl = config.kl_factor * (kl_lp.exp() * (kl_lp - kl_init[g])).sum(-1)
+                decay = config.weight_decay * delta[ids].norm(dim=1) / init[ids].norm(dim=1).pow(2)
+                total = nll + kl + decay
+                live = ~converged[ids]
+                last_loss[ids[live]] = total.detach()[live]
+                last_nll[ids[live]] = nll.detach()[live]
+                active = live & (total.detach() >= config.loss_tolerance)
+                if step < config.steps - 1 and bool(active.any()):
+                    total[active].sum().backward()
+            history.append(float(last_loss.mean()))
+            converged |= last_loss < config.loss_tolerance
+            steps_taken[(~converged).cpu()] = step + 1
+            if step == config.steps - 1 or bool(converged.all()):
+                break
+            frozen = delta.detach().clone()
+            optimiser.step()
+            with torch.no_grad():
+                # A converged request keeps the vector it converged with (Adam's
+                # momentum would otherwise keep moving it).
+                delta[converged] = frozen[converged]
+                limit = config.clamp_factor * init.norm(dim=1, keepdim=True)
+                norms = delta.norm(dim=1, keepdim=True)
+                delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)))
+
+    return VStarResult(
+        vectors=(init + delta).detach(),
+        init=init,
+        loss=last_loss,
+        nll=last_nll,
+        steps=steps_taken,
+        history=history,
+    )

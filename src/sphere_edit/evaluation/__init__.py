@@ -1,0 +1,1 @@
+"""Evaluation: data sets, scoring, edit metrics, general abilities."""

@@ -1,0 +1,1 @@
+"""Model access: the architecture table, forward hooks, loading models."""

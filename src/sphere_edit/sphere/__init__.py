@@ -1,0 +1,1 @@
+"""The SPHERE projection and hyperspherical energy."""

@@ -1,0 +1,235 @@
+"""Target vectors v*: the optimisation lowers the target NLL, respects the clamp, and
+optimising requests together gives what optimising each alone gives."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sphere_edit.editing.keys import read_layer
+from sphere_edit.editing.requests import EditRequest, RequestError
+from sphere_edit.editing.text import target_token_ids
+from sphere_edit.editing.vstar import VStarConfig, VStarResult, compute_vstar, pass_groups
+from sphere_edit.model.arch import ModelLayout
+from tests.tiny_models import make_tiny_model
+from tests.unit._helpers import (
+    decoder_layer,
+    requests_abc,
+    subject_end_in,
+    subject_last_index_by_decoding,
+)
+
+TEMPLATES = ["{}", "The city of Paris. {}"]
+FAMILIES = ["llama", "gpt2", "gemma3_text"]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_tokenizer):
+    return {family: make_tiny_model(family, tiny_tokenizer) for family in FAMILIES}
+
+
+def _targets(model, tok, requests, config, z_layer=1, templates=TEMPLATES) -> VStarResult:
+    return compute_vstar(model, tok, ModelLayout.of(model), z_layer, requests, templates, config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_optimisation_lowers_the_target_nll(models, tiny_tokenizer, family):
+    model = models[family]
+    request = [EditRequest.create("{} is located in", "Toronto", "France")]
+    # Without the KL and decay terms the loss is the NLL, and history records it per step.
+    config = VStarConfig(steps=8, lr=0.1, kl_factor=0.0, weight_decay=0.0, clamp_factor=10.0)
+    result = _targets(model, tiny_tokenizer, request, config)
+    assert len(result.history) == 8
+    assert result.history[-1] < result.history[0] - 0.05
+    assert float(result.nll[0]) == pytest.approx(result.history[-1], abs=1e-6)
+    start = _targets(model, tiny_tokenizer, request, dataclasses.replace(config, steps=1))
+    assert float(start.nll[0]) == pytest.approx(result.history[0], abs=1e-5)
+    assert float(result.nll[0]) < float(start.nll[0]) - 0.05
+    assert torch.equal(start.vectors, start.init)  # one step: no update yet
+    assert int(result.steps[0]) == 8
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_clamp_bounds_the_change(models, tiny_tokenizer, family):
+    model = models[family]
+    clamp = 0.3
+    config = VStarConfig(steps=5, lr=1.0, weight_decay=0.0, clamp_factor=clamp)
+    result = _targets(model, tiny_tokenizer, requests_abc(), config)
+    change = (result.vectors - result.init).norm(dim=1)
+    limit = clamp * result.init.norm(dim=1)
+    assert torch.all(change <= limit + 1e-5)
+    # The clamp is active: with lr = 1 the unclamped steps would go much further.
+    assert torch.all(change >= 0.99 * limit)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_init_is_the_layer_output_at_the_subject(models, tiny_tokenizer, family):
+    model = models[family]
+    requests = requests_abc()
+    result = _targets(model, tiny_tokenizer, requests, VStarConfig(steps=1), z_layer=2)
+    readout = read_layer(model, tiny_tokenizer, ModelLayout.of(model), 0, 2, requests, TEMPLATES)
+    torch.testing.assert_close(result.init, readout.z_out, atol=1e-5, rtol=1e-5)
+    assert result.vectors.shape == (3, model.config.get_text_config().hidden_size)
+
+
+@torch.no_grad()
+def _independent_nll(model, tok, request, delta, z_layer) -> float:
+    """Mean over templates of the mean token NLL of the target, with ``delta`` added to
+    layer ``z_layer``'s output at the subject's last token, one unpadded prompt at a time."""
+    target = target_token_ids(tok, request.text, request.target_new)
+    values = []
+    for context in TEMPLATES:
+        text = context.replace("{}", request.text)
+        prompt_ids = tok(text)["input_ids"]
+        subject_end = subject_end_in(context, request)
+        position = subject_last_index_by_decoding(tok, prompt_ids, subject_end)
+
+        def add(_module, _args, output, position=position):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[0, position] += delta
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = decoder_layer(model, z_layer).register_forward_hook(add)
+        try:
+            logits = model(input_ids=torch.tensor([prompt_ids + target[:-1]])).logits[0]
+        finally:
+            handle.remove()
+        log_probs = logits.log_softmax(-1)
+        start = len(prompt_ids) - 1
+        nll = [-float(log_probs[start + j, token]) for j, token in enumerate(target)]
+        values.append(sum(nll) / len(nll))
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reported_nll_matches_an_independent_forward(models, tiny_tokenizer, family):
+    model = models[family]
+    requests = [
+        EditRequest.create("{} plays the", "Glenn Gould", "guitar"),
+        EditRequest.create("The mother tongue of {} is", "Marie Curie", "English or French"),
+    ]
+    result = _targets(model, tiny_tokenizer, requests, VStarConfig(steps=4, lr=0.2))
+    for i, request in enumerate(requests):
+        delta = result.vectors[i] - result.init[i]
+        assert float(delta.norm()) > 0
+        expected = _independent_nll(model, tiny_tokenizer, request, delta, z_layer=1)
+        assert float(result.nll[i]) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_optimisation_equals_each_request_alone(models, tiny_tokenizer, family):
+    model = models[family]
+    requests = requests_abc()
+    config = VStarConfig(steps=5, lr=0.1, requests_per_pass=3)
+    together = _targets(model, tiny_tokenizer, requests, config)
+    one_per_pass = _targets(
+        model, tiny_tokenizer, requests, dataclasses.replace(config, requests_per_pass=1)
+    )
+    # Passes group requests by tail length (2, 3, 4 tokens here: requests 1 and 2, then
+    # 0), not in input order; the results must still come back in input order.
+    two_per_pass = _targets(
+        model, tiny_tokenizer, requests, dataclasses.replace(config, requests_per_pass=2)
+    )
+    # A positions cap of 12 (two templates): tails 2 and 3 share a pass, 4 runs alone.
+    capped = _targets(
+        model, tiny_tokenizer, requests, dataclasses.replace(config, positions_per_pass=12)
+    )
+    alone = [_targets(model, tiny_tokenizer, [r], config) for r in requests]
+    alone_targets = torch.cat([a.vectors for a in alone])
+    assert float((together.vectors - together.init).norm()) > 0
+    torch.testing.assert_close(together.vectors, alone_targets, atol=1e-4, rtol=0)
+    torch.testing.assert_close(one_per_pass.vectors, alone_targets, atol=1e-4, rtol=0)
+    torch.testing.assert_close(two_per_pass.vectors, alone_targets, atol=1e-4, rtol=0)
+    torch.testing.assert_close(capped.vectors, alone_targets, atol=1e-4, rtol=0)
+    torch.testing.assert_close(together.nll, torch.cat([a.nll for a in alone]), atol=1e-4, rtol=0)
+
+
+_ROUTES = {f.name for f in dataclasses.fields(VStarConfig)}
+
+
+@pytest.mark.skipif("route" not in _ROUTES, reason="VStarConfig has no forward routes")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_routes_agree(models, tiny_tokenizer, family):
+    model = models[family]
+    requests = [*requests_abc(), EditRequest.create("{} is a city in", "Lyon", "Italy")]
+    templates = ["{}", "Toronto. {}", "The official language of France is French. {}"]
+    config = VStarConfig(steps=4, lr=0.2)
+    cached = _targets(model, tiny_tokenizer, requests, config, templates=templates)
+    reference = _targets(
+        model,
+        tiny_tokenizer,
+        requests,
+        dataclasses.replace(config, route="reference"),
+        templates=templates,
+    )
+    torch.testing.assert_close(cached.init, reference.init, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached.vectors, reference.vectors, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cached.nll, reference.nll, atol=1e-4, rtol=0)
+
+
+def test_target_that_tokenises_to_nothing_names_the_request(models, tiny_tokenizer):
+    requests = [
+        EditRequest.create("{} is located in", "Toronto", "France"),
+        EditRequest.create("{} plays the", "Glenn Gould", tiny_tokenizer.eos_token),
+    ]
+    with pytest.raises(RequestError, match="tokenises to nothing") as info:
+        _targets(models["llama"], tiny_tokenizer, requests, VStarConfig(steps=1))
+    assert info.value.index == 1
+    assert info.value.field == "target_new"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"clamp_factor": -1.0}, "clamp_factor"),
+        ({"requests_per_pass": 0}, "requests_per_pass"),
+        ({"positions_per_pass": 0}, "positions_per_pass"),
+    ],
+)
+def test_target_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VStarConfig(**kwargs)
+
+
+def test_pass_groups_respect_both_caps():
+    tails = [5, 2, 9, 2, 3, 30]
+    by_count = pass_groups(tails, 2, VStarConfig(requests_per_pass=2))
+    assert by_count == [[1, 3], [4, 0], [2, 5]]
+    # 2 rows per request, at most 12 positions: (2 + 2) · 2 · ... grows with the tail.
+    capped = pass_groups(tails, 2, VStarConfig(requests_per_pass=16, positions_per_pass=12))
+    assert capped == [[1, 3], [4], [0], [2], [5]]  # 30 is over the cap: a pass of its own
+    for group in capped:
+        if len(group) > 1:
+            assert len(group) * 2 * max(tails[r] for r in group) <= 12
+    assert sorted(r for g in capped for r in g) == list(range(len(tails)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_pass_frees_the_prefix_of_skipped_layers(models, tiny_tokenizer, family):
+    from sphere_edit.editing.vstar import _build_rows, _CachedPass
+
+    model = models[family]
+    layout = ModelLayout.of(model)
+    z_layer = 1
+    layers = [layout.layer(i) for i in range(z_layer + 1)]
+    rows = _build_rows(tiny_tokenizer, requests_abc(), [0, 1], TEMPLATES[1:])
+    with torch.no_grad():
+        cached = _CachedPass(model, layers, layout.unembed(), rows, 0, torch.device("cpu"), False)
+    per_layer = cached.cache.layers
+    assert len(per_layer) > z_layer + 1, "the tiny model needs a layer above the edited one"
+    # The mask construction reads lengths from the cache: a freed layer keeps the length
+    # of a kept layer of its kind (Gemma's sliding-window layers hold fewer positions).
+    kept = {type(x): x.keys.shape for x in per_layer[z_layer + 1 :]}
+    for i, layer in enumerate(per_layer):
+        storage = layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+        if i <= z_layer:  # skipped by every step: shape only
+            assert storage <= 2 * layer.keys.element_size()
+            if type(layer) in kept:
+                assert layer.keys.shape == kept[type(layer)]
+        else:
+            assert storage >= layer.keys.numel() * layer.keys.element_size()
