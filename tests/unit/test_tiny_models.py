@@ -44,11 +44,6 @@ def test_tokenizer_is_deterministic(tiny_tokenizer):
     assert again.get_vocab() == tiny_tokenizer.get_vocab()
 
 
-def test_all_model_types_fixture(all_tiny_model_types):
-    assert all_tiny_model_types == list(TINY_MODEL_TYPES)
-    assert "gemma3_text" in all_tiny_model_types
-
-
 def test_tiny_model_forward(tiny_model):
     model, tok = tiny_model
     assert model.config.model_type in TINY_MODEL_TYPES

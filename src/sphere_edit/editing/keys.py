@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..model.arch import ModelLayout
+from ..model.arch import ModelLayout, get_module
 from ..model.hooks import capture, run_until_stopped, skipped_layers
 from .requests import EditRequest
 from .text import SubjectPrompt, encode_subject_prompts
@@ -84,7 +84,10 @@ def read_layer(
             kept = None
             if lower is not None and below:
                 if chunk < len(lower.outputs):
-                    stack.enter_context(skipped_layers(below, *lower.outputs[chunk]))
+                    container = get_module(model, layout.spec.layers)
+                    stack.enter_context(
+                        skipped_layers(container, len(below), *lower.outputs[chunk])
+                    )
                 else:
                     kept = stack.enter_context(capture(below[-1]))
             run_until_stopped(lambda batch=batch: model(**batch.model_inputs()))

@@ -321,6 +321,7 @@ class _CachedPass(_Pass):
         ):
             run_until_stopped(lambda: self.model(**self.inputs, **self._cache_inputs()))
         self.tail_hidden, self.tail_output = seen.output, seen.raw_output
+        self.container = _container_of(self.model, self.layers[0])
         _keep_shapes_only(self.cache, len(self.layers))
 
     def _cache_inputs(self) -> dict:
@@ -346,9 +347,11 @@ class _CachedPass(_Pass):
             # loss reads it (every target position and each "is a" row's subject token).
             return hidden[rows, cols].unsqueeze(0)
 
+        # The layer delta is added to is skipped, so its output is shifted here.
         with (
-            skipped_layers(self.layers, self.tail_output, self.tail_hidden),
-            edit_output(self.hidden, add),
+            skipped_layers(
+                self.container, len(self.layers), self.tail_output, add(self.tail_hidden)
+            ),
             edit_input(self.unembed, only_needed),
         ):
             logits = self.model(**self.inputs, **self._cache_inputs()).logits[0]
@@ -356,6 +359,14 @@ class _CachedPass(_Pass):
         token_lp = log_probs[: n_rw * t].view(n_rw, t, log_probs.shape[-1])
         token_lp = token_lp.gather(2, self.target_ids.unsqueeze(-1)).squeeze(-1)
         return token_lp, log_probs[n_rw * t :]
+
+
+def _container_of(model: nn.Module, first: nn.Module) -> nn.ModuleList:
+    """The model's decoder-layer list, the one whose first entry is ``first``."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and module[0] is first:
+            return module
+    raise ValueError("v*: the decoder layers are not held in an nn.ModuleList")
 
 
 def _keep_shapes_only(cache: object, n_layers: int) -> None:

@@ -84,28 +84,49 @@ def edit_input(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]) 
         handle.remove()
 
 
-@contextmanager
-def skipped_layers(layers: list[nn.Module], output: Any, hidden: torch.Tensor) -> Iterator[None]:
-    """Skip the computation of ``layers`` (a run of decoder layers from the first one):
-    each passes its input through, and the last returns ``hidden`` in the structure of
-    ``output`` (a real output of that layer, tensor or tuple). Forward hooks on the layers
-    still run. For when everything up to the last of them is known in advance."""
+class _Skipped(nn.Module):
+    """Stands in for a skipped decoder layer: returns its input (``hidden is None``) or
+    ``hidden``, in the structure of ``output``, and computes nothing."""
 
-    def passthrough(*args: Any, **kwargs: Any) -> Any:
+    def __init__(self, output: Any, hidden: torch.Tensor | None) -> None:
+        super().__init__()
+        self.output, self.hidden = output, hidden
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         given = args[0] if args else kwargs["hidden_states"]
-        return _replace_first(output, given)
+        return _replace_first(self.output, given if self.hidden is None else self.hidden)
 
-    def replay(*_args: Any, **_kwargs: Any) -> Any:
-        return _replace_first(output, hidden)
 
-    for layer in layers[:-1]:
-        layer.forward = passthrough
-    layers[-1].forward = replay
+@contextmanager
+def skipped_layers(
+    container: nn.ModuleList, count: int, output: Any, hidden: torch.Tensor
+) -> Iterator[None]:
+    """Skip the computation of the first ``count`` decoder layers (entries of
+    ``container``, the model's decoder-layer list): each passes its input through, and the
+    last returns ``hidden`` in the structure of ``output`` (a real output of that layer,
+    tensor or tuple). For when everything up to the last of them is known in advance.
+
+    A hook cannot keep a module from computing: pre-hooks only rewrite the inputs and
+    forward hooks run after ``forward``. Nor may ``forward`` be replaced on the layer:
+    accelerate's device-map hooks already replace it (``add_hook_to_module``), and putting
+    it back afterwards would destroy their wrapper. So the layers themselves stay
+    untouched and, for the duration, the container holds stand-ins at their positions;
+    the model's own loop still calls every position with its own arguments (per-layer
+    masks, cache), and the layers after the skipped ones run as usual. The skipped layers
+    are not called, so their own hooks do not run: a caller that wants a changed
+    ``hidden`` passes the changed tensor.
+    """
+    if not 1 <= count <= len(container):
+        raise ValueError(f"skipped_layers: count must be in 1..{len(container)}, got {count}")
+    layers = [container[i] for i in range(count)]
+    for i in range(count - 1):
+        container[i] = _Skipped(output, None)
+    container[count - 1] = _Skipped(output, hidden)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward  # the instance attribute: back to the class's forward
+        for i, layer in enumerate(layers):
+            container[i] = layer
 
 
 def run_until_stopped(fn: Callable[[], Any]) -> None:

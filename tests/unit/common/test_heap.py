@@ -7,6 +7,7 @@ import platform
 
 import pytest
 
+from sphere_edit.common import heap
 from sphere_edit.common.heap import release_free_memory
 
 
@@ -18,8 +19,22 @@ def _resident_kib() -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_release_free_memory_returns_a_bool_anywhere():
-    assert isinstance(release_free_memory(), bool)
+def test_release_free_memory_reports_what_malloc_trim_says(monkeypatch):
+    calls = []
+
+    def trim(pad: int) -> int:
+        calls.append(pad)
+        return len(calls) - 1  # 0 on the first call: nothing returned
+
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: trim)
+    assert release_free_memory() is False
+    assert release_free_memory() is True
+    assert calls == [0, 0]  # no padding kept at the top of the heap
+
+
+def test_release_free_memory_is_a_no_op_without_malloc_trim(monkeypatch):
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    assert release_free_memory() is False
 
 
 @pytest.mark.skipif(
