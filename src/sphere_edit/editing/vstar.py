@@ -46,6 +46,34 @@ Route = Literal["cached", "reference"]
 
 @dataclass(frozen=True)
 class VStarConfig:
+    """Settings of the v* optimisation (MEMIT's ``compute_z``), one set for every request.
+
+    The loss of a request is ``nll + kl + decay``: the mean negative log-likelihood of
+    ``target_new`` over the context templates, ``kl_factor`` times the KL divergence of the
+    next-token distribution after "{subject} is a" from the unedited one, and
+    ``weight_decay · ‖delta‖ / ‖init‖²``.
+
+    - ``steps``: the most loss evaluations per request; Adam updates delta after each one
+      but the last.
+    - ``lr``: Adam's learning rate for delta.
+    - ``kl_factor``: weight of the KL term, which keeps what the model says about the
+      subject in general.
+    - ``weight_decay``: weight of the norm penalty on delta (relative to the squared norm
+      of the layer output it is added to).
+    - ``clamp_factor``: after every update, ``‖delta‖`` is cut back to at most
+      ``clamp_factor · ‖init‖``.
+    - ``loss_tolerance``: a request whose loss falls below it stops; its vector is kept
+      as it was when it got there.
+    - ``bf16``: run the forward passes under bfloat16 autocast.
+    - ``requests_per_pass``: the most requests optimised in one forward pass (a pass
+      holds all their context rows).
+    - ``positions_per_pass``: the most rewrite-row positions (context rows × the longest
+      tail in the pass) in one pass, ``None`` for no cap; bounds the autograd graph, so
+      the peak memory. A request over the cap gets a pass of its own.
+    - ``route``: ``"cached"`` (the prefix before the subject's last token runs once) or
+      ``"reference"`` (every step runs every prompt in full); both give the same numbers.
+    """
+
     steps: int = 25
     lr: float = 0.5
     kl_factor: float = 0.0625
@@ -55,9 +83,8 @@ class VStarConfig:
     bf16: bool = False
     requests_per_pass: int = 16
     # Cap on (context rows × tail positions) per pass, None for none. The autograd graph
-    # of a pass grows with it (about 2 MiB per position on SmolLM2): with 256, passes of
-    # long-tailed requests hold fewer of them and the v* peak of a batch of 100
-    # CounterFact requests fell from 3,228 to 2,558 MiB (benchmarks/vstar_memory.py).
+    # of a pass grows with it: with a cap, passes of long-tailed requests hold fewer of
+    # them and the v* peak falls (docs/performance.md, benchmarks/vstar_memory.py).
     positions_per_pass: int | None = 256
     route: Route = "cached"
 
@@ -294,8 +321,8 @@ class _CachedPass(_Pass):
                     attention_mask=head_mask.to(dev),
                     position_ids=(head_mask.cumsum(1) - 1).clamp(min=0).to(dev),
                     use_cache=True,
-                    # Only the cache is wanted: the unembedding of every prefix position
-                    # was a fifth of this pass (49,152 × 576 per position on SmolLM2).
+                    # Only the cache is wanted, and the unembedding (the widest matrix)
+                    # of every prefix position is a large share of this pass.
                     logits_to_keep=1,
                 )
             cache = getattr(out, "cache", None)
@@ -373,9 +400,8 @@ def _keep_shapes_only(cache: object, n_layers: int) -> None:
     """Free the prefix keys and values of the first ``n_layers`` decoder layers, which
     every step skips (``skipped_layers``): no attention reads them, but the mask
     construction asks the cache for its length, so each keeps its shape as a zero-stride
-    view of one element. They were two fifths of the cache on SmolLM2 (layers 0-11 of
-    30), 275 of 686 MiB for 100 ZsRE requests. A cache without per-layer tensors (an
-    unknown class) is left whole."""
+    view of one element. A cache without per-layer tensors (an unknown class) is left
+    whole."""
     for layer in list(getattr(cache, "layers", []))[:n_layers]:
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
@@ -431,12 +457,26 @@ def compute_vstar(
     templates: Sequence[str],
     config: VStarConfig = VStarConfig(),
 ) -> VStarResult:
+    """The target value v* of each request at the output of decoder layer ``z_layer``.
+
+    For every request a vector delta is added to that layer's output at the subject's
+    last token and optimised with Adam (see :class:`VStarConfig` for the loss and the
+    stopping rule) so that the model says ``target_new`` after the prompt in every one of
+    ``templates`` (context templates, the first being the bare prompt ``"{}"``). Requests
+    are optimised together, each with its own delta, in passes grouped by tail length;
+    the result equals optimising each alone. The model's parameters are frozen for the
+    duration and left unchanged.
+
+    Returns ``v* = init + delta`` with ``init``, the layer's output before the edit, and
+    per request the final loss, the final mean target NLL and the steps taken. Raises
+    :class:`RequestError` naming the request when a target tokenises to nothing.
+    """
     device = next(model.parameters()).device
     n = len(requests)
     layers = [layout.layer(i) for i in range(z_layer + 1)]
     # A request's rows share one tail (the context templates only add a prefix), and a
     # pass runs every row to the longest tail in it: grouping requests of similar tail
-    # length cut the positions run per step by a quarter on CounterFact.
+    # length cuts the padding positions run per step.
     tails = [_tail_length(tokenizer, requests, rid) for rid in range(n)]
     groups = pass_groups(tails, len(templates), config)
     route = _SplitPass if config.route == "cached" else _ReferencePass

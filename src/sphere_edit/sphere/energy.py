@@ -52,6 +52,16 @@ def _pair_distances(unit: torch.Tensor, chunk_size: int):
 def hyperspherical_energy(
     weight: torch.Tensor, s: float = 1.0, *, layout: str = "out_in", chunk_size: int = 1024
 ) -> float:
+    """The hyperspherical energy of the neurons of ``weight``, a float in float64.
+
+    With ŵ1..ŵN the neurons (rows in ``"out_in"`` layout, columns in ``"in_out"``) scaled
+    to unit norm, for ``s > 0`` the mean Riesz s-energy over ordered pairs,
+    ``HE_s = 1/(N(N−1)) Σ_{i≠j} ‖ŵi − ŵj‖^(−s)``; for ``s = 0`` the logarithmic energy
+    ``Σ_{i≠j} log(1/‖ŵi − ŵj‖)`` (the kernel ``(r^(−s) − 1)/s`` as s → 0), summed and
+    not averaged, as the definition writes it. ``inf`` when two neurons coincide.
+    ``chunk_size`` rows of distances are held at once (memory, not the result).
+    Raises ``ValueError`` for ``s < 0``, fewer than two neurons or a zero neuron.
+    """
     if s < 0:
         raise ValueError(f"s must be >= 0, got {s}")
     unit = unit_neurons(weight, layout)

@@ -71,9 +71,15 @@ def principal_directions(
 class SphereProjection:
     """ΔW ← ΔW (I − α U Uᵀ); one transform applied to any method's per-layer update.
 
-    ``basis="current"`` takes U from the weights as they are when the update is made (as
-    in the authors' code); ``"pre_edit"`` from the weights before the first edit (as the
-    paper's text says).
+    Fields:
+
+    - ``eta`` in (0, 1]: U holds the fewest top eigenvectors of C = ŴᵀŴ / N (Ŵ the
+      row-normalised weight) whose eigenvalues reach this share of the total.
+    - ``alpha`` in [0, 1]: how much of the update's component along U is removed; 0
+      leaves the update as it is, 1 removes that component entirely.
+    - ``basis``: ``"current"`` takes U from the weights as they are when the update is
+      made (as in the authors' code); ``"pre_edit"`` from the weights before the first
+      edit (as the paper's text says).
     """
 
     eta: float = 0.5
