@@ -233,9 +233,6 @@ class BenchRunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     @property
     def config(self) -> Path:
         return self.path / CONFIG
