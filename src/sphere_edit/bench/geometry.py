@@ -21,7 +21,6 @@ images embedded. matplotlib and scikit-learn are imported only when figures are 
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -299,10 +298,11 @@ def geometry_for_run(
     from ..editing.journal import read_index
     from ..editing.runs import apply_run, restore_weights, snapshot_weights
     from ..model.loading import LoadedModel, load_model
+    from .rundir import GEOMETRY, GEOMETRY_SUMMARY
 
     run_dir = Path(run_dir)
     index = read_index(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "geometry"
+    out = Path(out_dir) if out_dir is not None else run_dir / GEOMETRY
     loaded = model if isinstance(model, LoadedModel) else load_model(model or index["model"])
     chosen = list(index["layers"]) if layers is None else list(layers)
     missing = [layer for layer in chosen if layer not in index["layers"]]
@@ -337,7 +337,7 @@ def geometry_for_run(
         "out_dir": str(out),
         "layers": results,
     }
-    write_json(out / "summary.json", summary)
+    write_json(out / GEOMETRY_SUMMARY, summary)
     return summary
 
 
@@ -352,25 +352,23 @@ def geometry_for_bench(
     """:func:`geometry_for_run` for every method of a benchmark run directory that has
     a journal, into ``RUN/<method>/geometry`` (where ``sphere-edit report`` finds it);
     the base model is loaded once. Returns the summaries by method."""
-    from ..editing.build import MethodSpec
     from ..editing.journal import read_index
     from ..model.loading import LoadedModel, load_model
+    from .rundir import BenchRunDir
 
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    journals = {
-        spec: run_dir / MethodSpec.parse(spec).dirname for spec in config["config"]["methods"]
-    }
-    journals = {s: d for s, d in journals.items() if (d / "journal" / "session.json").exists()}
+    layout = BenchRunDir(run_dir)
+    journals = {spec: layout.method(spec) for spec in layout.methods()}
+    journals = {s: d for s, d in journals.items() if d.has_journal()}
     if not journals:
         raise ValueError(f"{run_dir}: no method of this benchmark run has a journal yet")
     if not isinstance(model, LoadedModel):
-        first = read_index(next(iter(journals.values())) / "journal")
+        first = read_index(next(iter(journals.values())).journal)
         model = load_model(model or first["model"])
     return {
         spec: geometry_for_run(
-            folder / "journal",
-            folder / "geometry",
+            folder.journal,
+            folder.geometry,
             max_neurons,
             model=model,
             seed=seed,

@@ -1,15 +1,14 @@
-"""Plots of a benchmark run directory (see :mod:`sphere_edit.bench` for its layout)."""
+"""Plots of a benchmark run directory (see :mod:`sphere_edit.bench.rundir` for its layout)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..editing.build import MethodSpec
 from ..evaluation.general import accuracy_keys
 from .figures import new_figure, save_png
+from .rundir import DIFFERENCES_PLOT, GENERAL_PLOT, METRICS_PLOT, BenchRunDir
 
 CURVE_METRICS = ("efficacy", "generalization", "specificity")
 
@@ -17,35 +16,24 @@ CURVE_METRICS = ("efficacy", "generalization", "specificity")
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """The run's summary with, per method, its checkpoints and HE series (edits → mean HE
     over the edited layers), read from the files the benchmark writes as it goes."""
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no summary.json; is it a benchmark run directory?")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    layout = BenchRunDir(run_dir)
+    summary = layout.read_summary()
+    config = layout.read_config()
     methods: dict[str, dict[str, Any]] = {}
     for spec in config["config"]["methods"]:
-        method_dir = run_dir / MethodSpec.parse(spec).dirname
-        if not (method_dir / "he.csv").exists():
+        method_dir = layout.method(spec)
+        if not method_dir.started():
             continue  # not started yet
         energy: dict[int, list[float]] = {}
-        for line in (method_dir / "he.csv").read_text(encoding="utf-8").splitlines()[1:]:
-            edits, _layer, value = line.split(",")
-            energy.setdefault(int(edits), []).append(float(value))
-        checkpoints = [
-            json.loads(line)
-            for line in (method_dir / "checkpoints.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
-        progress = method_dir / "progress.json"
+        for edits, _layer, value in method_dir.read_energy():
+            energy.setdefault(edits, []).append(value)
+        checkpoints = method_dir.read_checkpoints()
         methods[spec] = {
             "energy": {e: sum(v) / len(v) for e, v in sorted(energy.items())},
             "checkpoints": checkpoints,
             "summary": summary.get("methods", {}).get(spec),
             # Batches done and time per phase so far: what a run still in progress has.
-            "progress": json.loads(progress.read_text(encoding="utf-8"))
-            if progress.exists()
-            else {},
+            "progress": method_dir.read_progress(),
         }
     return {"summary": summary, "config": config, "methods": methods}
 
@@ -53,17 +41,16 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write ``plots/metrics.png`` (metrics and HE against edits, a line per method) and
     ``plots/he_differences.png`` (consecutive differences, Figure 3 style)."""
-    run_dir = Path(run_dir)
-    return plot_figures(read_run(run_dir), run_dir / "plots")
+    return plot_figures(read_run(run_dir), BenchRunDir(run_dir).plots)
 
 
 def plot_figures(run: dict[str, Any], folder: Path) -> list[Path]:
     """The figures of a run as :func:`read_run` gives it (or of several runs merged into
     that shape) in ``folder``: ``metrics.png``, ``he_differences.png`` and, when measured,
     ``general.png``."""
-    written = [_plot_curves(run, folder / "metrics.png")]
-    written.append(_plot_differences(run, folder / "he_differences.png"))
-    general = _plot_general(run, folder / "general.png")
+    written = [_plot_curves(run, folder / METRICS_PLOT)]
+    written.append(_plot_differences(run, folder / DIFFERENCES_PLOT))
+    general = _plot_general(run, folder / GENERAL_PLOT)
     if general is not None:
         written.append(general)
     return written

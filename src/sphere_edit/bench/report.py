@@ -4,7 +4,6 @@ benchmark run directories, and the same table for the terminal."""
 from __future__ import annotations
 
 import html
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 from .figures import img_tag
 from .plots import plot_figures, read_run
+from .rundir import BenchRunDir
 
 IN_PROGRESS = (
     "Edits marked * belong to a run still in progress: that row is its latest checkpoint "
@@ -186,13 +186,11 @@ def _run_section(run_dir: Path) -> str:
     )
     parts.append("<h4>HE correlation (Spearman, checkpoints) and time per phase</h4>")
     parts.append(_html_table(header, rows))
-    from ..editing.build import MethodSpec
     from .geometry import geometry_html
 
     for spec in run["methods"]:  # written by ``sphere-edit geometry RUN``
-        geometry = run_dir / MethodSpec.parse(spec).dirname / "geometry" / "summary.json"
-        if geometry.exists():
-            summary = json.loads(geometry.read_text(encoding="utf-8"))
+        summary = BenchRunDir(run_dir).method(spec).read_geometry()
+        if summary is not None:
             parts.append(geometry_html(summary, title=f"Weight geometry: {spec}"))
     return "\n".join(parts)
 

@@ -13,21 +13,7 @@ edited layer is recorded after every batch; the Spearman rank correlation betwee
 series (mean over edited layers) and each metric series across checkpoints, and the fit of
 consecutive differences, are in the summary (the paper's Figures 2 and 3).
 
-The run directory (every file written atomically, rewritten as the run goes)::
-
-    config.json                 resolved configuration + environment
-    pre_edit/cases.jsonl        per-case results of the unedited model
-    pre_edit/summary.json
-    <method>/batches.jsonl      per batch: HE per layer, timings, v* losses
-    <method>/he.csv             edits, layer, energy
-    <method>/checkpoints.jsonl  aggregate metrics of the cases edited so far
-    <method>/cases.jsonl        per-case results on the final model
-    <method>/summary.json
-    <method>/progress.json      batches recorded so far, timings, general abilities
-    <method>/journal/           the edit journal (deltas per batch)
-    progress.json               what is complete: pre_edit, and each method
-    summary.json                all methods, the protocols, correlations, timings
-    plots/*.png
+The run directory and its files are :mod:`sphere_edit.bench.rundir`'s.
 
 An interrupted run continues with ``resume=True`` (``sphere-edit bench --resume``): see
 the resume section below and ``docs/reliability.md``.
@@ -51,7 +37,6 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..common.faults import fault_point
-from ..common.fileio import write_json, write_text
 from ..common.heap import release_free_memory
 from ..editing.build import MethodSpec, build_session
 from ..editing.journal import read_index
@@ -67,6 +52,7 @@ from ..evaluation.metrics import (
     spearman,
 )
 from ..model.loading import LoadedModel, load_model
+from .rundir import SUMMARY, BenchRunDir, MethodDir
 
 HEADLINE_METRICS = ("efficacy", "generalization", "specificity")
 # The settings the pre-edit evaluation depends on (a run may reuse another run's pre-edit
@@ -153,16 +139,6 @@ def environment(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in rows))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
-
-
 def _finite_or_none(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
@@ -229,6 +205,7 @@ class Benchmark:
         # reused instead of evaluated again.
         self.pre_edit_from = Path(pre_edit_from) if pre_edit_from is not None else None
         self.run_dir = Path(run_dir)
+        self.layout = BenchRunDir(self.run_dir)
         self.log = log
         self.progress = progress
         self._loaded = loaded
@@ -291,7 +268,7 @@ class Benchmark:
 
     def run(self) -> dict[str, Any]:
         c = self.config
-        resuming = self.resume and (self.run_dir / "config.json").exists()
+        resuming = self.resume and self.layout.exists()
         if resuming:
             self._state = load_resume_state(c, self.run_dir)
         else:
@@ -310,10 +287,9 @@ class Benchmark:
             self._write_config(case_set, loaded)
         pre = self._stored_pre_edit() if resuming else None
         if pre is None and borrowed is not None:
-            for name, text in borrowed.items():
-                write_text(self.run_dir / "pre_edit" / name, text)
+            self.layout.pre_edit.write_texts(borrowed)
             self.log(f"pre-edit: results of {self.pre_edit_from} reused")
-            pre = json.loads(borrowed["summary.json"])
+            pre = json.loads(borrowed[SUMMARY])
         if pre is None:
             pre = self._pre_edit(loaded, cases)
         self._mark(pre_edit=True)
@@ -326,7 +302,7 @@ class Benchmark:
             "methods": {},
             "load_model_seconds": load_seconds,
         }
-        write_json(self.run_dir / "summary.json", summary)
+        self.layout.write_summary(summary)
 
         base = _snapshot(loaded)
         for spec in c.methods:
@@ -342,17 +318,16 @@ class Benchmark:
                 _restore(loaded, base)
             self._mark(method=(spec, "complete"))
             summary["wall_seconds"] = time.perf_counter() - started
-            write_json(self.run_dir / "summary.json", summary)
+            self.layout.write_summary(summary)
         summary["wall_seconds"] = time.perf_counter() - started
         summary["peak_rss_mib"] = peak_rss_mib()
-        write_json(self.run_dir / "summary.json", summary)
+        self.layout.write_summary(summary)
         self._plots()
         return summary
 
     def _write_config(self, case_set: CaseSet, loaded: LoadedModel) -> None:
         c = self.config
-        write_json(
-            self.run_dir / "config.json",
+        self.layout.write_config(
             {
                 "config": asdict(c),
                 "protocols": {
@@ -371,18 +346,18 @@ class Benchmark:
         )
 
     def _pre_edit(self, loaded: LoadedModel, cases: list[EditCase]) -> dict[str, Any]:
-        out = self.run_dir / "pre_edit"
+        out = self.layout.pre_edit
         clock = time.perf_counter()
         results = self._evaluate(loaded, cases)
         generation = self._generation(loaded, cases)
         per_case = merge_results(results, generation) if generation else results
-        _write_jsonl(out / "cases.jsonl", per_case)
+        out.write_cases(per_case)
         pre = {"metrics": aggregate(per_case), "seconds": time.perf_counter() - clock}
         if self.config.general_every:
             clock = time.perf_counter()
             pre["general"] = self._general(loaded)
             pre["general_seconds"] = time.perf_counter() - clock
-        write_json(out / "summary.json", pre)
+        out.write_summary(pre)
         self.log(f"pre-edit: {_headline(pre['metrics'])}")
         return pre
 
@@ -392,12 +367,10 @@ class Benchmark:
         source, option = self.pre_edit_from, "--pre-edit-from"
         assert source is not None
         try:
-            theirs = json.loads((source / "config.json").read_text(encoding="utf-8"))
-            state = json.loads((source / "progress.json").read_text(encoding="utf-8"))
-            files = {
-                name: (source / "pre_edit" / name).read_text(encoding="utf-8")
-                for name in ("summary.json", "cases.jsonl")
-            }
+            other = BenchRunDir(source)
+            theirs = other.read_config()
+            state = json.loads(other.progress.read_text(encoding="utf-8"))
+            files = other.pre_edit.read_texts()
         except FileNotFoundError as error:
             raise ValueError(
                 f"{option}: {source} is not a benchmark run with pre-edit results "
@@ -419,7 +392,7 @@ class Benchmark:
 
     def _run_method(self, loaded: LoadedModel, spec: str, cases: list[EditCase]) -> dict[str, Any]:
         c = self.config
-        out = self.run_dir / MethodSpec.parse(spec).dirname
+        out = self.layout.method(spec)
         started = time.perf_counter()
         clock = time.perf_counter()
         session = build_session(
@@ -428,7 +401,7 @@ class Benchmark:
             layers=list(c.layers) if c.layers else None,
             corpus=c.corpus,
             stats_tokens=c.stats_tokens,
-            run_dir=out / "journal",
+            run_dir=out.journal,
             target_overrides=(
                 None
                 if c.positions_per_pass is None
@@ -481,7 +454,7 @@ class Benchmark:
         generation = self._generation(loaded, cases)
         record.add_time("generation", time.perf_counter() - clock)
         per_case = merge_results(final, generation) if generation else final
-        _write_jsonl(out / "cases.jsonl", per_case)
+        out.write_cases(per_case)
         summary = {
             "method": spec,
             "layers": record.layers,
@@ -499,7 +472,7 @@ class Benchmark:
             "wall_seconds": time.perf_counter() - started,
             "session": session.header(),
         }
-        write_json(out / "summary.json", summary)
+        out.write_summary(summary)
         self.log(f"{spec}: {_headline(summary['final']['metrics'])}")
         return summary
 
@@ -546,15 +519,11 @@ class Benchmark:
             record.add_time("general", time.perf_counter() - clock)
         return final
 
-    def _write_progress(self, out: Path, record: MethodRun) -> None:
-        _write_jsonl(out / "batches.jsonl", record.batches)
-        _write_jsonl(out / "checkpoints.jsonl", record.checkpoints)
-        rows = ["edits,layer,energy"] + [
-            f"{r['edits']},{r['layer']},{r['energy']!r}" for r in record.energy
-        ]
-        write_text(out / "he.csv", "\n".join(rows) + "\n")
-        write_json(
-            out / "progress.json",
+    def _write_progress(self, out: MethodDir, record: MethodRun) -> None:
+        out.write_batches(record.batches)
+        out.write_checkpoints(record.checkpoints)
+        out.write_energy(record.energy)
+        out.write_progress(
             {"batches": len(record.batches), "timings": record.timings, "general": record.general},
         )
 
@@ -572,27 +541,27 @@ class Benchmark:
             self._state["pre_edit"] = pre_edit
         if method is not None:
             self._state["methods"][method[0]] = method[1]
-        write_json(self.run_dir / "progress.json", self._state)
+        self.layout.write_progress(self._state)
 
     def _stored_pre_edit(self) -> dict[str, Any] | None:
-        path = self.run_dir / "pre_edit" / "summary.json"
-        if not self._state.get("pre_edit") or not path.exists():
+        pre_edit = self.layout.pre_edit
+        if not self._state.get("pre_edit") or not pre_edit.summary.exists():
             return None
         self.log("pre-edit: results reused from the interrupted run")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return pre_edit.read_summary()
 
     def _stored_method(self, spec: str) -> dict[str, Any] | None:
-        path = self.run_dir / MethodSpec.parse(spec).dirname / "summary.json"
-        if self._state["methods"].get(spec) != "complete" or not path.exists():
+        folder = self.layout.method(spec)
+        if self._state["methods"].get(spec) != "complete" or not folder.summary.exists():
             return None
-        return json.loads(path.read_text(encoding="utf-8"))
+        return folder.read_summary()
 
     def _resume_method(
         self,
         loaded: LoadedModel,
         session: Any,
         record: MethodRun,
-        out: Path,
+        out: MethodDir,
         cases: list[EditCase],
     ) -> tuple[int, list[dict[str, Any]] | None]:
         """Replay the method's journal onto the model and rebuild its record; return the
@@ -631,12 +600,8 @@ class Benchmark:
                 batch["target_steps"],
                 batch.get("warnings", []),
             )
-        record.checkpoints = [
-            row for row in _read_jsonl(out / "checkpoints.jsonl") if row["edits"] <= done
-        ]
-        stored = {}
-        if (out / "progress.json").exists():
-            stored = json.loads((out / "progress.json").read_text(encoding="utf-8"))
+        record.checkpoints = [row for row in out.read_checkpoints() if row["edits"] <= done]
+        stored = out.read_progress()
         record.general = [row for row in stored.get("general", []) if row["edits"] <= done]
         for phase in ("evaluation", "general"):
             if phase in stored.get("timings", {}):
@@ -666,19 +631,17 @@ def peak_rss_mib() -> float:
 def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
     """Check that ``config`` is the configuration ``run_dir`` was started with (naming the
     first field that differs) and return what the run recorded as complete."""
-    stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]
+    layout = BenchRunDir(run_dir)
+    stored = layout.read_config()["config"]
     mine = json.loads(json.dumps(asdict(config)))
     for key in sorted(set(stored) | set(mine)):
         if stored.get(key) != mine.get(key):
             raise ValueError(
-                f"--resume: {key} differs from {run_dir / 'config.json'}: the run was "
+                f"--resume: {key} differs from {layout.config}: the run was "
                 f"started with {stored.get(key)!r}, this command gives {mine.get(key)!r}; "
                 "repeat the original options"
             )
-    path = run_dir / "progress.json"
-    if not path.exists():
-        return {"pre_edit": False, "methods": {}}
-    return json.loads(path.read_text(encoding="utf-8"))
+    return layout.read_progress()
 
 
 def _add_batch(
@@ -713,13 +676,6 @@ def _add_batch(
             "warnings": warnings,
         }
     )
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _headline(metrics: dict[str, Any]) -> str:

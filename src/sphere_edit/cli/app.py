@@ -69,7 +69,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             if DEBUG["on"]:
                 traceback.print_exc()
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            err.print(f"[red]error:[/] {message}", highlight=False)
+            err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -153,6 +153,7 @@ def edit(
     ] = False,
 ) -> None:
     """Apply edit requests sequentially in batches, journaling every batch."""
+    from ..bench.rundir import find_run_kind
     from ..editing.build import MethodSpec, build_session, parse_layers
     from ..editing.requests import load_requests, validate_batch
     from ..editing.text import check_targets
@@ -165,7 +166,7 @@ def edit(
         raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
     if basis not in ("current", "pre_edit"):
         raise ValueError(f"--basis must be 'current' or 'pre_edit', got {basis!r}")
-    if (out / "session.json").exists() and not resume:
+    if find_run_kind(out) is not None and not resume:
         raise ValueError(
             f"--out {out} already holds a run; choose a new directory or continue it with --resume"
         )
@@ -275,9 +276,10 @@ def energy(
 ) -> None:
     """Print the hyperspherical energy of a model's layers, or the HE series of a run."""
     if run is not None:
+        from ..bench.rundir import expect_run
         from ..editing.journal import read_index
 
-        index = read_index(run)
+        index = read_index(expect_run(run, "edit"))
         table = Table(title=f"HE per batch: {run} ({index.get('method_spec', '')})")
         table.add_column("batch")
         for layer in index["layers"]:
@@ -333,9 +335,10 @@ def geometry(
     """Weight geometry of a run's edited layers, before and after (PNGs and summary.json);
     for a benchmark run directory, of every method (into RUN/<method>/geometry)."""
     from ..bench.geometry import geometry_for_bench, geometry_for_run
+    from ..bench.rundir import run_kind
     from ..editing.journal import read_index
 
-    if (run_dir / "config.json").exists() and not (run_dir / "session.json").exists():
+    if run_kind(run_dir) == "bench":
         if out is not None:
             raise ValueError(
                 "--out: a benchmark run writes each method's geometry to RUN/<method>/geometry"
@@ -415,15 +418,18 @@ def general(
     ] = None,
 ) -> None:
     """Zero-shot GSM8K, RTE, NQ and BoolQ (RECT protocol) of a model or an edit run."""
+    from ..bench.rundir import expect_run, find_run_kind, run_kind
     from ..common.fileio import write_json
-    from ..editing.runs import is_run_dir, load_run_model
+    from ..editing.runs import load_run_model
     from ..evaluation.general import evaluate_general, resolve_data_dir
 
     chosen = [t.strip() for t in tasks.split(",") if t.strip()]
     if plot is not None and edits is None:
         raise ValueError("--plot draws the curve of --edits; give --edits too")
-    if edits is not None and not is_run_dir(model_or_run_dir):
-        raise ValueError(f"--edits needs an edit run directory; {model_or_run_dir} is not one")
+    # Without --edits the argument may be a model (a name or a model folder) instead.
+    kind = run_kind(model_or_run_dir) if edits is not None else find_run_kind(model_or_run_dir)
+    if kind == "bench":
+        expect_run(model_or_run_dir, "edit")
     data_dir = resolve_data_dir(data)
     if edits is not None:
         _general_curve(
@@ -432,7 +438,7 @@ def general(
             batch_size=batch_size, out=out, details=details, plot=plot,
         )  # fmt: skip
         return
-    if is_run_dir(model_or_run_dir):
+    if kind == "edit":
         with console.status(f"loading the edited model of {model_or_run_dir}"):
             loaded, index = load_run_model(model_or_run_dir, model=model, device=device)
         label = f"{model_or_run_dir} ({len(index['batches'])} batches on {loaded.name})"
@@ -611,8 +617,11 @@ def report(
 ) -> None:
     """One self-contained HTML page (plots embedded) and the paper-style table."""
     from ..bench.report import build_report
+    from ..bench.rundir import expect_run
     from ..common.fileio import write_text
 
+    for run_dir in run_dirs:
+        expect_run(run_dir, "bench")
     write_text(out, build_report(run_dirs))
     _print_table(run_dirs)
     _print_plugin_table(run_dirs)

@@ -268,4 +268,4 @@ def test_cli_geometry_and_general_on_a_run(run, tmp_path, monkeypatch, figures):
     assert "2 batches" in result.output and "boolq_loglik_acc" in result.output
 
     missing = runner.invoke(app, ["geometry", str(tmp_path / "nowhere")])
-    assert missing.exit_code == 2 and "session.json is missing" in missing.output
+    assert missing.exit_code == 2 and "is not a run directory: no such folder" in missing.output
