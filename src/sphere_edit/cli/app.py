@@ -12,11 +12,11 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer._click import exceptions as usage  # typer vendors click here
 from typer.core import TyperGroup
 
 from ..common.fileio import run_dir_entries
@@ -31,30 +31,34 @@ class _OneLineUsageErrors(TyperGroup):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as error:
+        except usage.NoArgsIsHelpError as error:
             error.show()  # the help page, as before
             sys.exit(error.exit_code)
-        except click.ClickException as error:
-            err.print(Text("error: ", style="red") + Text(_usage_message(error)), highlight=False)
+        except usage.ClickException as error:
+            err.print(
+                Text("error: ", style="red") + Text(_usage_message(error)),
+                highlight=False,
+                soft_wrap=True,
+            )
             sys.exit(error.exit_code)
-        except click.Abort:
+        except typer.Abort:
             err.print("aborted", highlight=False)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _usage_message(error: click.ClickException) -> str:
+def _usage_message(error: usage.ClickException) -> str:
     """``--batch-size: 0 is not in the range x>=1`` rather than click's sentence."""
     param = getattr(error, "param", None)
     if (
-        isinstance(error, click.BadParameter)
-        and not isinstance(error, click.MissingParameter)
+        isinstance(error, usage.BadParameter)
+        and not isinstance(error, usage.MissingParameter)
         and param is not None
         and param.opts
     ):
         name = max(param.opts, key=len)
         return f"{name}: {error.message}"
-    return " ".join(error.format_message().split())
+    return " ".join(error.format_message().split()).rstrip(".")
 
 
 app = typer.Typer(
@@ -113,7 +117,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             if DEBUG["on"]:
                 traceback.print_exc()
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            err.print(Text("error: ", style="red") + Text(message), highlight=False)
+            err.print(Text("error: ", style="red") + Text(message), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
