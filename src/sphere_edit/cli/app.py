@@ -27,6 +27,7 @@ class _OneLineUsageErrors(TyperGroup):
     like every other error, instead of a boxed panel; the exit code stays 2."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        _hide_flag_metavars(self)
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -45,6 +46,14 @@ class _OneLineUsageErrors(TyperGroup):
             err.print("aborted", highlight=False)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _hide_flag_metavars(group: TyperGroup) -> None:
+    """A boolean flag takes no value: show no ``<bool>`` after it in the help."""
+    for command in [group, *group.commands.values()]:
+        for param in command.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
 
 
 def _usage_message(error: usage.ClickException) -> str:
@@ -88,6 +97,10 @@ DeviceOpt = Annotated[
     typer.Option(help="Where the model runs: cpu, cuda, cuda:N, or auto (a GPU when there "
                  "is one). The closed-form solves stay on the CPU in float64."),
 ]  # fmt: skip
+StatsTokensOpt = Annotated[
+    int | None,
+    typer.Option(min=1000, help="Corpus tokens for the key statistics C0. Default: the preset's."),
+]
 PositionsOpt = Annotated[
     int | None,
     typer.Option(min=0, help="Cap on rows × tail positions per v* pass (peak memory); 0: no cap."),
@@ -155,7 +168,7 @@ def demo(
     device: DeviceOpt = "cpu",
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
     corpus: CorpusOpt = None,
-    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    stats_tokens: StatsTokensOpt = None,
     out: Annotated[Path | None, typer.Option(help="Write the journal here.")] = None,
 ) -> None:
     """Edit a dozen facts in three batches and show completions and HE before and after."""
@@ -204,15 +217,24 @@ def edit(
         list[str] | None,
         typer.Option(help="Method option KEY=VALUE (JSON value), e.g. epsilon=null; repeatable."),
     ] = None,
-    eta: Annotated[float | None, typer.Option(help="SPHERE eigenvalue share, in (0, 1].")] = None,
-    alpha: Annotated[float | None, typer.Option(help="SPHERE strength, in [0, 1].")] = None,
+    eta: Annotated[
+        float | None,
+        typer.Option(help="SPHERE eigenvalue share, in (0, 1]. Default: the preset's."),
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="SPHERE strength, in [0, 1]. Default: the preset's.")
+    ] = None,
     basis: Annotated[
         str | None, typer.Option(help="SPHERE basis: current (default) or pre_edit.")
     ] = None,
     corpus: CorpusOpt = None,
-    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
-    lr: Annotated[float | None, typer.Option(help="v* learning rate.")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="v* Adam steps.")] = None,
+    stats_tokens: StatsTokensOpt = None,
+    lr: Annotated[
+        float | None, typer.Option(help="v* learning rate. Default: the preset's.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="v* Adam steps. Default: the preset's.")
+    ] = None,
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast in the v* loop.")] = False,
     positions_per_pass: PositionsOpt = None,
     export: Annotated[Path | None, typer.Option(help="Also save_pretrained here.")] = None,
@@ -249,6 +271,8 @@ def edit(
             raise ValueError(f"batch {b + 1}: {error}") from None
     loaded = _load(model, device)
     check_targets(loaded.tokenizer, all_requests)
+    if resume:
+        _check_resume_header(out, loaded, corpus, stats_tokens)
     overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
     if positions_per_pass is not None:
         overrides["positions_per_pass"] = positions_per_pass or None  # 0: no cap
@@ -338,6 +362,33 @@ def _check_export(export: Path) -> None:
         raise ValueError(f"--export: cannot create {export}: {existing} is not a writable folder")
 
 
+def _check_resume_header(
+    out: Path, loaded: Any, corpus: str | None, stats_tokens: int | None
+) -> None:
+    """Before the statistics pass: the model, corpus file and statistics size of a resumed
+    run must be the journal's (the session checks the rest when it resumes)."""
+    from ..common.fileio import sha256_file
+    from ..editing.journal import read_index, require_base
+
+    if not (out / "session.json").exists():
+        return
+    index = read_index(out)
+    require_base(out, index, loaded.fingerprint)
+    recorded = index.get("stats_tokens")
+    if stats_tokens is not None and recorded is not None and stats_tokens != recorded:
+        raise ValueError(
+            f"--stats-tokens: the run in {out} used {recorded}, this command gives "
+            f"{stats_tokens}; give --stats-tokens {recorded} to resume it"
+        )
+    known = index.get("corpus_fingerprint")
+    if corpus is not None and known is not None and Path(corpus).is_file():
+        if sha256_file(corpus) != known:
+            raise ValueError(
+                f"--corpus: {corpus} is not the corpus the run in {out} used "
+                f"({index.get('corpus')}); give that corpus to resume it"
+            )
+
+
 def _report_unconverged(batch: list[Any], losses: list[float] | None, tolerance: float) -> None:
     """Name the requests whose v* ended above its loss tolerance: their edit may not take."""
     for request, loss in zip(batch, losses or [], strict=False):
@@ -383,9 +434,10 @@ def stats(
     device: DeviceOpt = "cpu",
     layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
     corpus: CorpusOpt = None,
-    tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    stats_tokens: StatsTokensOpt = None,
+    tokens: Annotated[int | None, typer.Option(min=1000, hidden=True)] = None,  # old name
 ) -> None:
-    """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
+    """Precompute (and cache) the key statistics C0 = E\\[k kᵀ] of the edited layers."""
     from ..editing.build import parse_layers
     from ..editing.presets import preset_for
     from ..editing.stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
@@ -395,7 +447,7 @@ def stats(
     chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
     source = load_corpus(corpus, loaded)
     console.print(f"statistics: {source.description}")
-    n_tokens = tokens or preset.stats_tokens
+    n_tokens = stats_tokens or tokens or preset.stats_tokens
     start = time.perf_counter()
     moments = layer_second_moments(loaded, chosen, source, max_tokens=n_tokens)
     elapsed = time.perf_counter() - start
@@ -666,7 +718,7 @@ def bench(
     offset: Annotated[int, typer.Option(min=0, help="Skip the first records.")] = 0,
     layers: Annotated[str | None, typer.Option(help="Default: the preset's.")] = None,
     corpus: CorpusOpt = None,
-    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    stats_tokens: StatsTokensOpt = None,
     fluency_cases: Annotated[
         int, typer.Option(min=0, help="Generate (fluency, consistency) for the first K cases.")
     ] = 0,
