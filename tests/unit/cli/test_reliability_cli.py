@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import stat
@@ -21,6 +22,9 @@ from typer.testing import CliRunner
 from sphere_edit.cli.app import _check_edit_options, _report_unconverged, app
 from sphere_edit.common.fileio import RUN_LOCK, RunLockedError, run_lock
 from sphere_edit.editing.requests import EditRequest
+from sphere_edit.editing.stats import Corpus, CorpusError, collect_second_moments, load_corpus
+from sphere_edit.model import loading
+from sphere_edit.model.loading import ModelNotFoundError, load_model
 from tests import REPO_ROOT
 from tests.tiny_models import make_tiny_model
 
@@ -31,6 +35,7 @@ GOOD = [
     {"prompt": "John plays the", "subject": "John", "target_new": "guitar"},
 ]
 MISSING_MODEL = "/no/such/model/folder"
+WIDE = {"COLUMNS": "200"}  # help lines unwrapped
 
 
 @pytest.fixture
@@ -56,7 +61,8 @@ def _edit(tiny, out: Path, *extra: str, model: str | None = None) -> list[str]:
 
 def _one_line_error(result, code: int = 2) -> str:
     assert result.exit_code == code, result.output
-    lines = result.output.strip().splitlines()
+    # Progress bars (transformers' weight loading) are not part of the message.
+    lines = [line for line in result.output.strip().splitlines() if "it/s]" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert "Traceback" not in result.output
     return lines[0]
@@ -263,3 +269,98 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, message):
 def test_help_still_works():
     result = runner.invoke(app, ["edit", "--help"])
     assert result.exit_code == 0 and "--requests" in result.output
+
+
+# -- 8: checked before any model work ------------------------------------------------------
+
+
+def test_a_folder_that_is_not_a_model_says_what_is_missing(tmp_path, tiny_tokenizer):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelNotFoundError, match="no config.json and no tokenizer"):
+        load_model(str(empty))
+    weights_only = tmp_path / "weights-only"
+    make_tiny_model("llama", tiny_tokenizer).save_pretrained(weights_only)
+    with pytest.raises(ModelNotFoundError, match="not a saved model: no tokenizer"):
+        load_model(str(weights_only))
+
+
+def test_a_model_that_is_not_local_fails_at_once(monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="no such folder.*smollm2-135m"):
+        load_model("/no/such/model/folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE is set.*smollm2-135m"):
+        load_model("someone/some-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(loading, "_hub_reachable", lambda: False)
+    with pytest.raises(ModelNotFoundError, match="hub cannot be reached.*local folder"):
+        load_model("someone/some-model")
+
+
+def test_a_resume_with_other_statistics_corpus_or_model_is_refused(tiny, tiny_tokenizer):
+    out = tiny.root / "run"
+    assert runner.invoke(app, _edit(tiny, out)).exit_code == 0
+    journal = (out / "session.json").read_bytes()
+    args = _edit(tiny, out, "--resume")
+    args[args.index("--stats-tokens") + 1] = "2000"
+    assert "--stats-tokens: the run" in _one_line_error(runner.invoke(app, args))
+    other_corpus = tiny.root / "other.txt"
+    other_corpus.write_text("Another text entirely. " * 200)
+    args = _edit(tiny, out, "--resume")
+    args[args.index("--corpus") + 1] = str(other_corpus)
+    assert "--corpus: " in _one_line_error(runner.invoke(app, args))
+    other_model = tiny.root / "other-model"
+    make_tiny_model("llama", tiny_tokenizer, seed=1).save_pretrained(other_model)
+    tiny_tokenizer.save_pretrained(other_model)
+    args = _edit(tiny, out, "--resume", model=str(other_model))
+    assert "different base model" in _one_line_error(runner.invoke(app, args))
+    assert (out / "session.json").read_bytes() == journal
+
+
+# -- 9: corpus files -----------------------------------------------------------------------
+
+
+def test_a_corpus_that_is_a_directory_or_not_utf8_is_named(tmp_path):
+    with pytest.raises(CorpusError, match=f"corpus {tmp_path} is a directory"):
+        load_corpus(str(tmp_path))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Café au lait".encode("latin-1"))
+    with pytest.raises(CorpusError, match=f"corpus file {latin} is not UTF-8.*byte 3 is 0xe9"):
+        load_corpus(str(latin))
+
+
+def test_a_corpus_far_smaller_than_asked_warns_with_both_numbers(tiny_tokenizer, caplog):
+    text = "Paris is the capital of France."
+    corpus = Corpus(texts=[text], fingerprint="f", description="corpus file tiny.txt")
+    available = len(tiny_tokenizer(text, add_special_tokens=True)["input_ids"])
+    model = make_tiny_model("llama", tiny_tokenizer)
+    with caplog.at_level(logging.WARNING, logger="sphere_edit.editing.stats"):
+        collect_second_moments(model, tiny_tokenizer, [1], corpus, max_tokens=1000, progress=False)
+    assert f"gives {available} tokens, far fewer than the 1000" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sphere_edit.editing.stats"):
+        collect_second_moments(
+            model, tiny_tokenizer, [1], corpus, max_tokens=2 * available, progress=False
+        )
+    assert "far fewer" not in caplog.text
+
+
+# -- 12: help ------------------------------------------------------------------------------
+
+
+def test_help_shows_the_formula_and_no_bool_metavar_on_flags():
+    shown = runner.invoke(app, ["stats", "--help"], env=WIDE).output
+    assert "E[k kᵀ]" in shown and "--stats-tokens" in shown
+    edit_help = runner.invoke(app, ["edit", "--help"], env=WIDE).output
+    for flag in ("--bf16", "--resume"):
+        line = next(line for line in edit_help.splitlines() if flag in line)
+        assert "<bool>" not in line
+    for option in ("--stats-tokens", "--eta", "--alpha", "--lr", "--steps"):
+        line = next(line for line in edit_help.splitlines() if f" {option} " in line)
+        assert "Default" in line, line
+
+
+@pytest.mark.parametrize("name", ["--stats-tokens", "--tokens"])
+def test_stats_takes_stats_tokens_and_the_old_tokens(name):
+    result = runner.invoke(app, ["stats", "--model", MISSING_MODEL, name, "2000"])
+    assert "no such folder" in _one_line_error(result)
