@@ -157,7 +157,7 @@ def _load(model: str, device: str = "cpu"):
     from ..model.loading import load_model, resolve_device
 
     where = resolve_device(device)  # a bad --device fails before the model loads
-    with console.status(f"loading {model} on {where}"):
+    with console.status(Text(f"loading {model} on {where}")):  # a str would be markup
         return load_model(model, device=where)
 
 

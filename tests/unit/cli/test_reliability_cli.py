@@ -364,3 +364,10 @@ def test_help_shows_the_formula_and_no_bool_metavar_on_flags():
 def test_stats_takes_stats_tokens_and_the_old_tokens(name):
     result = runner.invoke(app, ["stats", "--model", MISSING_MODEL, name, "2000"])
     assert "no such folder" in _one_line_error(result)
+
+
+def test_markup_in_a_model_folder_name_is_shown_as_it_is(tiny):
+    folder = tiny.root / "m[/x]"
+    folder.mkdir(parents=True)
+    result = runner.invoke(app, _edit(tiny, tiny.root / "run", model=str(folder)))
+    assert f"{folder} is not a saved model" in _one_line_error(result)
