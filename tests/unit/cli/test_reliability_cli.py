@@ -25,7 +25,7 @@ from sphere_edit.editing.requests import EditRequest
 from sphere_edit.editing.stats import Corpus, CorpusError, collect_second_moments, load_corpus
 from sphere_edit.model import loading
 from sphere_edit.model.loading import ModelNotFoundError, load_model
-from tests import REPO_ROOT
+from tests import FIXTURES_DIR, REPO_ROOT
 from tests.tiny_models import make_tiny_model
 
 runner = CliRunner()
@@ -371,3 +371,18 @@ def test_markup_in_a_model_folder_name_is_shown_as_it_is(tiny):
     folder.mkdir(parents=True)
     result = runner.invoke(app, _edit(tiny, tiny.root / "run", model=str(folder)))
     assert f"{folder} is not a saved model" in _one_line_error(result)
+
+
+def test_bench_runs_and_resumes_in_its_locked_directory(tiny):
+    out = tiny.root / "bench"
+    args = [
+        "bench", "--out", str(out), "--model", str(tiny.model), "--methods", "memit",
+        "--dataset", str(FIXTURES_DIR / "counterfact_rome.json"), "--n-edits", "1",
+        "--batch-size", "1", "--corpus", str(tiny.corpus), "--stats-tokens", "1000",
+    ]  # fmt: skip
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert (out / RUN_LOCK).exists() and (out / "summary.json").exists()
+    again = runner.invoke(app, [*args, "--resume", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "complete" in again.output
