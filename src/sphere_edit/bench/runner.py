@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..common.faults import fault_point
+from ..common.fileio import RUN_LOCK
 from ..common.heap import release_free_memory
 from ..editing.build import MethodSpec, build_session
 from ..editing.journal import read_index
@@ -221,7 +222,8 @@ class Benchmark:
         if self.resume and not self.run_dir.exists():
             raise FileNotFoundError(f"--resume: {self.run_dir} does not exist; nothing to resume")
         if self.run_dir.exists() and any(
-            not (self.resume and p.name.startswith(".")) for p in self.run_dir.iterdir()
+            p.name != RUN_LOCK and not (self.resume and p.name.startswith("."))
+            for p in self.run_dir.iterdir()
         ):
             raise FileExistsError(
                 f"output: {self.run_dir} is not empty; choose a new directory "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -14,14 +15,70 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer._click import exceptions as usage  # typer vendors click here
+from typer.core import TyperGroup
+
+from ..common.fileio import run_dir_entries
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Typer's usage errors (a bad value, an unknown or missing option) as one line,
+    like every other error, instead of a boxed panel; the exit code stays 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        _hide_flag_metavars(self)
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except usage.NoArgsIsHelpError as error:
+            error.show()  # the help page, as before
+            sys.exit(error.exit_code)
+        except usage.ClickException as error:
+            err.print(
+                Text("error: ", style="red") + Text(_usage_message(error)),
+                highlight=False,
+                soft_wrap=True,
+            )
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            err.print("aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _hide_flag_metavars(group: TyperGroup) -> None:
+    """A boolean flag takes no value: show no ``<bool>`` after it in the help."""
+    for command in [group, *group.commands.values()]:
+        for param in command.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+
+
+def _usage_message(error: usage.ClickException) -> str:
+    """``--batch-size: 0 is not in the range x>=1`` rather than click's sentence."""
+    param = getattr(error, "param", None)
+    if (
+        isinstance(error, usage.BadParameter)
+        and not isinstance(error, usage.MissingParameter)
+        and param is not None
+        and param.opts
+    ):
+        name = max(param.opts, key=len)
+        return f"{name}: {error.message}"
+    return " ".join(error.format_message().split()).rstrip(".")
+
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Sequential knowledge editing of language models with the SPHERE projection.",
 )
-console = Console()
-err = Console(stderr=True)
+# No markup: subjects, paths and model names are user text and print as they are.
+console = Console(markup=False)
+err = Console(stderr=True, markup=False)
 DEBUG = {"on": False}
 METHOD_HELP = "memit, alphaedit, ft, rome, rect or prune; add '+sphere' for SPHERE."
 
@@ -40,6 +97,10 @@ DeviceOpt = Annotated[
     typer.Option(help="Where the model runs: cpu, cuda, cuda:N, or auto (a GPU when there "
                  "is one). The closed-form solves stay on the CPU in float64."),
 ]  # fmt: skip
+StatsTokensOpt = Annotated[
+    int | None,
+    typer.Option(min=1000, help="Corpus tokens for the key statistics C0. Default: the preset's."),
+]
 PositionsOpt = Annotated[
     int | None,
     typer.Option(min=0, help="Cap on rows × tail positions per v* pass (peak memory); 0: no cap."),
@@ -69,7 +130,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             if DEBUG["on"]:
                 traceback.print_exc()
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+            err.print(Text("error: ", style="red") + Text(message), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -96,7 +157,7 @@ def _load(model: str, device: str = "cpu"):
     from ..model.loading import load_model, resolve_device
 
     where = resolve_device(device)  # a bad --device fails before the model loads
-    with console.status(f"loading {model} on {where}"):
+    with console.status(Text(f"loading {model} on {where}")):  # a str would be markup
         return load_model(model, device=where)
 
 
@@ -107,7 +168,7 @@ def demo(
     device: DeviceOpt = "cpu",
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
     corpus: CorpusOpt = None,
-    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    stats_tokens: StatsTokensOpt = None,
     out: Annotated[Path | None, typer.Option(help="Write the journal here.")] = None,
 ) -> None:
     """Edit a dozen facts in three batches and show completions and HE before and after."""
@@ -116,12 +177,32 @@ def demo(
     loaded = _load(model, device)
     run_demo(
         loaded, method, corpus=corpus, stats_tokens=stats_tokens,
-        run_dir=str(out) if out else None, console=console,
+        run_dir=str(out) if out else None, console=Console(),  # the demo's text is markup
     )  # fmt: skip
+
+
+def locked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run the command holding its run directory's lock (``--resume DIR`` or ``--out``):
+    one writer per run directory; a second process is refused naming the first's PID."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ..common.fileio import run_lock
+
+        resume = kwargs.get("resume")
+        run_dir = resume if isinstance(resume, Path) else kwargs.get("out")
+        if run_dir is None or (isinstance(resume, Path) and not resume.exists()):
+            return fn(*args, **kwargs)  # refused by the command itself
+        option = "--resume" if isinstance(resume, Path) else "--out"
+        with run_lock(run_dir, option):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @app.command()
 @friendly
+@locked
 def edit(
     requests: Annotated[Path, typer.Option(help="JSON list or JSONL of edit requests.")],
     out: Annotated[Path, typer.Option(help="Run directory for the journal and deltas.")],
@@ -136,13 +217,24 @@ def edit(
         list[str] | None,
         typer.Option(help="Method option KEY=VALUE (JSON value), e.g. epsilon=null; repeatable."),
     ] = None,
-    eta: Annotated[float | None, typer.Option(help="SPHERE eigenvalue share, in (0, 1].")] = None,
-    alpha: Annotated[float | None, typer.Option(help="SPHERE strength, in [0, 1].")] = None,
-    basis: Annotated[str, typer.Option(help="SPHERE basis: current or pre_edit.")] = "current",
+    eta: Annotated[
+        float | None,
+        typer.Option(help="SPHERE eigenvalue share, in (0, 1]. Default: the preset's."),
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="SPHERE strength, in [0, 1]. Default: the preset's.")
+    ] = None,
+    basis: Annotated[
+        str | None, typer.Option(help="SPHERE basis: current (default) or pre_edit.")
+    ] = None,
     corpus: CorpusOpt = None,
-    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
-    lr: Annotated[float | None, typer.Option(help="v* learning rate.")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="v* Adam steps.")] = None,
+    stats_tokens: StatsTokensOpt = None,
+    lr: Annotated[
+        float | None, typer.Option(help="v* learning rate. Default: the preset's.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="v* Adam steps. Default: the preset's.")
+    ] = None,
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast in the v* loop.")] = False,
     positions_per_pass: PositionsOpt = None,
     export: Annotated[Path | None, typer.Option(help="Also save_pretrained here.")] = None,
@@ -153,7 +245,7 @@ def edit(
     ] = False,
 ) -> None:
     """Apply edit requests sequentially in batches, journaling every batch."""
-    from ..bench.rundir import find_run_kind
+    from ..common.fileio import atomic_dir
     from ..editing.build import MethodSpec, build_session, parse_layers
     from ..editing.requests import load_requests, validate_batch
     from ..editing.text import check_targets
@@ -164,12 +256,12 @@ def edit(
         raise ValueError(f"--eta must be in (0, 1], got {eta}")
     if alpha is not None and not 0 <= alpha <= 1:
         raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
-    if basis not in ("current", "pre_edit"):
+    if basis is not None and basis not in ("current", "pre_edit"):
         raise ValueError(f"--basis must be 'current' or 'pre_edit', got {basis!r}")
-    if find_run_kind(out) is not None and not resume:
-        raise ValueError(
-            f"--out {out} already holds a run; choose a new directory or continue it with --resume"
-        )
+    _check_edit_options(spec, layers, eta=eta, alpha=alpha, basis=basis)
+    _check_run_dir(out, resume)
+    if export is not None:
+        _check_export(export)
     all_requests = load_requests(requests)
     batches = [all_requests[i : i + batch_size] for i in range(0, len(all_requests), batch_size)]
     for b, batch in enumerate(batches):
@@ -179,6 +271,8 @@ def edit(
             raise ValueError(f"batch {b + 1}: {error}") from None
     loaded = _load(model, device)
     check_targets(loaded.tokenizer, all_requests)
+    if resume:
+        _check_resume_header(out, loaded, corpus, stats_tokens)
     overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
     if positions_per_pass is not None:
         overrides["positions_per_pass"] = positions_per_pass or None  # 0: no cap
@@ -187,7 +281,7 @@ def edit(
     session = build_session(
         loaded, spec,
         layers=parse_layers(layers, loaded.layout.num_layers) if layers else None,
-        corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis,
+        corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis or "current",
         target_overrides=overrides, method_overrides=method_overrides, run_dir=out,
         seed=seed, log=console.print,
     )  # fmt: skip
@@ -202,10 +296,113 @@ def edit(
             f"batch {result.index}/{len(batches)}: {len(batch)} edits in "
             f"{time.perf_counter() - start:.1f}s; HE change {change}"
         )
+        _report_unconverged(batch, result.target_loss, session.target.loss_tolerance)
     if export:
-        session.export(export)
+        with atomic_dir(export) as folder:
+            session.export(folder)
         console.print(f"edited model saved to {export}")
     console.print(f"journal in {out}")
+
+
+def _check_edit_options(
+    spec: Any, layers: str | None, *, eta: float | None, alpha: float | None, basis: str | None
+) -> None:
+    """Options that would otherwise be ignored in silence."""
+    if layers is not None and not layers.strip():
+        raise ValueError(
+            "--layers: empty; give e.g. '3,4,5' or '3-7', or leave it out for the preset's layers"
+        )
+    if not spec.sphere:
+        given = [
+            n for n, v in (("--eta", eta), ("--alpha", alpha), ("--basis", basis)) if v is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{given[0]}: a SPHERE option, but --method {spec} has no SPHERE projection; "
+                f"use --method {spec}+sphere or drop {given[0]}"
+            )
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    """``--out`` must be a new or empty folder, or with ``--resume`` an edit run."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file; give a directory")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"--out: {out} is not writable; give a folder you can write in")
+    from ..bench.rundir import find_run_kind
+
+    kind = find_run_kind(out)
+    if kind == "bench":
+        raise ValueError(f"--out: {out} is a benchmark run; give a new directory for an edit run")
+    if kind == "edit":
+        if not resume:
+            raise ValueError(
+                f"--out {out} already holds a run; choose a new directory or continue it "
+                "with --resume"
+            )
+        return
+    if (out / "batches").exists():
+        raise ValueError(
+            f"--out: {out} holds batches/ but no session.json (a run killed before its "
+            "first batch was journaled, or a damaged one); nothing in it can be resumed: "
+            f"move {out / 'batches'} away (or delete it) and run again"
+        )
+    others = run_dir_entries(out)
+    if resume and others:
+        raise ValueError(
+            f"--resume: {out} is not an edit run (no session.json) and not empty (it holds "
+            f"{others[0]!r}); give the run's directory, or a new or empty one"
+        )
+
+
+def _check_export(export: Path) -> None:
+    """The export target, before any model work: absent or an empty folder."""
+    if export.exists() and not export.is_dir():
+        raise ValueError(f"--export: {export} is a file; give a new folder")
+    if export.exists() and any(export.iterdir()):
+        raise ValueError(f"--export: {export} is not empty; give a new or empty folder")
+    parent = export.parent if export.parent != Path("") else Path(".")
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"--export: cannot create {export}: {existing} is not a writable folder")
+
+
+def _check_resume_header(
+    out: Path, loaded: Any, corpus: str | None, stats_tokens: int | None
+) -> None:
+    """Before the statistics pass: the model, corpus file and statistics size of a resumed
+    run must be the journal's (the session checks the rest when it resumes)."""
+    from ..common.fileio import sha256_file
+    from ..editing.journal import read_index, require_base
+
+    if not (out / "session.json").exists():
+        return
+    index = read_index(out)
+    require_base(out, index, loaded.fingerprint)
+    recorded = index.get("stats_tokens")
+    if stats_tokens is not None and recorded is not None and stats_tokens != recorded:
+        raise ValueError(
+            f"--stats-tokens: the run in {out} used {recorded}, this command gives "
+            f"{stats_tokens}; give --stats-tokens {recorded} to resume it"
+        )
+    known = index.get("corpus_fingerprint")
+    if corpus is not None and known is not None and Path(corpus).is_file():
+        if sha256_file(corpus) != known:
+            raise ValueError(
+                f"--corpus: {corpus} is not the corpus the run in {out} used "
+                f"({index.get('corpus')}); give that corpus to resume it"
+            )
+
+
+def _report_unconverged(batch: list[Any], losses: list[float] | None, tolerance: float) -> None:
+    """Name the requests whose v* ended above its loss tolerance: their edit may not take."""
+    for request, loss in zip(batch, losses or [], strict=False):
+        if loss is not None and loss > tolerance:
+            console.print(
+                f"  not converged: {request.subject!r} ({request.target_new!r}) v* loss "
+                f"{loss:.3g} > tolerance {tolerance:.3g}; this edit may not take (try more "
+                "--steps or a larger --lr)"
+            )
 
 
 def _resume_edit(session: Any, batches: list[list[Any]]) -> int:
@@ -242,9 +439,10 @@ def stats(
     device: DeviceOpt = "cpu",
     layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
     corpus: CorpusOpt = None,
-    tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    stats_tokens: StatsTokensOpt = None,
+    tokens: Annotated[int | None, typer.Option(min=1000, hidden=True)] = None,  # old name
 ) -> None:
-    """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
+    """Precompute (and cache) the key statistics C0 = E\\[k kᵀ] of the edited layers."""
     from ..editing.build import parse_layers
     from ..editing.presets import preset_for
     from ..editing.stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
@@ -254,7 +452,7 @@ def stats(
     chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
     source = load_corpus(corpus, loaded)
     console.print(f"statistics: {source.description}")
-    n_tokens = tokens or preset.stats_tokens
+    n_tokens = stats_tokens or tokens or preset.stats_tokens
     start = time.perf_counter()
     moments = layer_second_moments(loaded, chosen, source, max_tokens=n_tokens)
     elapsed = time.perf_counter() - start
@@ -507,6 +705,7 @@ def _general_curve(
 
 @app.command()
 @friendly
+@locked
 def bench(
     out: Annotated[Path | None, typer.Option(help="Run directory (must be new or empty).")] = None,
     resume: Annotated[
@@ -529,7 +728,7 @@ def bench(
     offset: Annotated[int, typer.Option(min=0, help="Skip the first records.")] = 0,
     layers: Annotated[str | None, typer.Option(help="Default: the preset's.")] = None,
     corpus: CorpusOpt = None,
-    stats_tokens: Annotated[int | None, typer.Option(min=1000)] = None,
+    stats_tokens: StatsTokensOpt = None,
     fluency_cases: Annotated[
         int, typer.Option(min=0, help="Generate (fluency, consistency) for the first K cases.")
     ] = 0,

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,3 +109,86 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes (dtype and shape are checked separately)."""
     data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
     return hashlib.sha256(data).hexdigest()
+
+
+RUN_LOCK = ".sphere-edit.lock"
+
+
+class RunLockedError(ValueError):
+    """Another live process holds a run directory's lock."""
+
+
+@contextmanager
+def run_lock(run_dir: str | Path, option: str = "--out") -> Iterator[None]:
+    """Hold the lock of a run directory for the block, or refuse at once naming the
+    holder's PID. ``fcntl.flock`` on :data:`RUN_LOCK` inside the folder: the OS drops it
+    when its holder dies, so a killed writer never leaves the folder locked. A folder this
+    call created and that holds nothing but the lock file when the block ends (a run
+    refused before it wrote anything) is removed again."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{option}: {run_dir} is a file; give a directory")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / RUN_LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunLockedError(
+                    f"{option}: {run_dir} is in use by another sphere-edit process (PID "
+                    f"{holder}); wait for it to finish or choose another directory"
+                ) from None
+            # A holder that finished may have removed the file we opened: lock the new one.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except PermissionError as error:
+        raise PermissionError(f"{option}: cannot write in {run_dir} ({error.strerror})") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        if created and [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
+            path.unlink()
+            run_dir.rmdir()
+        os.close(fd)
+
+
+def run_dir_entries(run_dir: str | Path) -> list[str]:
+    """The names in a run directory other than its lock file (none when it is absent)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name != RUN_LOCK)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it becomes ``path`` in one
+    rename, so a failed write (a full disk) leaves no half-written folder. ``path`` must
+    be absent or an empty folder. Files get the modes a plain ``open()`` would give."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        mask = _umask()
+        # mkdtemp makes the folder private, and some writers make their files private too.
+        os.chmod(tmp, 0o777 & ~mask)
+        for item in tmp.rglob("*"):
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+        fault_point("atomic-rename")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

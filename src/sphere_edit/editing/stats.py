@@ -37,6 +37,10 @@ class CorpusError(ValueError):
     pass
 
 
+# A corpus giving less than 1/SMALL_CORPUS_SHARE of the tokens asked is warned about.
+SMALL_CORPUS_SHARE = 2
+
+
 def load_corpus(
     source: str | None,
     loaded: LoadedModel | None = None,
@@ -78,7 +82,16 @@ def load_corpus(
 
 
 def _load_corpus_file(path: Path) -> Corpus:
-    raw = path.read_text(encoding="utf-8", errors="strict")
+    if path.is_dir():
+        raise CorpusError(f"corpus {path} is a directory; give a .jsonl or .txt file in it")
+    try:
+        raw = path.read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as error:
+        bad = error.object[error.start]
+        raise CorpusError(
+            f"corpus file {path} is not UTF-8 text (byte {error.start} is {bad:#04x}); "
+            "save it as UTF-8"
+        ) from None
     if path.suffix == ".jsonl":
         texts = []
         for lineno, line in enumerate(raw.splitlines(), 1):
@@ -170,6 +183,13 @@ def collect_second_moments(
     pieces = sorted(_token_pieces(tokenizer, corpus.texts, max_tokens, seq_len), key=len)
     if not pieces:
         raise CorpusError("the corpus yields no token sequences of length 2 or more")
+    available = sum(len(p) for p in pieces)
+    if available * SMALL_CORPUS_SHARE < max_tokens:
+        log.warning(
+            "%s gives %d tokens, far fewer than the %d statistics tokens asked; C0 rests on "
+            "these few keys (give a larger corpus or fewer --stats-tokens)",
+            corpus.description, available, max_tokens,
+        )  # fmt: skip
     pad = pad_id_of(tokenizer)
     moments = {
         layer: SecondMoment(

@@ -167,12 +167,14 @@ def load_model(
         verify_converted(folder)
     elif Path(name_or_path).is_dir():
         folder = Path(name_or_path)
+        _check_model_folder(folder)
     elif Path(name_or_path).exists():
         raise ModelNotFoundError(
             f"{name_or_path} is a file; give the folder holding config.json and the weights"
         )
     else:
         folder = None
+        _check_hub_id(name_or_path)
     source = str(folder) if folder is not None else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -186,6 +188,72 @@ def load_model(
     model.to(device).eval()
     ModelLayout.of(model)  # fail early on an unsupported family
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_LOCAL_HINT = (
+    "give an embedded model ({embedded}) or a local folder holding config.json, the weights "
+    "and the tokenizer (what save_pretrained of the model and of its tokenizer write)"
+)
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A local folder must hold a saved model: say what is missing instead of letting
+    transformers take the name for a hub id."""
+    missing = []
+    if not (folder / "config.json").exists():
+        missing.append("no config.json")
+    if not any((folder / name).exists() for name in _TOKENIZER_FILES):
+        missing.append("no tokenizer (tokenizer.json or tokenizer_config.json)")
+    if missing:
+        embedded = ", ".join(EMBEDDED_MODELS)
+        raise ModelNotFoundError(
+            f"{folder} is not a saved model: {' and '.join(missing)}; "
+            + _LOCAL_HINT.format(embedded=embedded)
+        )
+
+
+def _check_hub_id(name: str) -> None:
+    """A name that is neither embedded nor a local folder is a hub id: fail at once, with
+    what to give instead, when it is no folder either or the hub cannot be reached (and
+    it is not in the hub cache)."""
+    embedded = ", ".join(EMBEDDED_MODELS)
+    hint = _LOCAL_HINT.format(embedded=embedded)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip():
+        raise ModelNotFoundError(f"model {name!r}: no such folder; {hint}")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id
+        raise ModelNotFoundError(
+            f"model {name!r} is not an embedded model, a local folder or a hub id; {hint}"
+        ) from None
+    if isinstance(cached, str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise ModelNotFoundError(
+            f"model {name!r} is not an embedded model nor a local folder, and HF_HUB_OFFLINE "
+            f"is set; {hint}"
+        )
+    if not _hub_reachable():
+        raise ModelNotFoundError(
+            f"model {name!r} is not an embedded model nor a local folder, and the hub cannot "
+            f"be reached from here; {hint}"
+        )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _weight_files(folder: Path) -> list[Path]:
