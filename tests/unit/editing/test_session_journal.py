@@ -363,7 +363,7 @@ def test_session_gives_sphere_the_right_weights(tiny_tokenizer, tmp_path, basis)
 
 def test_an_unjournaled_batch_is_not_applied(run, tiny_tokenizer, tmp_path, monkeypatch):
     """A failed journal write leaves the model, the state and the journal as before."""
-    import sphere_edit.editing.session as session_module
+    import sphere_edit.editing.journal as journal_module
 
     copy = _copy(run, tmp_path)
     loaded = tiny_loaded(tiny_tokenizer)
@@ -375,7 +375,7 @@ def test_an_unjournaled_batch_is_not_applied(run, tiny_tokenizer, tmp_path, monk
     def full_disk(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(session_module, "write_index", full_disk)
+    monkeypatch.setattr(journal_module, "write_index", full_disk)
     with pytest.raises(OSError, match="No space"):
         session.apply([EditRequest.create("{} is located in", "Rome", "Canada")])
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in weights.items())
