@@ -359,26 +359,6 @@ class Journal:
                 f"this run asks for {value!r}"
             )
 
-    def _chain(self, index: dict[str, Any]) -> list[str]:
-        """Check the order of the index's entries and the edit states they record; return
-        the chain of states, the base model's first (``state_0`` … ``state_n``)."""
-        states = [index["base_fingerprint"]]
-        for number, entry in enumerate(index["batches"], 1):
-            if entry["index"] != number:
-                raise JournalError(
-                    f"{self.run_dir / INDEX}: entry {number} is batch {entry['index']}; "
-                    "the journal is out of order or has a gap"
-                )
-            content = entry.get("delta_sha256") or entry["tensors_sha256"]
-            after = chain_fingerprint(states[-1], content)
-            if entry.get("state_after") not in (None, after):
-                raise JournalError(
-                    f"batch {number}: the index says the edit state after it is "
-                    f"{entry['state_after'][:12]}…, the chain gives {after[:12]}…"
-                )
-            states.append(after)
-        return states
-
     # -- reading ----------------------------------------------------------------------------
 
     def replay(
@@ -397,18 +377,39 @@ class Journal:
         index = self.index() if index is None else index
         require_base(self.run_dir, index, loaded.fingerprint)
         base = index["base_fingerprint"]
-        states = self._chain(index)
         first = len(index["batches"][:start])
+        last = first + len(index["batches"][start:stop])
         layers = index["layers"]
         backup = snapshot_weights(loaded.layout, layers)
         replayed = []
+        state = base
         try:
-            for number, entry in enumerate(index["batches"][start:stop], first + 1):
-                state = states[number - 1]
-                deltas, keys, raw = read_batch(self.run_dir, entry, base=base, state_before=state)
-                add_deltas(loaded.layout, layers, deltas)
-                entry_now = _entry(entry, state, states[number])
-                replayed.append((entry_now, AppliedBatch(deltas, keys, raw)))
+            for number, entry in enumerate(index["batches"], 1):
+                if entry["index"] != number:
+                    raise JournalError(
+                        f"{self.run_dir / INDEX}: entry {number} is batch {entry['index']}; "
+                        "the journal is out of order or has a gap"
+                    )
+                if number > last:
+                    continue
+                # The batches before ``start`` are on the weights already: their chain of
+                # edit states is checked from the index, without reading their files.
+                chosen = number > first
+                if chosen:
+                    deltas, keys, raw = read_batch(
+                        self.run_dir, entry, base=base, state_before=state
+                    )
+                content = entry.get("delta_sha256") or entry["tensors_sha256"]
+                after = chain_fingerprint(state, content)
+                if entry.get("state_after") not in (None, after):
+                    raise JournalError(
+                        f"batch {number}: the index says the edit state after it is "
+                        f"{entry['state_after'][:12]}…, the chain gives {after[:12]}…"
+                    )
+                if chosen:
+                    add_deltas(loaded.layout, layers, deltas)
+                    replayed.append((_entry(entry, state, after), AppliedBatch(deltas, keys, raw)))
+                state = after
         except BaseException:
             restore_weights(loaded.layout, backup)
             raise
