@@ -304,7 +304,7 @@ class EditSession:
             try:
                 parts.append(self._batch([request], templates, None, timings))
             except RequestError as error:
-                raise RequestError(error.reason, index=i, field=error.field) from None
+                raise error.at(i) from None
         deltas: dict[str, torch.Tensor] = {}
         norms: dict[int, float] = {}
         for layer in self.layers:
