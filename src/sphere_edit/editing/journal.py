@@ -22,6 +22,9 @@ metadata in hash-map order), and the edit state the batch applies to and leaves:
 fingerprint and its ``state_before`` in its safetensors metadata, so a batch file from
 another journal, a journal for another model, a flipped byte and a truncated file are each
 refused with what does not match.
+
+:class:`Journal` is the one way in: a session appends to it, saves through it and replays
+from it, and so do the readers of a finished run (``runs``, ``general --edits``, geometry).
 """
 
 from __future__ import annotations
