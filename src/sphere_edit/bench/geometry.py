@@ -295,13 +295,13 @@ def geometry_for_run(
     weights are restored afterwards). Figures and ``summary.json`` go to ``out_dir``
     (default ``run_dir/geometry``); the summary is returned.
     """
-    from ..editing.journal import read_index
-    from ..editing.runs import apply_run, restore_weights, snapshot_weights
+    from ..editing.journal import Journal, restore_weights, snapshot_weights
     from ..model.loading import LoadedModel, load_model
     from .rundir import GEOMETRY, GEOMETRY_SUMMARY
 
     run_dir = Path(run_dir)
-    index = read_index(run_dir)
+    journal = Journal(run_dir)
+    index = journal.index()
     out = Path(out_dir) if out_dir is not None else run_dir / GEOMETRY
     loaded = model if isinstance(model, LoadedModel) else load_model(model or index["model"])
     chosen = list(index["layers"]) if layers is None else list(layers)
@@ -311,13 +311,13 @@ def geometry_for_run(
             f"layers {missing} are not edited by this run (it edits {index['layers']})"
         )
     layout = loaded.layout
-    stored = snapshot_weights(loaded, index["layers"])
+    stored = snapshot_weights(layout, index["layers"])
     pre = {layer: layout.read_weight(layer).detach().cpu().clone() for layer in chosen}
-    apply_run(loaded, run_dir)
+    journal.replay(loaded, index)
     try:
         post = {layer: layout.read_weight(layer).detach().cpu().clone() for layer in chosen}
     finally:
-        restore_weights(loaded, stored)
+        restore_weights(layout, stored)
     s = float(index.get("energy_s", 1.0))
     results: dict[str, Any] = {}
     for layer in chosen:

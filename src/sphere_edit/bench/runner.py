@@ -39,8 +39,8 @@ from .. import __version__
 from ..common.faults import fault_point
 from ..common.fileio import RUN_LOCK
 from ..common.heap import release_free_memory
+from ..common.settings import first_difference
 from ..editing.build import MethodSpec, build_session
-from ..editing.journal import read_index
 from ..editing.session import EditSession
 from ..editing.vstar import VStarResult
 from ..evaluation.data import CaseSet, EditCase, load_cases
@@ -380,13 +380,14 @@ class Benchmark:
             ) from None
         if not state.get("pre_edit"):
             raise ValueError(f"{option}: {source} has not finished its pre-edit evaluation yet")
-        mine = asdict(self.config)
-        for key in PRE_EDIT_SETTINGS:
-            if theirs["config"].get(key) != json.loads(json.dumps(mine[key])):
-                raise ValueError(
-                    f"{option}: {key} differs ({source} has {theirs['config'].get(key)!r}, "
-                    f"this run {mine[key]!r}); its pre-edit results are not this run's"
-                )
+        mine = json.loads(json.dumps(asdict(self.config)))
+        difference = first_difference(theirs["config"], mine, PRE_EDIT_SETTINGS)
+        if difference is not None:
+            key, stored, value = difference
+            raise ValueError(
+                f"{option}: {key} differs ({source} has {stored!r}, "
+                f"this run {value!r}); its pre-edit results are not this run's"
+            )
         fingerprint = environment(loaded)["model_fingerprint"]
         if theirs["environment"]["model_fingerprint"] != fingerprint:
             raise ValueError(f"{option}: {source} evaluated other model weights than this run's")
@@ -573,22 +574,26 @@ class Benchmark:
         if n_batches == 0:
             return 0, None
         journal = session.run_dir
-        index = read_index(journal)
+        index = session.journal.index()
         starts = list(range(0, c.n_edits, c.batch_size))
         if n_batches > len(starts):
             raise ValueError(
                 f"--resume: {journal} holds {n_batches} batches, the run has {len(starts)}"
             )
+        expected = [
+            [case.request.to_dict() for case in cases[begin : begin + c.batch_size]]
+            for begin in starts
+        ]
+        other = session.journal.mismatched_batch(expected)
+        if other is not None:
+            raise ValueError(
+                f"--resume: batch {other} of {journal} edited other requests "
+                "than the data set gives for it; the data set changed"
+            )
         done = 0
         for entry, begin in zip(index["batches"], starts, strict=False):
-            batch = json.loads((journal / entry["requests_file"]).read_text(encoding="utf-8"))
-            wanted = [case.request.to_dict() for case in cases[begin : begin + c.batch_size]]
-            if batch["requests"] != wanted:
-                raise ValueError(
-                    f"--resume: batch {entry['index']} of {journal} edited other requests "
-                    "than the data set gives for it; the data set changed"
-                )
-            done = begin + len(wanted)
+            batch = session.journal.record(entry)
+            done = begin + len(expected[begin // c.batch_size])
             energy = entry["energy"]
             _add_batch(
                 record,
@@ -636,13 +641,14 @@ def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
     layout = BenchRunDir(run_dir)
     stored = layout.read_config()["config"]
     mine = json.loads(json.dumps(asdict(config)))
-    for key in sorted(set(stored) | set(mine)):
-        if stored.get(key) != mine.get(key):
-            raise ValueError(
-                f"--resume: {key} differs from {layout.config}: the run was "
-                f"started with {stored.get(key)!r}, this command gives {mine.get(key)!r}; "
-                "repeat the original options"
-            )
+    difference = first_difference(stored, mine)
+    if difference is not None:
+        key, theirs, value = difference
+        raise ValueError(
+            f"--resume: {key} differs from {layout.config}: the run was "
+            f"started with {theirs!r}, this command gives {value!r}; "
+            "repeat the original options"
+        )
     return layout.read_progress()
 
 

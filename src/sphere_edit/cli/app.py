@@ -408,10 +408,6 @@ def _report_unconverged(batch: list[Any], losses: list[float] | None, tolerance:
 def _resume_edit(session: Any, batches: list[list[Any]]) -> int:
     """Replay the journal of an interrupted ``edit`` run; its batches must be the first
     batches of this request file with this batch size."""
-    import json
-
-    from ..editing.journal import read_index
-
     done = session.resume()
     if done == 0:
         return 0
@@ -420,14 +416,12 @@ def _resume_edit(session: Any, batches: list[list[Any]]) -> int:
             f"--resume: {session.run_dir} holds {done} batches, the request file gives "
             f"{len(batches)}"
         )
-    for entry, batch in zip(read_index(session.run_dir)["batches"], batches, strict=False):
-        path = session.run_dir / entry["requests_file"]
-        journaled = json.loads(path.read_text(encoding="utf-8"))["requests"]
-        if journaled != [r.to_dict() for r in batch]:
-            raise ValueError(
-                f"--resume: batch {entry['index']} in {session.run_dir} holds other requests "
-                "than this request file gives for it; use the same file and --batch-size"
-            )
+    other = session.journal.mismatched_batch([[r.to_dict() for r in b] for b in batches])
+    if other is not None:
+        raise ValueError(
+            f"--resume: batch {other} in {session.run_dir} holds other requests "
+            "than this request file gives for it; use the same file and --batch-size"
+        )
     console.print(f"resumed: {done} of {len(batches)} batches already in {session.run_dir}")
     return done
 

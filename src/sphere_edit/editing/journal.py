@@ -22,15 +22,19 @@ metadata in hash-map order), and the edit state the batch applies to and leaves:
 fingerprint and its ``state_before`` in its safetensors metadata, so a batch file from
 another journal, a journal for another model, a flipped byte and a truncated file are each
 refused with what does not match.
+
+:class:`Journal` is the one way in: a session appends to it, saves through it and replays
+from it, and so do the readers of a finished run (``runs``, ``general --edits``, geometry).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,13 +42,18 @@ from safetensors.torch import load_file
 
 from ..common.faults import fault_point
 from ..common.fileio import sha256_file, write_json, write_tensors
+from ..common.settings import first_difference
+
+if TYPE_CHECKING:
+    from ..model.arch import ModelLayout
+    from ..model.loading import LoadedModel
 
 INDEX = "session.json"
 FORMAT_VERSION = 1
 
 
 class JournalError(ValueError):
-    pass
+    """A journal that cannot be read, is damaged, or belongs to another model or run."""
 
 
 @dataclass
@@ -61,6 +70,52 @@ class BatchEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class AppliedBatch(NamedTuple):
+    """One applied batch as the journal holds it: what was added to each stored weight,
+    the keys per layer, and for a method that restrains the sum of its updates (PRUNE) the
+    raw update per layer (float64, (out, in)); empty otherwise. ``record`` (the batch's
+    request file: requests and diagnostics) and ``energy`` (its index entry's HE per layer)
+    are what a journal written from memory needs besides the tensors."""
+
+    deltas: dict[str, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    raw: dict[int, torch.Tensor]
+    record: dict[str, Any] | None = None
+    energy: dict[str, dict[str, float]] | None = None
+
+
+def snapshot_weights(layout: ModelLayout, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+    """Copies of the MLP output weights of ``layers`` (storage layout): all a journal's
+    batches change, so :func:`restore_weights` puts the model back exactly as it was."""
+    return {layer: layout.mlp_out(layer).weight.detach().clone() for layer in layers}
+
+
+def restore_weights(layout: ModelLayout, stored: Mapping[int, torch.Tensor]) -> None:
+    """Copy :func:`snapshot_weights`' tensors back into the model, bitwise."""
+    with torch.no_grad():
+        for layer, weight in stored.items():
+            layout.mlp_out(layer).weight.copy_(weight)
+
+
+def add_deltas(
+    layout: ModelLayout, layers: Iterable[int], deltas: Mapping[str, torch.Tensor]
+) -> None:
+    """Add a batch's deltas (by weight name) to the MLP output weights of ``layers``, as
+    every route that rebuilds an edited model adds them (so the results are bitwise equal)."""
+    by_name = {layout.mlp_out_weight_name(layer): layer for layer in layers}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            if name not in by_name:
+                raise JournalError(f"the journal edits {name}, which is not an edited layer here")
+            weight = layout.mlp_out(by_name[name]).weight
+            if weight.shape != delta.shape:
+                raise JournalError(
+                    f"{name}: journal delta has shape {tuple(delta.shape)}, "
+                    f"the model's weight {tuple(weight.shape)}"
+                )
+            weight.add_(delta.to(weight.device, weight.dtype))
 
 
 def chain_fingerprint(state_before: str, delta_sha256: str) -> str:
@@ -196,3 +251,226 @@ def read_batch(
     keys = {int(k.removeprefix("keys.")): v for k, v in tensors.items() if k.startswith("keys.")}
     raw = {int(k.removeprefix("raw.")): v for k, v in tensors.items() if k.startswith("raw.")}
     return deltas, keys, raw
+
+
+class Journal:
+    """The journal in ``run_dir``: every write and every replay of a run's batches goes
+    through here, so that each replay checks the same things (order and gaps, sizes and
+    checksums, the base model and the chain of edit states)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def exists(self) -> bool:
+        """Whether ``run_dir`` holds an index (a journal with at least its header)."""
+        return (self.run_dir / INDEX).is_file()
+
+    def index(self) -> dict[str, Any]:
+        """The index (``session.json``), checked for its format."""
+        return read_index(self.run_dir)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _write(self, number: int, batch: AppliedBatch, base: str, state_before: str) -> BatchEntry:
+        """A batch's files (tensors, then request record); its index entry."""
+        tensors_file, digest, requests_file, content = write_batch(
+            self.run_dir, number, batch.deltas, batch.keys, batch.record or {"index": number},
+            raw=batch.raw, base=base, state_before=state_before,
+        )  # fmt: skip
+        return BatchEntry(
+            number,
+            tensors_file,
+            digest,
+            requests_file,
+            batch.energy or {},
+            tensors_bytes=(self.run_dir / tensors_file).stat().st_size,
+            delta_sha256=content,
+            state_before=state_before,
+            state_after=chain_fingerprint(state_before, content),
+        )
+
+    def append(
+        self,
+        header: dict[str, Any],
+        entries: Sequence[BatchEntry],
+        batch: AppliedBatch,
+        *,
+        base: str,
+        state_before: str,
+    ) -> list[BatchEntry]:
+        """Journal ``batch`` after ``entries``: its files first, the index last, so that a
+        crash in between leaves the journal as it was. Return the new list of entries."""
+        entry = self._write(len(entries) + 1, batch, base, state_before)
+        new = [*entries, entry]
+        fault_point("journal-index")
+        self.write_index(header, new)
+        return new
+
+    def write_all(
+        self, header: dict[str, Any], batches: Sequence[AppliedBatch], *, base: str
+    ) -> list[BatchEntry]:
+        """Write a whole journal of ``batches`` (numbered from 1) onto base model ``base``;
+        return its entries."""
+        entries: list[BatchEntry] = []
+        state = base
+        for number, batch in enumerate(batches, 1):
+            record = dict(batch.record) if batch.record is not None else None
+            if record is not None:
+                record["index"] = number
+            entries.append(self._write(number, batch._replace(record=record), base, state))
+            state = entries[-1].state_after or state
+        self.write_index(header, entries)
+        return entries
+
+    def write_index(self, header: dict[str, Any], entries: Sequence[BatchEntry]) -> None:
+        """Rewrite the index with ``header`` and ``entries`` (e.g. after a rollback)."""
+        write_index(self.run_dir, header, list(entries))
+
+    # -- checking ---------------------------------------------------------------------------
+
+    def verify(
+        self, header: dict[str, Any], fingerprint: str, index: dict[str, Any] | None = None
+    ) -> None:
+        """Refuse a journal recorded on another base model than ``fingerprint`` or with other
+        settings than ``header`` (a session's header), naming the first field that differs.
+        The model's name and the context templates are not compared: a model moves folders,
+        and the templates are the journal's to give."""
+        from .vstar import VStarConfig
+
+        index = self.index() if index is None else index
+        if index.get("base_fingerprint") != fingerprint:
+            raise JournalError(
+                f"{self.run_dir} was recorded on a different base model (fingerprint "
+                f"{str(index.get('base_fingerprint'))[:12]}…, this model {fingerprint[:12]}…)"
+            )
+        mine = json.loads(json.dumps(header))
+        theirs = dict(index)
+        if isinstance(theirs.get("target"), dict):
+            # Settings added since the journal was written take their defaults.
+            try:
+                stored = asdict(VStarConfig(**theirs["target"]))
+            except (TypeError, ValueError):  # unknown settings: reported below
+                pass
+            else:
+                theirs["target"] = json.loads(json.dumps(stored))
+        keys = [k for k in mine if k not in ("model", "templates", "base_fingerprint")]
+        difference = first_difference(theirs, mine, keys)
+        if difference is not None:
+            key, stored_value, value = difference
+            raise JournalError(
+                f"{self.run_dir}: {key} differs: the journal has {stored_value!r}, "
+                f"this run asks for {value!r}"
+            )
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def replay(
+        self,
+        loaded: LoadedModel,
+        index: dict[str, Any] | None = None,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> list[tuple[BatchEntry, AppliedBatch]]:
+        """Add batches ``start`` to ``stop`` (positions, default all) to ``loaded``'s weights,
+        in order; these must be the base model's plus the batches before ``start``. Every
+        batch is checked (order, size and checksums, base model, edit state) before it is
+        added. Return each replayed batch's index entry and tensors. On any error the
+        weights are left as they were."""
+        index = self.index() if index is None else index
+        require_base(self.run_dir, index, loaded.fingerprint)
+        base = index["base_fingerprint"]
+        first = len(index["batches"][:start])
+        last = first + len(index["batches"][start:stop])
+        layers = index["layers"]
+        backup = snapshot_weights(loaded.layout, layers)
+        replayed = []
+        state = base
+        try:
+            for number, entry in enumerate(index["batches"], 1):
+                if entry["index"] != number:
+                    raise JournalError(
+                        f"{self.run_dir / INDEX}: entry {number} is batch {entry['index']}; "
+                        "the journal is out of order or has a gap"
+                    )
+                if number > last:
+                    continue
+                # The batches before ``start`` are on the weights already: their chain of
+                # edit states is checked from the index, without reading their files.
+                chosen = number > first
+                if chosen:
+                    deltas, keys, raw = read_batch(
+                        self.run_dir, entry, base=base, state_before=state
+                    )
+                content = entry.get("delta_sha256") or entry["tensors_sha256"]
+                after = chain_fingerprint(state, content)
+                if entry.get("state_after") not in (None, after):
+                    raise JournalError(
+                        f"batch {number}: the index says the edit state after it is "
+                        f"{entry['state_after'][:12]}…, the chain gives {after[:12]}…"
+                    )
+                if chosen:
+                    add_deltas(loaded.layout, layers, deltas)
+                    replayed.append((_entry(entry, state, after), AppliedBatch(deltas, keys, raw)))
+                state = after
+        except BaseException:
+            restore_weights(loaded.layout, backup)
+            raise
+        return replayed
+
+    def record(self, entry: BatchEntry | dict[str, Any]) -> dict[str, Any]:
+        """A batch's request file: its requests and diagnostics."""
+        if isinstance(entry, BatchEntry):
+            number, name = entry.index, entry.requests_file
+        else:
+            number, name = entry["index"], entry["requests_file"]
+        path = self.run_dir / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise JournalError(f"batch {number}: {path} cannot be read ({error})") from None
+
+    def records(self, index: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every batch's request file, in order."""
+        index = self.index() if index is None else index
+        return [self.record(entry) for entry in index["batches"]]
+
+    def edit_counts(self, index: dict[str, Any] | None = None) -> list[int]:
+        """The cumulative number of requests after each batch: the edit counts at which the
+        run's model can be rebuilt."""
+        index = self.index() if index is None else index
+        counts, total = [], 0
+        for entry, record in zip(index["batches"], self.records(index), strict=True):
+            if "requests" not in record:
+                raise JournalError(
+                    f"batch {entry['index']}: {self.run_dir / entry['requests_file']} has no "
+                    "requests (written by a version whose save() left them out); "
+                    "rebuild the run"
+                )
+            total += len(record["requests"])
+            counts.append(total)
+        return counts
+
+    def mismatched_batch(self, expected: Sequence[Sequence[dict[str, Any]]]) -> int | None:
+        """The number of the first journaled batch whose requests are not ``expected``'s
+        batch at the same position (request dictionaries), or ``None``: what a resumed run
+        checks before it goes on with the rest of its batches."""
+        index = self.index()
+        for entry, wanted in zip(index["batches"], expected, strict=False):
+            if self.record(entry).get("requests") != list(wanted):
+                return int(entry["index"])
+        return None
+
+
+def _entry(entry: dict[str, Any], state_before: str, state_after: str) -> BatchEntry:
+    return BatchEntry(
+        entry["index"],
+        entry["tensors_file"],
+        entry["tensors_sha256"],
+        entry["requests_file"],
+        entry.get("energy", {}),
+        entry.get("tensors_bytes"),
+        entry.get("delta_sha256"),
+        state_before,
+        state_after,
+    )

@@ -26,6 +26,11 @@ class RequestError(ValueError):
         self.index = index
         self.field = field
 
+    def at(self, index: int, field: str | None = None) -> RequestError:
+        """The same reason for request ``index`` of the caller's batch (and ``field``,
+        default this error's): what a loop over one request at a time raises."""
+        return RequestError(self.reason, index=index, field=field or self.field)
+
 
 @dataclass(frozen=True)
 class EditRequest:

@@ -11,10 +11,10 @@ import json
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -33,15 +33,15 @@ from ..model.loading import LoadedModel
 from ..sphere.energy import hyperspherical_energy
 from ..sphere.projection import SphereProjection
 from .journal import (
-    INDEX,
+    AppliedBatch,
     BatchEntry,
+    Journal,
     JournalError,
+    add_deltas,
     chain_fingerprint,
-    read_batch,
-    read_index,
     require_base,
-    write_batch,
-    write_index,
+    restore_weights,
+    snapshot_weights,
 )
 from .keys import LowerLayers, read_layer, residual_to_mlp_delta
 from .requests import EditRequest, RequestError, validate_batch
@@ -51,16 +51,6 @@ from .vstar import VStarConfig, VStarResult, compute_vstar
 
 class NumericalError(ValueError):
     """A batch produced NaN or Inf; the model and journal were left as they were."""
-
-
-class AppliedBatch(NamedTuple):
-    """One applied batch as the journal holds it: what was added to each stored weight,
-    the keys per layer, and for a method that restrains the sum of its updates (PRUNE) the
-    raw update per layer (float64, (out, in)); empty otherwise."""
-
-    deltas: dict[str, torch.Tensor]
-    keys: dict[int, torch.Tensor]
-    raw: dict[int, torch.Tensor]
 
 
 @dataclass
@@ -160,9 +150,7 @@ class EditSession:
                     torch.zeros(weight.shape, dtype=torch.float64) if restrains(method) else None
                 ),
             )
-        self._base_storage = {
-            layer: layout.mlp_out(layer).weight.detach().clone() for layer in self.layers
-        }
+        self._base_storage = snapshot_weights(layout, self.layers)
         self.batches: list[AppliedBatch] = []
         self.entries: list[BatchEntry] = []
 
@@ -236,17 +224,13 @@ class EditSession:
                     f"precomputed_vstar has vectors of shape {shape}, expected "
                     f"{(len(requests), hidden_size)} for {len(requests)} requests"
                 )
-        layout = self.layout
         timings: dict[str, float] = {}
-        clock = time.perf_counter()
-        templates = self.context_templates()
-        timings["context"] = time.perf_counter() - clock
+        with _timed(timings, "context"):
+            templates = self.context_templates()
+        with _timed(timings, "energy"):
+            energy_before = self.energy()
 
-        clock = time.perf_counter()
-        energy_before = self.energy()
-        timings["energy"] = time.perf_counter() - clock
-
-        backup = {layer: layout.mlp_out(layer).weight.detach().clone() for layer in self.layers}
+        backup = snapshot_weights(self.layout, self.layers)
         try:
             if is_gradient_method(self.method):
                 edit = self._gradient(requests, templates, timings)
@@ -255,14 +239,13 @@ class EditSession:
             else:
                 edit = self._batch(requests, templates, precomputed_vstar, timings)
         except BaseException:
-            self._restore(backup)
+            restore_weights(self.layout, backup)
             raise
 
         self.batches.append(AppliedBatch(edit.deltas, edit.keys, edit.raw))
         self._count(self.batches[-1])
-        clock = time.perf_counter()
-        energy_after = self.energy()
-        timings["energy"] += time.perf_counter() - clock
+        with _timed(timings, "energy"):
+            energy_after = self.energy()
         batch = BatchResult(
             index=len(self.batches),
             requests=requests,
@@ -275,21 +258,20 @@ class EditSession:
             warnings=edit.notes,
             vstar=edit.vstar,
         )
+        # What the journal holds besides the tensors, kept so that save() writes it too.
+        self.batches[-1] = self.batches[-1]._replace(
+            record=_record(batch), energy=_energy(batch, self.layers)
+        )
         if self.run_dir is not None:
             try:
                 self._journal(batch)
             except BaseException:
                 # Not journaled means not applied: memory must match the disk.
                 self.batches.pop()
-                self._restore(backup)
+                restore_weights(self.layout, backup)
                 self._rebuild_states()
                 raise
         return batch
-
-    def _restore(self, weights: dict[int, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for layer, weight in weights.items():
-                self.layout.mlp_out(layer).weight.copy_(weight)
 
     def _batch(
         self,
@@ -299,9 +281,8 @@ class EditSession:
         timings: dict[str, float],
     ) -> _Edit:
         """The closed-form route: v* for every request together, then MEMIT's schedule."""
-        clock = time.perf_counter()
-        result = precomputed if precomputed is not None else self._compute_vstar(requests)
-        timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - clock
+        with _timed(timings, "targets"):
+            result = precomputed if precomputed is not None else self._compute_vstar(requests)
         _require_finite(result.vectors, requests, "target vector")
         notes: list[str] = []
         deltas, keys, raw, norms = self._spread(requests, templates, result, timings, notes)
@@ -323,8 +304,7 @@ class EditSession:
             try:
                 parts.append(self._batch([request], templates, None, timings))
             except RequestError as error:
-                reason = str(error).split(": ", 1)[-1]
-                raise RequestError(reason, index=i, field=error.field) from None
+                raise error.at(i) from None
         deltas: dict[str, torch.Tensor] = {}
         norms: dict[int, float] = {}
         for layer in self.layers:
@@ -332,9 +312,8 @@ class EditSession:
             total = torch.stack([part.deltas[name].double() for part in parts]).sum(0)
             norms[layer] = float(total.norm())
             deltas[name] = total.to(backup[layer].dtype).contiguous()
-        self._restore(backup)
-        with torch.no_grad():
-            self._add_deltas(deltas)
+        restore_weights(self.layout, backup)
+        add_deltas(self.layout, self.layers, deltas)
         keys = {layer: torch.cat([part.keys[layer] for part in parts]) for layer in self.layers}
         loss = [x for part in parts for x in part.loss]
         steps = [x for part in parts for x in part.steps]
@@ -351,17 +330,15 @@ class EditSession:
         steps: list[int] = []
         notes: list[str] = []
         for layer in self.layers:
-            clock = time.perf_counter()
-            readout = read_layer(model, tok, layout, layer, layer, requests, templates)
-            _require_finite(readout.keys, requests, f"key at layer {layer}")
-            timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - clock
+            with _timed(timings, "keys"):
+                readout = read_layer(model, tok, layout, layer, layer, requests, templates)
+                _require_finite(readout.keys, requests, f"key at layer {layer}")
 
-            clock = time.perf_counter()
             state = self.states[layer]
-            context = EditContext(model, tok, layout, templates, state)
-            with _solver_notes(notes):
-                result = self.method.compute(context, requests, layer)  # type: ignore[union-attr]
-            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - clock
+            with _timed(timings, "solve"):
+                context = EditContext(model, tok, layout, templates, state)
+                with _solver_notes(notes):
+                    result = self.method.compute(context, requests, layer)  # type: ignore[union-attr]
             loss, steps = result.loss, [result.steps] * len(requests)
 
             stored, raw_update, norms[layer] = self._commit(layer, result.delta, timings)
@@ -389,26 +366,24 @@ class EditSession:
         # The layers below the window do not change here: run them once for all reads.
         lower = LowerLayers(first=min(self.layers))
         for i, layer in enumerate(self.layers):
-            clock = time.perf_counter()
-            readout = read_layer(
-                model, tok, layout, layer, z_layer, requests, templates, lower=lower
-            )
-            _require_finite(readout.keys, requests, f"key at layer {layer}")
-            remaining = (result.vectors - readout.z_out) / (len(self.layers) - i)
-            residuals = residual_to_mlp_delta(layout, layer, readout.mlp_out, remaining)
-            # The closed forms run on the CPU in float64, next to the layer state.
-            layer_keys, residuals = readout.keys.cpu(), residuals.cpu()
-            timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - clock
+            with _timed(timings, "keys"):
+                readout = read_layer(
+                    model, tok, layout, layer, z_layer, requests, templates, lower=lower
+                )
+                _require_finite(readout.keys, requests, f"key at layer {layer}")
+                remaining = (result.vectors - readout.z_out) / (len(self.layers) - i)
+                residuals = residual_to_mlp_delta(layout, layer, readout.mlp_out, remaining)
+                # The closed forms run on the CPU in float64, next to the layer state.
+                layer_keys, residuals = readout.keys.cpu(), residuals.cpu()
 
-            clock = time.perf_counter()
             state = self.states[layer]
-            state.weight = layout.read_weight(layer).detach().cpu()
-            try:
-                with _solver_notes(notes):
-                    delta = self.method.update(layer_keys, residuals, state)  # type: ignore
-            finally:
-                state.weight = None
-            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - clock
+            with _timed(timings, "solve"):
+                state.weight = layout.read_weight(layer).detach().cpu()
+                try:
+                    with _solver_notes(notes):
+                        delta = self.method.update(layer_keys, residuals, state)  # type: ignore
+                finally:
+                    state.weight = None
 
             stored, raw_update, norms[layer] = self._commit(layer, delta, timings)
             deltas[state.weight_name] = stored
@@ -429,19 +404,18 @@ class EditSession:
         projection taking its basis from W0, and the change is that minus the weight now.
         """
         layout, state = self.layout, self.states[layer]
-        clock = time.perf_counter()
-        current = layout.read_weight(layer).detach().cpu()
         raw = None
-        if restrains(self.method):
-            assert state.accumulated is not None
-            raw = delta.double()
-            wanted = self.method.restrain(state.accumulated + raw, state)  # type: ignore[union-attr]
-            if self.transform is not None:
-                wanted = self.transform(wanted, current=state.pre_edit, pre_edit=state.pre_edit)
-            delta = state.pre_edit.double() + wanted - current.double()
-        elif self.transform is not None:
-            delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
-        timings["projection"] = timings.get("projection", 0.0) + time.perf_counter() - clock
+        with _timed(timings, "projection"):
+            current = layout.read_weight(layer).detach().cpu()
+            if restrains(self.method):
+                assert state.accumulated is not None
+                raw = delta.double()
+                wanted = self.method.restrain(state.accumulated + raw, state)  # type: ignore[union-attr]
+                if self.transform is not None:
+                    wanted = self.transform(wanted, current=state.pre_edit, pre_edit=state.pre_edit)
+                delta = state.pre_edit.double() + wanted - current.double()
+            elif self.transform is not None:
+                delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
 
         if not bool(torch.isfinite(delta).all()):
             raise NumericalError(
@@ -470,77 +444,29 @@ class EditSession:
             **self.extra_header,
         }
 
+    @property
+    def journal(self) -> Journal:
+        """The journal in :attr:`run_dir`."""
+        if self.run_dir is None:
+            raise ValueError("the session has no run directory")
+        return Journal(self.run_dir)
+
     def _journal(self, batch: BatchResult) -> None:
-        assert self.run_dir is not None
-        applied = self.batches[-1]
-        record = {
-            "index": batch.index,
-            "requests": [r.to_dict() for r in batch.requests],
-            "target_loss": batch.target_loss,
-            "target_steps": batch.target_steps,
-            "timings": batch.timings,
-            "update_norms": {str(k): v for k, v in batch.update_norms.items()},
-            "warnings": batch.warnings,
-        }
-        before = self.state_fingerprint()
-        tensors_file, digest, requests_file, content = write_batch(
-            self.run_dir,
-            batch.index,
-            applied.deltas,
-            applied.keys,
-            record,
-            raw=applied.raw,
+        self.entries = self.journal.append(
+            self.header(),
+            self.entries,
+            self.batches[-1],
             base=self.loaded.fingerprint,
-            state_before=before,
+            state_before=self.state_fingerprint(),
         )
-        energy = {
-            str(layer): {
-                "before": batch.energy_before[layer],
-                "after": batch.energy_after[layer],
-                "change": batch.energy_change[layer],
-            }
-            for layer in self.layers
-        }
-        entry = BatchEntry(
-            batch.index,
-            tensors_file,
-            digest,
-            requests_file,
-            energy,
-            tensors_bytes=(self.run_dir / tensors_file).stat().st_size,
-            delta_sha256=content,
-            state_before=before,
-            state_after=chain_fingerprint(before, content),
-        )
-        entries = [*self.entries, entry]
-        fault_point("journal-index")
-        write_index(self.run_dir, self.header(), entries)
-        self.entries = entries
 
     def save(self, run_dir: str | Path) -> None:
-        """Write the whole journal to ``run_dir`` (a session started without one)."""
+        """Write the whole journal to ``run_dir`` (a session started without one): the same
+        files and records as a journal written batch by batch."""
         self.run_dir = Path(run_dir)
-        self.entries = []
-        history = list(self.batches)
-        state = self.loaded.fingerprint
-        for i, applied in enumerate(history, 1):
-            tensors_file, digest, requests_file, content = write_batch(
-                self.run_dir,
-                i,
-                applied.deltas,
-                applied.keys,
-                {"index": i},
-                raw=applied.raw,
-                base=self.loaded.fingerprint,
-                state_before=state,
-            )
-            after = chain_fingerprint(state, content)
-            size = (self.run_dir / tensors_file).stat().st_size
-            self.entries.append(
-                BatchEntry(i, tensors_file, digest, requests_file, {}, size, content, state, after)
-            )
-            state = after
-        write_index(self.run_dir, self.header(), self.entries)
+        self.entries = self.journal.write_all(
+            self.header(), self.batches, base=self.loaded.fingerprint
+        )
 
     def state_fingerprint(self) -> str:
         """The edit state the next batch applies to: the base model's fingerprint chained
@@ -562,14 +488,12 @@ class EditSession:
         keep = len(self.batches) - n_batches
         self.batches = self.batches[:keep]
         self.entries = self.entries[:keep]
-        with torch.no_grad():
-            for layer in self.layers:
-                self.layout.mlp_out(layer).weight.copy_(self._base_storage[layer])
-            for applied in self.batches:
-                self._add_deltas(applied.deltas)
+        restore_weights(self.layout, self._base_storage)
+        for applied in self.batches:
+            add_deltas(self.layout, self.layers, applied.deltas)
         self._rebuild_states()
         if self.run_dir is not None:
-            write_index(self.run_dir, self.header(), self.entries)
+            self.journal.write_index(self.header(), self.entries)
 
     def _count(self, applied: AppliedBatch) -> None:
         """Add a batch's keys (and raw updates) to the layer states."""
@@ -594,19 +518,6 @@ class EditSession:
         for applied in self.batches:
             self._count(applied)
 
-    def _add_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
-        by_name = {self.states[layer].weight_name: layer for layer in self.layers}
-        for name, delta in deltas.items():
-            if name not in by_name:
-                raise JournalError(f"the journal edits {name}, which this session does not edit")
-            weight = self.layout.mlp_out(by_name[name]).weight
-            if weight.shape != delta.shape:
-                raise JournalError(
-                    f"{name}: journal delta has shape {tuple(delta.shape)}, "
-                    f"the model's weight {tuple(weight.shape)}"
-                )
-            weight.add_(delta.to(weight.device, weight.dtype))
-
     @classmethod
     def load(
         cls,
@@ -618,10 +529,14 @@ class EditSession:
         transform: SphereProjection | None = None,
         target: VStarConfig | None = None,
     ) -> EditSession:
-        """Replay a journal onto the unedited base model ``loaded``."""
+        """Replay a journal onto the unedited base model ``loaded``, after checking that it
+        was recorded with this base model, ``method``, ``transform`` and ``target`` (default:
+        the journal's), naming the first field that differs, as :meth:`resume` does."""
         run_dir = Path(run_dir)
-        index = read_index(run_dir)
+        index = Journal(run_dir).index()
         require_base(run_dir, index, loaded.fingerprint)
+        own = {"format", "batches", "model", "base_fingerprint", "method", "transform"}
+        own |= {"layers", "target", "templates", "seed", "energy_s"}
         session = cls(
             loaded,
             method,
@@ -631,10 +546,13 @@ class EditSession:
             target=target or VStarConfig(**index["target"]),
             templates=index["templates"],
             seed=index["seed"],
+            run_dir=run_dir,
             energy_s=index.get("energy_s", 1.0),
+            # What the journal's writer added to the header stays in it.
+            extra_header={k: v for k, v in index.items() if k not in own},
         )
-        session._replay_or_reset(run_dir, index)
-        session.run_dir = run_dir
+        session.check_header(index)
+        session._replay_or_reset(index)
         return session
 
     def resume(self) -> int:
@@ -646,93 +564,78 @@ class EditSession:
             raise ValueError("resume: the session has no run directory")
         if self.batches:
             raise ValueError("resume: the session has already applied batches")
-        if not (self.run_dir / INDEX).exists():
+        if not self.journal.exists():
             return 0
-        index = read_index(self.run_dir)
+        index = self.journal.index()
         self.check_header(index)
         self.templates = list(index["templates"]) if index.get("templates") else None
-        self._replay_or_reset(self.run_dir, index)
+        self._replay_or_reset(index)
         return len(self.batches)
 
     def check_header(self, index: dict[str, Any]) -> None:
         """Refuse a journal recorded with another base model or other options, naming
         the first field that differs."""
-        if index.get("base_fingerprint") != self.loaded.fingerprint:
-            raise JournalError(
-                f"{self.run_dir} was recorded on a different base model (fingerprint "
-                f"{str(index.get('base_fingerprint'))[:12]}…, this model "
-                f"{self.loaded.fingerprint[:12]}…)"
-            )
-        mine = json.loads(json.dumps(self.header()))
-        theirs = dict(index)
-        if isinstance(theirs.get("target"), dict):
-            # Settings added since the journal was written take their defaults.
-            with suppress(TypeError, ValueError):  # unknown: reported below
-                stored = asdict(VStarConfig(**theirs["target"]))
-                theirs["target"] = json.loads(json.dumps(stored))
-        for key, value in mine.items():
-            if key in ("model", "templates", "base_fingerprint"):
-                continue
-            if theirs.get(key) != value:
-                raise JournalError(
-                    f"{self.run_dir}: {key} differs: the journal has {theirs.get(key)!r}, "
-                    f"this run asks for {value!r}"
-                )
+        self.journal.verify(self.header(), self.loaded.fingerprint, index)
 
-    def _replay_or_reset(self, run_dir: Path, index: dict[str, Any]) -> None:
+    def _replay_or_reset(self, index: dict[str, Any]) -> None:
         try:
-            self._replay(run_dir, index)
+            self._replay(index)
         except BaseException:
             # Leave the caller's model as it came: unedited.
             self.batches, self.entries = [], []
-            with torch.no_grad():
-                for layer in self.layers:
-                    self.layout.mlp_out(layer).weight.copy_(self._base_storage[layer])
+            restore_weights(self.layout, self._base_storage)
             self._rebuild_states()
             raise
 
-    def _replay(self, run_dir: Path, index: dict[str, Any]) -> None:
-        """Apply every batch the index names, checking the chain of edit states: each
-        batch must apply to the state the batches before it left."""
-        base = index["base_fingerprint"]
-        state = base
-        for number, entry in enumerate(index["batches"], 1):
-            if entry["index"] != number:
-                raise JournalError(
-                    f"{run_dir / INDEX}: entry {number} is batch {entry['index']}; "
-                    "the journal is out of order or has a gap"
-                )
-            applied = AppliedBatch(*read_batch(run_dir, entry, base=base, state_before=state))
-            content = entry.get("delta_sha256") or entry["tensors_sha256"]
-            after = chain_fingerprint(state, content)
-            if entry.get("state_after") not in (None, after):
-                raise JournalError(
-                    f"batch {number}: the index says the edit state after it is "
-                    f"{entry['state_after'][:12]}…, the chain gives {after[:12]}…"
-                )
-            with torch.no_grad():
-                self._add_deltas(applied.deltas)
+    def _replay(self, index: dict[str, Any]) -> None:
+        """Apply every batch the index names (the journal checks order, checksums and the
+        chain of edit states) and count it into the layer states."""
+        journal = self.journal
+        for entry, applied in journal.replay(self.loaded, index):
+            applied = applied._replace(record=journal.record(entry), energy=entry.energy)
             self._count(applied)
             self.batches.append(applied)
-            self.entries.append(
-                BatchEntry(
-                    entry["index"],
-                    entry["tensors_file"],
-                    entry["tensors_sha256"],
-                    entry["requests_file"],
-                    entry.get("energy", {}),
-                    entry.get("tensors_bytes"),
-                    entry.get("delta_sha256"),
-                    state,
-                    after,
-                )
-            )
-            state = after
+            self.entries.append(entry)
 
     def export(self, directory: str | Path) -> None:
         """Save the edited model as an ordinary checkpoint (``save_pretrained``)."""
         self.loaded.model.save_pretrained(directory, safe_serialization=True)
         self.loaded.tokenizer.save_pretrained(directory)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[phase]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _record(batch: BatchResult) -> dict[str, Any]:
+    """A batch's request file: its requests and diagnostics."""
+    return {
+        "index": batch.index,
+        "requests": [r.to_dict() for r in batch.requests],
+        "target_loss": batch.target_loss,
+        "target_steps": batch.target_steps,
+        "timings": batch.timings,
+        "update_norms": {str(k): v for k, v in batch.update_norms.items()},
+        "warnings": batch.warnings,
+    }
+
+
+def _energy(batch: BatchResult, layers: Sequence[int]) -> dict[str, dict[str, float]]:
+    """A batch's index entry's HE per layer."""
+    return {
+        str(layer): {
+            "before": batch.energy_before[layer],
+            "after": batch.energy_after[layer],
+            "change": batch.energy_change[layer],
+        }
+        for layer in layers
+    }
 
 
 @contextmanager

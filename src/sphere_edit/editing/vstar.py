@@ -156,8 +156,7 @@ def _build_rows(
         try:
             target = target_token_ids(tokenizer, request.text, request.target_new)
         except RequestError as error:
-            reason = str(error).split(": ", 1)[-1]
-            raise RequestError(reason, index=rid, field="target_new") from None
+            raise error.at(rid, "target_new") from None
         for context in templates:
             prompt = SubjectPrompt.build(request, context=context)
             prompt_ids = encode(tokenizer, prompt.text)

@@ -693,13 +693,13 @@ def general_curve(
     :class:`.LoadedModel` gets its weights back.
     """
     from ..common.fileio import write_json
-    from ..editing.journal import read_index
-    from ..editing.runs import apply_run, batch_edit_counts, restore_weights, snapshot_weights
+    from ..editing.journal import Journal, restore_weights, snapshot_weights
     from ..model.loading import LoadedModel, load_model
 
     run_dir = Path(run_dir)
-    index = read_index(run_dir)
-    reachable = [0, *batch_edit_counts(run_dir, index)]
+    journal = Journal(run_dir)
+    index = journal.index()
+    reachable = [0, *journal.edit_counts(index)]
     wanted = sorted(set(edits))
     unreachable = [k for k in wanted if k not in reachable]
     if unreachable or not wanted:
@@ -722,12 +722,12 @@ def general_curve(
     if log and done:
         log(f"{out} already holds the points at {sorted(done)} edits; measuring {todo}")
     loaded = model if isinstance(model, LoadedModel) else load_model(name, device=device)
-    stored = snapshot_weights(loaded, index["layers"])
+    stored = snapshot_weights(loaded.layout, index["layers"])
     applied = 0
     try:
         for k in todo:
             batches = reachable.index(k)
-            apply_run(loaded, run_dir, start=applied, stop=batches)
+            journal.replay(loaded, index, start=applied, stop=batches)
             applied = batches
             if log:
                 log(f"{k} edits ({batches} batches)")
@@ -740,7 +740,7 @@ def general_curve(
             if out is not None:
                 write_json(out, curve)
     finally:
-        restore_weights(loaded, stored)
+        restore_weights(loaded.layout, stored)
     return curve
 
 

@@ -86,8 +86,7 @@ class _TeacherForcing:
             try:
                 target = target_token_ids(tokenizer, request.text, request.target_new)
             except RequestError as error:
-                reason = str(error).split(": ", 1)[-1]
-                raise RequestError(reason, index=i, field="target_new") from None
+                raise error.at(i, "target_new") from None
             prompt = encode(tokenizer, request.text)
             rows.append(prompt + target[:-1])
             targets.append(target)

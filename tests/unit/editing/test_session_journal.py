@@ -363,7 +363,7 @@ def test_session_gives_sphere_the_right_weights(tiny_tokenizer, tmp_path, basis)
 
 def test_an_unjournaled_batch_is_not_applied(run, tiny_tokenizer, tmp_path, monkeypatch):
     """A failed journal write leaves the model, the state and the journal as before."""
-    import sphere_edit.editing.session as session_module
+    import sphere_edit.editing.journal as journal_module
 
     copy = _copy(run, tmp_path)
     loaded = tiny_loaded(tiny_tokenizer)
@@ -375,7 +375,7 @@ def test_an_unjournaled_batch_is_not_applied(run, tiny_tokenizer, tmp_path, monk
     def full_disk(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(session_module, "write_index", full_disk)
+    monkeypatch.setattr(journal_module, "write_index", full_disk)
     with pytest.raises(OSError, match="No space"):
         session.apply([EditRequest.create("{} is located in", "Rome", "Canada")])
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in weights.items())
@@ -383,3 +383,70 @@ def test_an_unjournaled_batch_is_not_applied(run, tiny_tokenizer, tmp_path, monk
     assert len(session.batches) == len(read_index(copy)["batches"])
     for layer, state in session.states.items():
         assert torch.allclose(state.edited_keys, keys_before[layer], atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("options", "field_name"),
+    [
+        ({"method": "alphaedit"}, "method"),
+        ({"transform": SphereProjection()}, "transform"),
+        ({"target": VStarConfig(steps=4)}, "target"),
+    ],
+)
+def test_load_refuses_other_options_than_the_journal(
+    run, tiny_tokenizer, tmp_path, options, field_name
+):
+    from sphere_edit.methods import AlphaEdit
+
+    fresh = tiny_loaded(tiny_tokenizer)
+    before = weights_copy(fresh)
+    method = AlphaEdit() if options.pop("method", None) else run.method
+    run_dir = _copy(run, tmp_path)
+    index_before = (run_dir / INDEX).read_bytes()
+    with pytest.raises(JournalError, match=f"{field_name} differs"):
+        EditSession.load(run_dir, fresh, method, run.moments, **options)
+    assert_weights_equal(fresh, before)
+    assert (run_dir / INDEX).read_bytes() == index_before
+
+
+def test_saved_journal_is_a_complete_journal(run, tiny_tokenizer, tmp_path):
+    from sphere_edit.editing.runs import batch_edit_counts
+
+    # A session that replayed a journal saves the same records it read.
+    loaded = tiny_loaded(tiny_tokenizer)
+    session = EditSession.load(_copy(run, tmp_path), loaded, run.method, run.moments)
+    session.save(tmp_path / "saved")
+    original, saved = read_index(run.pristine), read_index(tmp_path / "saved")
+    for mine, theirs in zip(saved["batches"], original["batches"], strict=True):
+        assert mine["energy"] == theirs["energy"]
+        for name in ("requests_file", "delta_sha256", "state_before", "state_after"):
+            assert mine[name] == theirs[name]
+        record = json.loads((tmp_path / "saved" / mine["requests_file"]).read_text())
+        assert record == json.loads((run.pristine / theirs["requests_file"]).read_text())
+    sizes = [len(batch) for batch in BATCHES]
+    counts = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    assert batch_edit_counts(tmp_path / "saved", saved) == counts
+
+    # A session without a run directory saves what a journaled one writes batch by batch.
+    fresh = tiny_loaded(tiny_tokenizer)
+    unjournaled = EditSession(fresh, run.method, LAYERS, run.moments, target=TARGET, seed=0)
+    results = [unjournaled.apply(batch) for batch in BATCHES]
+    unjournaled.save(tmp_path / "later")
+    later = read_index(tmp_path / "later")
+    assert batch_edit_counts(tmp_path / "later", later) == counts
+    for entry, theirs, result in zip(later["batches"], original["batches"], results, strict=True):
+        assert entry["delta_sha256"] == theirs["delta_sha256"]
+        assert entry["energy"] == {
+            str(layer): {
+                "before": result.energy_before[layer],
+                "after": result.energy_after[layer],
+                "change": result.energy_change[layer],
+            }
+            for layer in LAYERS
+        }
+        record = json.loads((tmp_path / "later" / entry["requests_file"]).read_text())
+        expected = json.loads((run.pristine / theirs["requests_file"]).read_text())
+        assert sorted(record) == sorted(expected)
+        assert record["requests"] == expected["requests"]
+        assert record["timings"] == result.timings
+        assert record["target_loss"] == result.target_loss
