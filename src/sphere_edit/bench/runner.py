@@ -270,8 +270,9 @@ class Benchmark:
 
     def _evaluate(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict[str, Any]]:
         return evaluate_cases(
-            loaded.model, loaded.tokenizer, cases, batch_size=self.config.eval_batch_size
-        )
+            loaded.model, loaded.tokenizer, cases, batch_size=self.config.eval_batch_size,
+            progress=self.progress,
+        )  # fmt: skip
 
     def _generation(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict]:
         chosen = list(cases[: self.config.fluency_cases])

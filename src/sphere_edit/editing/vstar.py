@@ -19,7 +19,7 @@ Two forward routes give the same numbers:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -419,7 +419,10 @@ def compute_vstar(
     requests: Sequence[EditRequest],
     templates: Sequence[str],
     config: VStarConfig = VStarConfig(),
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> VStarResult:
+    """v* of every request at ``z_layer``; ``on_step(step, converged, n)``, when given, is
+    called after each optimisation step (1-based) with how many requests have converged."""
     device = next(model.parameters()).device
     n = len(requests)
     layers = [layout.layer(i) for i in range(z_layer + 1)]
@@ -479,6 +482,8 @@ def compute_vstar(
             history.append(float(last_loss.mean()))
             converged |= last_loss < config.loss_tolerance
             steps_taken[(~converged).cpu()] = step + 1
+            if on_step is not None:
+                on_step(step + 1, int(converged.sum()), n)
             if step == config.steps - 1 or bool(converged.all()):
                 break
             frozen = delta.detach().clone()
