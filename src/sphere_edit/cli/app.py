@@ -17,6 +17,7 @@ from rich.table import Table
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,
     no_args_is_help=True,
     help="Sequential knowledge editing of language models with the SPHERE projection.",
 )
@@ -563,6 +564,7 @@ def bench(
         general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
         positions_per_pass=positions_per_pass,
     )  # fmt: skip
+    _check_bench_data(config)  # a data error before minutes of model loading
     loaded = _load(model, device)
     if layers:
         config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
@@ -577,6 +579,35 @@ def bench(
     summary = bench_run.run()
     _print_table([run_dir])
     console.print(f"run directory {run_dir}; {summary['wall_seconds']:.0f}s")
+
+
+def _check_bench_data(config: Any) -> None:
+    """Read the benchmark's records as the run will, so that a malformed record or too
+    few cases stop it before the model loads; a bad record is named as a user finds it."""
+    from ..evaluation.data import DatasetError, load_cases
+
+    try:
+        case_set = load_cases(
+            config.dataset, limit=config.n_edits, offset=config.offset,
+            skip_invalid=config.skip_invalid,
+        )  # fmt: skip
+    except DatasetError as error:
+        if error.index is None:
+            raise
+        where = f"record {error.index} (counting from 0: record 0 is the file's first)"
+        if error.case_id is not None:
+            where += f", case_id {error.case_id!r}"
+        if error.field is not None:
+            where += f", field '{error.field}'"
+        raise ValueError(
+            f"--dataset {error.path}: {where}: {error.reason}; fix the record, or pass "
+            "--skip-invalid to leave malformed records out"
+        ) from None
+    if len(case_set) < config.n_edits:
+        raise ValueError(
+            f"--n-edits: {config.dataset} gives {len(case_set)} valid cases from offset "
+            f"{config.offset}, fewer than {config.n_edits}; lower --n-edits or --offset"
+        )
 
 
 def _print_table(run_dirs: list[Path]) -> None:
