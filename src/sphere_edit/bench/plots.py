@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,33 @@ def _plot_curves(run: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("edits")
         ax.set_ylim(-0.02, 1.02)
     ax = axes[-1]
-    for spec, data in run["methods"].items():
-        ax.plot(list(data["energy"]), list(data["energy"].values()), label=spec)
+    changes = {spec: energy_change(data["energy"]) for spec, data in run["methods"].items()}
+    exponent = scale_exponent([v for series in changes.values() for v in series.values()])
+    for spec, series in changes.items():
+        ax.plot(list(series), [v / 10.0**exponent for v in series.values()], label=spec)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_title("hyperspherical energy (mean over layers)")
     ax.set_xlabel("edits")
+    scale = f" (×1e{exponent})" if exponent else ""
+    ax.set_ylabel(f"HE − pre-edit HE{scale}")
     _legend(axes[0])
     save_png(figure, path)
     return path
+
+
+def energy_change(energy: Mapping[int, float]) -> dict[int, float]:
+    """Each HE value minus the pre-edit one (at 0 edits, else the first recorded)."""
+    if not energy:
+        return {}
+    base = energy.get(0, next(iter(energy.values())))
+    return {edits: value - base for edits, value in energy.items()}
+
+
+def scale_exponent(values: Sequence[float]) -> int:
+    """The power of ten that brings the largest magnitude into [1, 10) (0 for none), so
+    that the axis shows plain numbers and says the scale in its label."""
+    largest = max((abs(v) for v in values), default=0.0)
+    return 0 if largest == 0 or not math.isfinite(largest) else math.floor(math.log10(largest))
 
 
 def _plot_differences(run: dict[str, Any], path: Path) -> Path:

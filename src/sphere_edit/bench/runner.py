@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..common.faults import fault_point
 from ..common.fileio import write_json, write_text
 from ..common.heap import release_free_memory
+from ..common.progress import Progress
 from ..editing.build import MethodSpec, build_session
 from ..editing.journal import read_index
 from ..editing.session import EditSession
@@ -448,8 +448,8 @@ class Benchmark:
         if self.resume:
             first, final = self._resume_method(loaded, session, record, out, cases)
         starts = range(0, c.n_edits, c.batch_size)[first:]
-        bar = tqdm(starts, desc=spec, unit="batch", disable=not self.progress)
-        for begin in bar:
+        bar = Progress(f"{spec} batches", len(starts), enabled=self.progress)
+        for begin in starts:
             batch_cases = cases[begin : begin + c.batch_size]
             requests = [case.request for case in batch_cases]
             key, shared = self._shared_targets(spec, session, begin)
@@ -472,9 +472,11 @@ class Benchmark:
             )
             final = self._marks(loaded, record, done, cases) or final
             self._write_progress(out, record)
-            bar.set_postfix_str(
-                _headline(record.checkpoints[-1]["metrics"]) if record.checkpoints else ""
+            bar.update(
+                bar.done + 1,
+                _headline(record.checkpoints[-1]["metrics"]) if record.checkpoints else "",
             )
+        bar.close()
         if final is None:  # resumed after the last batch: evaluate the final model
             final = self._evaluate(loaded, cases)
 

@@ -613,9 +613,10 @@ def _check_bench_data(config: Any) -> None:
 def _print_table(run_dirs: list[Path]) -> None:
     """The paper-style table, one per column group (model, data set, edits) so that it
     fits a terminal."""
-    from ..bench.report import IN_PROGRESS, table
+    from ..bench.report import IN_PROGRESS, group_runs, legend, missing_reasons, table
 
     groups, header, rows = table(run_dirs)
+    grouped = group_runs(run_dirs)
     width = (len(header) - 1) // len(groups)
     for g, label in enumerate(groups):
         columns = range(1 + g * width, 1 + (g + 1) * width)
@@ -629,8 +630,9 @@ def _print_table(run_dirs: list[Path]) -> None:
                 continue  # a method of another group
             starred |= row[columns[0]].endswith("*")
             shown.add_row(row[0], *(row[c] for c in columns))
-        if starred:
-            shown.caption = IN_PROGRESS
+        notes = [legend(grouped[label]), *missing_reasons(grouped[label])]
+        shown.caption = "\n".join([*notes, IN_PROGRESS] if starred else notes)
+        shown.caption_justify = "left"
         console.print(shown)
 
 
