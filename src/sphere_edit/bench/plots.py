@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,9 @@ def scale_exponent(values: Sequence[float]) -> int:
 def _plot_differences(run: dict[str, Any], path: Path) -> Path:
     figure = new_figure(4.0 * len(CURVE_METRICS), 3.4)
     axes = figure.subplots(1, len(CURVE_METRICS))
+    # One scale for every ΔHE, said in the axis label rather than as an axis offset.
+    steps = [b - a for d in run["methods"].values() for a, b in pairwise(d["energy"].values())]
+    exponent = scale_exponent(steps)
     for ax, metric in zip(axes, CURVE_METRICS, strict=True):
         for spec, data in run["methods"].items():
             points = [
@@ -131,6 +135,7 @@ def _plot_differences(run: dict[str, Any], path: Path) -> Path:
             ]
             points = [(h, m) for h, m in points if h is not None and m is not None]
             dh = [b[0] - a[0] for a, b in zip(points, points[1:], strict=False)]
+            dh = [d / 10.0**exponent for d in dh]
             dm = [b[1] - a[1] for a, b in zip(points, points[1:], strict=False)]
             if not dh:
                 continue
@@ -139,9 +144,11 @@ def _plot_differences(run: dict[str, Any], path: Path) -> Path:
             line = fit.get("difference_fit")
             if line and line.get("slope") is not None:
                 lo, hi = min(dh), max(dh)
-                ax.plot([lo, hi], [line["intercept"] + line["slope"] * x for x in (lo, hi)])
+                fitted = [line["intercept"] + line["slope"] * x * 10.0**exponent for x in (lo, hi)]
+                ax.plot([lo, hi], fitted)
         ax.set_title(f"Δ{metric} vs ΔHE between checkpoints")
-        ax.set_xlabel("ΔHE")
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+        ax.set_xlabel(f"ΔHE (×1e{exponent})" if exponent else "ΔHE")
     _legend(axes[0])
     save_png(figure, path)
     return path

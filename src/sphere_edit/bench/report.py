@@ -272,6 +272,13 @@ def _run_section(run_dir: Path) -> str:
     )
     parts.append("<h4>HE correlation (Spearman, checkpoints) and time per phase</h4>")
     parts.append(_html_table(header, rows))
+    parts.append(
+        "<p class='note'>ρ –: too few checkpoints (it needs 3 or more), constant series "
+        "(HE or the metric did not change across checkpoints, so no rank order), or in "
+        "progress (computed when the method finishes). targets: the v* optimisation; "
+        "“v* shared with M”: batch 1's v* was computed by method M on the same base model, "
+        "requests and target settings, and reused.</p>"
+    )
     from .geometry import geometry_html
 
     for spec in run["methods"]:  # written by ``sphere-edit geometry RUN``
@@ -336,11 +343,11 @@ def _rho(entry: dict[str, Any] | None) -> str:
     value = entry.get("spearman")
     if value is not None:
         return f"{value:+.2f}"
-    if "reason" in entry:
-        return f"– ({entry['reason']})"
+    if "reason" in entry:  # the runner's: fewer than 3 checkpoints
+        return "– (too few checkpoints)"
     if not entry:
-        return "– (run in progress: computed at its end)"
-    return "– (HE or the metric is constant across checkpoints)"
+        return "– (in progress)"
+    return "– (constant series)"
 
 
 STYLE = """
