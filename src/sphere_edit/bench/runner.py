@@ -325,7 +325,8 @@ class Benchmark:
             "batch_size": c.batch_size,
             "pre_edit": pre,
             "methods": {},
-            "load_model_seconds": load_seconds,
+            # Only a load this run did is timed (the CLI hands in a loaded model).
+            **({"load_model_seconds": load_seconds} if self._loaded is None else {}),
         }
         write_json(self.run_dir / "summary.json", summary)
 

@@ -160,3 +160,13 @@ def test_energy_is_plotted_as_its_change_from_pre_edit():
     assert scale_exponent([0.0]) == 0 and scale_exponent([]) == 0
     assert scale_exponent([math.inf]) == 0
     assert energy_change({}) == {}
+
+
+def test_summary_holds_no_untimed_fields(tiny_run):
+    run_dir, summary = tiny_run
+    # The model was handed in loaded: this run did not load it, so it times no load.
+    assert "load_model_seconds" not in json.loads((run_dir / "summary.json").read_text())
+    for method in ("memit", "alphaedit"):
+        for line in (run_dir / method / "batches.jsonl").read_text().splitlines():
+            timings = json.loads(line)["timings"]
+            assert "context" not in timings and "targets" in timings
