@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +79,41 @@ def _plot_curves(run: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("edits")
         ax.set_ylim(-0.02, 1.02)
     ax = axes[-1]
-    for spec, data in run["methods"].items():
-        ax.plot(list(data["energy"]), list(data["energy"].values()), label=spec)
+    changes = {spec: energy_change(data["energy"]) for spec, data in run["methods"].items()}
+    exponent = scale_exponent([v for series in changes.values() for v in series.values()])
+    for spec, series in changes.items():
+        ax.plot(list(series), [v / 10.0**exponent for v in series.values()], label=spec)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_title("hyperspherical energy (mean over layers)")
     ax.set_xlabel("edits")
+    scale = f" (×1e{exponent})" if exponent else ""
+    ax.set_ylabel(f"HE − pre-edit HE{scale}")
     _legend(axes[0])
     save_png(figure, path)
     return path
 
 
+def energy_change(energy: Mapping[int, float]) -> dict[int, float]:
+    """Each HE value minus the pre-edit one (at 0 edits, else the first recorded)."""
+    if not energy:
+        return {}
+    base = energy.get(0, next(iter(energy.values())))
+    return {edits: value - base for edits, value in energy.items()}
+
+
+def scale_exponent(values: Sequence[float]) -> int:
+    """The power of ten that brings the largest magnitude into [1, 10) (0 for none), so
+    that the axis shows plain numbers and says the scale in its label."""
+    largest = max((abs(v) for v in values), default=0.0)
+    return 0 if largest == 0 or not math.isfinite(largest) else math.floor(math.log10(largest))
+
+
 def _plot_differences(run: dict[str, Any], path: Path) -> Path:
     figure = new_figure(4.0 * len(CURVE_METRICS), 3.4)
     axes = figure.subplots(1, len(CURVE_METRICS))
+    # One scale for every ΔHE, said in the axis label rather than as an axis offset.
+    steps = [b - a for d in run["methods"].values() for a, b in pairwise(d["energy"].values())]
+    exponent = scale_exponent(steps)
     for ax, metric in zip(axes, CURVE_METRICS, strict=True):
         for spec, data in run["methods"].items():
             points = [
@@ -97,6 +122,7 @@ def _plot_differences(run: dict[str, Any], path: Path) -> Path:
             ]
             points = [(h, m) for h, m in points if h is not None and m is not None]
             dh = [b[0] - a[0] for a, b in zip(points, points[1:], strict=False)]
+            dh = [d / 10.0**exponent for d in dh]
             dm = [b[1] - a[1] for a, b in zip(points, points[1:], strict=False)]
             if not dh:
                 continue
@@ -105,9 +131,11 @@ def _plot_differences(run: dict[str, Any], path: Path) -> Path:
             line = fit.get("difference_fit")
             if line and line.get("slope") is not None:
                 lo, hi = min(dh), max(dh)
-                ax.plot([lo, hi], [line["intercept"] + line["slope"] * x for x in (lo, hi)])
+                fitted = [line["intercept"] + line["slope"] * x * 10.0**exponent for x in (lo, hi)]
+                ax.plot([lo, hi], fitted)
         ax.set_title(f"Δ{metric} vs ΔHE between checkpoints")
-        ax.set_xlabel("ΔHE")
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+        ax.set_xlabel(f"ΔHE (×1e{exponent})" if exponent else "ΔHE")
     _legend(axes[0])
     save_png(figure, path)
     return path

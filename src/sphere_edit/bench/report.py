@@ -4,11 +4,13 @@ benchmark run directories, and the same table for the terminal."""
 from __future__ import annotations
 
 import html
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..editing.build import MethodSpec
 from .figures import img_tag
 from .plots import plot_figures, read_run
 from .rundir import BenchRunDir
@@ -19,13 +21,38 @@ IN_PROGRESS = (
     "measured on the final model only."
 )
 
-# The paper's columns, per dataset: (label, key in the aggregated metrics).
+# The paper's columns, per dataset: (label, key in the aggregated metrics). Labels hold
+# no spaces: a header cell is "<group label> <column label>".
 COLUMNS = (
     ("Eff.", "efficacy"),
     ("Gen.", "generalization"),
     ("Spe.", "specificity"),
+    ("Eff.P", "rewrite_prob_success"),
+    ("Gen.P", "paraphrase_prob_success"),
+    ("Spe.P", "neighborhood_prob_success"),
     ("Flu.", "fluency"),
     ("Consis.", "consistency"),
+)
+
+# What each column means, per dataset kind (summary.json's "dataset").
+LEGENDS = {
+    "counterfact": (
+        "Eff., Gen., Spe.: top-1 accuracy of rewrite, paraphrase and neighbourhood prompts "
+        "(every token of the expected target the argmax under teacher forcing; expected: "
+        "the new target, for neighbourhood prompts the true answer). Eff.P, Gen.P: "
+        "P(new) > P(old) on rewrite and paraphrase prompts; Spe.P: P(true) > P(new) on "
+        "neighbourhood prompts (total log-probability of each target's tokens)."
+    ),
+    "zsre": (
+        "Eff., Gen., Spe.: token-level accuracy (the fraction of the expected target's "
+        "tokens that are the argmax under teacher forcing) of the question, its rephrase "
+        "and the NQ question against its answer."
+    ),
+}
+ZSRE_TOP1 = ("rewrite_top1", "paraphrase_top1", "neighborhood_top1")
+FLUENCY_LEGEND = (
+    "Flu.: n-gram entropy of generations (bits); Consis.: TF-IDF cosine of generations "
+    "to the reference snippets."
 )
 
 
@@ -60,6 +87,7 @@ def group_runs(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
             {"summary": summary, "methods": {}, "run_dirs": [], "n_edits": summary["n_edits"]},
         )
         group["run_dirs"].append(Path(run_dir))
+        group.setdefault("config", run["config"])
         for spec, data in run["methods"].items():
             name = spec if spec not in group["methods"] else f"{spec} ({Path(run_dir).name})"
             group["methods"][name] = data
@@ -90,6 +118,46 @@ def table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[str], list[li
             row.extend(_cell(metrics.get(key)) for _, key in COLUMNS)
         rows.append(row)
     return list(groups), header, rows
+
+
+def legend(group: dict[str, Any]) -> str:
+    """What the group's metric columns measure, for its dataset kind."""
+    kind = group["summary"]["dataset"]
+    text = LEGENDS.get(kind, LEGENDS["counterfact"])
+    if kind == "zsre":
+        pre = group["summary"]["pre_edit"]["metrics"]
+        if all(key in pre for key in ZSRE_TOP1):
+            shown = ", ".join(f"{k} {_cell(pre[k])}" for k in ZSRE_TOP1)
+            text += f" Whole-target top-1 (pre-edit, ×100): {shown}."
+        else:
+            text += (
+                " Whole-target top-1 is not in summary.json (this run aggregated token "
+                "accuracies only; cases.jsonl holds each prompt's top1)."
+            )
+    return f"{text} {FLUENCY_LEGEND}"
+
+
+def missing_reasons(group: dict[str, Any]) -> list[str]:
+    """Why the group's columns show "–" where they do: one "<column>: <reason>" each."""
+    metrics = [group["summary"]["pre_edit"]["metrics"]]
+    metrics += [_status(data, group["n_edits"])[0] for data in group["methods"].values()]
+    cases = group.get("config", {}).get("config", {}).get("fluency_cases", 0)
+    reasons = []
+    for label, key in COLUMNS:
+        if all(m.get(key) is not None for m in metrics):
+            continue
+        if key.endswith("_prob_success") and group["summary"]["dataset"] == "zsre":
+            why = "zsRE has no probability comparison (one target per prompt)"
+        elif key in ("fluency", "consistency") and not cases:
+            why = "not run (--fluency-cases 0)"
+        elif key == "consistency" and any(m.get("fluency") is not None for m in metrics):
+            why = "no reference snippets for this data"
+        elif key == "fluency":
+            why = "not measured yet: fluency is measured on the final model only"
+        else:
+            why = "not in the results of this run"
+        reasons.append(f"{label} –: {why}")
+    return reasons
 
 
 PLUGIN_METRICS = (
@@ -137,8 +205,23 @@ def plugin_table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[s
     return header, rows
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _html_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], groups: Sequence[str] = ()
+) -> str:
+    """A table; with ``groups``, header cells "<group> <label>" are shown as the group
+    once over its columns and the labels below it."""
+    if groups:
+        width = (len(header) - 1) // len(groups)
+        top = f"<th rowspan='2'>{html.escape(header[0])}</th>" + "".join(
+            f"<th colspan='{width}' class='group'>{html.escape(g)}</th>" for g in groups
+        )
+        labels = "".join(
+            f"<th>{html.escape(h[len(groups[(c - 1) // width]) + 1 :])}</th>"
+            for c, h in enumerate(header[1:], start=1)
+        )
+        head = f"{top}</tr><tr>{labels}"
+    else:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
     )
@@ -165,6 +248,7 @@ def _run_section(run_dir: Path) -> str:
         + "</p>"
     )
     rows = []
+    owners = shared_vstar(run)
     for spec, data in run["methods"].items():
         method = data["summary"]
         if method:
@@ -176,7 +260,10 @@ def _run_section(run_dir: Path) -> str:
         rows.append(
             [spec]
             + [_rho(corr.get(m)) for m in ("efficacy", "generalization", "specificity")]
-            + [f"{timings.get(p, 0.0):.1f}" for p in PHASES]
+            + [
+                _phase(timings, p, owners.get(spec), data["progress"].get("batches", 0))
+                for p in PHASES
+            ]
             + [total]
         )
     header = (
@@ -186,6 +273,13 @@ def _run_section(run_dir: Path) -> str:
     )
     parts.append("<h4>HE correlation (Spearman, checkpoints) and time per phase</h4>")
     parts.append(_html_table(header, rows))
+    parts.append(
+        "<p class='note'>ρ –: too few checkpoints (it needs 3 or more), constant series "
+        "(HE or the metric did not change across checkpoints, so no rank order), or in "
+        "progress (computed when the method finishes). targets: the v* optimisation; "
+        "“v* shared with M”: batch 1's v* was computed by method M on the same base model, "
+        "requests and target settings, and reused.</p>"
+    )
     from .geometry import geometry_html
 
     for spec in run["methods"]:  # written by ``sphere-edit geometry RUN``
@@ -193,6 +287,42 @@ def _run_section(run_dir: Path) -> str:
         if summary is not None:
             parts.append(geometry_html(summary, title=f"Weight geometry: {spec}"))
     return "\n".join(parts)
+
+
+def shared_vstar(run: dict[str, Any]) -> dict[str, str]:
+    """Methods whose v* of batch 1 was computed by an earlier method of the run (method →
+    that method): the benchmark shares it between closed-form methods whose sessions
+    have equal v* keys (last edited layer, context templates, target settings)."""
+    from ..methods import make_method
+    from ..methods.base import edits_per_request, is_gradient_method
+
+    owners: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for spec, data in run["methods"].items():
+        header = (data["summary"] or {}).get("session")
+        if not header:
+            continue
+        try:
+            method = make_method(MethodSpec.parse(spec).method)
+        except ValueError:
+            continue
+        if is_gradient_method(method) or edits_per_request(method):
+            continue
+        key = json.dumps([header["layers"][-1], header["templates"], header["target"]])
+        if key in first:
+            owners[spec] = first[key]
+        else:
+            first[key] = spec
+    return owners
+
+
+def _phase(timings: dict[str, float], phase: str, owner: str | None, n_batches: int) -> str:
+    seconds = f"{timings.get(phase, 0.0):.1f}"
+    if phase != "targets" or owner is None:
+        return seconds
+    if n_batches <= 1:
+        return f"v* shared with {owner}"
+    return f"{seconds} (batch 1: v* shared with {owner})"
 
 
 def _figures(group: dict[str, Any]) -> list[str]:
@@ -208,8 +338,16 @@ PHASES = ("statistics", "targets", "keys", "solve", "projection", "energy", "eva
 
 
 def _rho(entry: dict[str, Any] | None) -> str:
-    value = (entry or {}).get("spearman")
-    return "–" if value is None else f"{value:+.2f}"
+    """ρ, or "–" and why there is none."""
+    entry = entry or {}
+    value = entry.get("spearman")
+    if value is not None:
+        return f"{value:+.2f}"
+    if "reason" in entry:  # the runner's: fewer than 3 checkpoints
+        return "– (too few checkpoints)"
+    if not entry:
+        return "– (in progress)"
+    return "– (constant series)"
 
 
 STYLE = """
@@ -217,22 +355,29 @@ body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
+th.group { text-align: center; background: #f3f3f3; }
+p.note { color: #444; font-size: 0.9em; }
 """
 
 
 def build_report(run_dirs: Sequence[str | Path]) -> str:
     run_dirs = [Path(d) for d in run_dirs]
-    _, header, rows = table(run_dirs)
+    labels, header, rows = table(run_dirs)
+    grouped = group_runs(run_dirs)
+    notes = [
+        f"<p class='note'><b>{html.escape(label)}</b>: "
+        + html.escape(" ".join([legend(group), *(f"{r}." for r in missing_reasons(group))]))
+        + "</p>"
+        for label, group in grouped.items()
+    ]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>sphere-edit report</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>sphere-edit report</h1>",
-        "<p>All columns ×100, as in the paper: efficacy, generalization and specificity are "
-        "top-1 accuracies (every target token the argmax under teacher forcing) of every "
-        "edited case on the final model; fluency is the n-gram entropy of generations "
-        "(bits); consistency the TF-IDF cosine to reference text (– where the data has none). "
+        "<p>All columns ×100, as in the paper, of every edited case on the final model. "
         f"{IN_PROGRESS}</p>",
-        _html_table(header, rows),
+        _html_table(header, rows, labels),
+        *notes,
     ]
     plugin_header, plugin_rows = plugin_table(run_dirs)
     if plugin_rows:
@@ -242,7 +387,7 @@ def build_report(run_dirs: Sequence[str | Path]) -> str:
             "change = (with − without) / without.</p>",
             _html_table(plugin_header, plugin_rows),
         ]
-    for label, group in group_runs(run_dirs).items():
+    for label, group in grouped.items():
         parts.append(f"<h2>{html.escape(label)}</h2>")
         parts.extend(_figures(group))
         parts.extend(_run_section(d) for d in group["run_dirs"])

@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..common.faults import fault_point
 from ..common.fileio import RUN_LOCK
 from ..common.heap import release_free_memory
+from ..common.progress import Progress
 from ..common.settings import first_difference
 from ..editing.build import MethodSpec, build_session
 from ..editing.session import EditSession
@@ -249,8 +249,9 @@ class Benchmark:
 
     def _evaluate(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict[str, Any]]:
         return evaluate_cases(
-            loaded.model, loaded.tokenizer, cases, batch_size=self.config.eval_batch_size
-        )
+            loaded.model, loaded.tokenizer, cases, batch_size=self.config.eval_batch_size,
+            progress=self.progress,
+        )  # fmt: skip
 
     def _generation(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict]:
         chosen = list(cases[: self.config.fluency_cases])
@@ -302,7 +303,8 @@ class Benchmark:
             "batch_size": c.batch_size,
             "pre_edit": pre,
             "methods": {},
-            "load_model_seconds": load_seconds,
+            # Only a load this run did is timed (the CLI hands in a loaded model).
+            **({"load_model_seconds": load_seconds} if self._loaded is None else {}),
         }
         self.layout.write_summary(summary)
 
@@ -423,8 +425,8 @@ class Benchmark:
         if self.resume:
             first, final = self._resume_method(loaded, session, record, out, cases)
         starts = range(0, c.n_edits, c.batch_size)[first:]
-        bar = tqdm(starts, desc=spec, unit="batch", disable=not self.progress)
-        for begin in bar:
+        bar = Progress(f"{spec} batches", len(starts), enabled=self.progress)
+        for begin in starts:
             batch_cases = cases[begin : begin + c.batch_size]
             requests = [case.request for case in batch_cases]
             key, shared = self._shared_targets(spec, session, begin)
@@ -447,9 +449,11 @@ class Benchmark:
             )
             final = self._marks(loaded, record, done, cases) or final
             self._write_progress(out, record)
-            bar.set_postfix_str(
-                _headline(record.checkpoints[-1]["metrics"]) if record.checkpoints else ""
+            bar.update(
+                bar.done + 1,
+                _headline(record.checkpoints[-1]["metrics"]) if record.checkpoints else "",
             )
+        bar.close()
         if final is None:  # resumed after the last batch: evaluate the final model
             final = self._evaluate(loaded, cases)
 

@@ -73,6 +73,7 @@ def _usage_message(error: usage.ClickException) -> str:
 app = typer.Typer(
     cls=_OneLineUsageErrors,
     add_completion=False,
+    rich_markup_mode=None,
     no_args_is_help=True,
     help="Sequential knowledge editing of language models with the SPHERE projection.",
 )
@@ -762,6 +763,7 @@ def bench(
         general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
         positions_per_pass=positions_per_pass,
     )  # fmt: skip
+    _check_bench_data(config)  # a data error before minutes of model loading
     loaded = _load(model, device)
     if layers:
         config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
@@ -778,12 +780,42 @@ def bench(
     console.print(f"run directory {run_dir}; {summary['wall_seconds']:.0f}s")
 
 
+def _check_bench_data(config: Any) -> None:
+    """Read the benchmark's records as the run will, so that a malformed record or too
+    few cases stop it before the model loads; a bad record is named as a user finds it."""
+    from ..evaluation.data import DatasetError, load_cases
+
+    try:
+        case_set = load_cases(
+            config.dataset, limit=config.n_edits, offset=config.offset,
+            skip_invalid=config.skip_invalid,
+        )  # fmt: skip
+    except DatasetError as error:
+        if error.index is None:
+            raise
+        where = f"record {error.index} (counting from 0: record 0 is the file's first)"
+        if error.case_id is not None:
+            where += f", case_id {error.case_id!r}"
+        if error.field is not None:
+            where += f", field '{error.field}'"
+        raise ValueError(
+            f"--dataset {error.path}: {where}: {error.reason}; fix the record, or pass "
+            "--skip-invalid to leave malformed records out"
+        ) from None
+    if len(case_set) < config.n_edits:
+        raise ValueError(
+            f"--n-edits: {config.dataset} gives {len(case_set)} valid cases from offset "
+            f"{config.offset}, fewer than {config.n_edits}; lower --n-edits or --offset"
+        )
+
+
 def _print_table(run_dirs: list[Path]) -> None:
     """The paper-style table, one per column group (model, data set, edits) so that it
     fits a terminal."""
-    from ..bench.report import IN_PROGRESS, table
+    from ..bench.report import IN_PROGRESS, group_runs, legend, missing_reasons, table
 
     groups, header, rows = table(run_dirs)
+    grouped = group_runs(run_dirs)
     width = (len(header) - 1) // len(groups)
     for g, label in enumerate(groups):
         columns = range(1 + g * width, 1 + (g + 1) * width)
@@ -797,8 +829,9 @@ def _print_table(run_dirs: list[Path]) -> None:
                 continue  # a method of another group
             starred |= row[columns[0]].endswith("*")
             shown.add_row(row[0], *(row[c] for c in columns))
-        if starred:
-            shown.caption = IN_PROGRESS
+        notes = [legend(grouped[label]), *missing_reasons(grouped[label])]
+        shown.caption = "\n".join([*notes, IN_PROGRESS] if starred else notes)
+        shown.caption_justify = "left"
         console.print(shown)
 
 

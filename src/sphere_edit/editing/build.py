@@ -129,7 +129,7 @@ def build_session(
             basis=basis,  # type: ignore[arg-type]
         )
     target = replace(VStarConfig(), **{**preset.target, **(target_overrides or {})})
-    return EditSession(
+    session = EditSession(
         loaded,
         method,
         layers,
@@ -144,3 +144,5 @@ def build_session(
             **corpus_header,
         },
     )
+    session.progress = progress
+    return session

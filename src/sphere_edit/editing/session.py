@@ -21,6 +21,7 @@ import torch
 from ..common.faults import fault_point
 from ..common.heap import release_free_memory
 from ..common.linalg import IllConditionedWarning
+from ..common.progress import Progress
 from ..methods import EditMethod, GradientMethod, LayerState
 from ..methods.base import (
     EditContext,
@@ -89,6 +90,9 @@ class BatchResult:
 
 
 class EditSession:
+    # Progress of v* steps and key passes on stderr (build_session sets it).
+    progress: bool = False
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -177,10 +181,13 @@ class EditSession:
     def _compute_vstar(self, requests: list[EditRequest]) -> VStarResult:
         """v* for ``requests`` (validated by :meth:`apply`) on the weights the model has
         now; :attr:`BatchResult.vstar` hands it to other sessions."""
+        bar = Progress("v* steps", self.target.steps, enabled=self.progress)
         result = compute_vstar(
             self.loaded.model, self.loaded.tokenizer, self.layout, self.layers[-1], requests,
             self.context_templates(), self.target,
+            on_step=lambda step, done, n: bar.update(step, f"{done}/{n} requests converged"),
         )  # fmt: skip
+        bar.close()
         release_free_memory()  # the v* graphs are gone; see heap.py
         return result
 
@@ -225,8 +232,7 @@ class EditSession:
                     f"{(len(requests), hidden_size)} for {len(requests)} requests"
                 )
         timings: dict[str, float] = {}
-        with _timed(timings, "context"):
-            templates = self.context_templates()
+        templates = self.context_templates()
         with _timed(timings, "energy"):
             energy_before = self.energy()
 
@@ -365,6 +371,7 @@ class EditSession:
         deltas, keys, raw, norms = {}, {}, {}, {}
         # The layers below the window do not change here: run them once for all reads.
         lower = LowerLayers(first=min(self.layers))
+        bar = Progress("key passes", len(self.layers), enabled=self.progress)
         for i, layer in enumerate(self.layers):
             with _timed(timings, "keys"):
                 readout = read_layer(
@@ -391,6 +398,8 @@ class EditSession:
             if raw_update is not None:
                 raw[layer] = raw_update
             fault_point("layer")
+            bar.update(i + 1, f"layer {layer}")
+        bar.close()
         return deltas, keys, raw, norms
 
     def _commit(

@@ -19,7 +19,7 @@ Two forward routes give the same numbers:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -455,6 +455,7 @@ def compute_vstar(
     requests: Sequence[EditRequest],
     templates: Sequence[str],
     config: VStarConfig = VStarConfig(),
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> VStarResult:
     """The target value v* of each request at the output of decoder layer ``z_layer``.
 
@@ -469,6 +470,9 @@ def compute_vstar(
     Returns ``v* = init + delta`` with ``init``, the layer's output before the edit, and
     per request the final loss, the final mean target NLL and the steps taken. Raises
     :class:`RequestError` naming the request when a target tokenises to nothing.
+
+    ``on_step(step, converged, n)``, when given, is called after each optimisation step
+    (1-based) with how many of the ``n`` requests have converged (progress display).
     """
     device = next(model.parameters()).device
     n = len(requests)
@@ -529,6 +533,8 @@ def compute_vstar(
             history.append(float(last_loss.mean()))
             converged |= last_loss < config.loss_tolerance
             steps_taken[(~converged).cpu()] = step + 1
+            if on_step is not None:
+                on_step(step + 1, int(converged.sum()), n)
             if step == config.steps - 1 or bool(converged.all()):
                 break
             frozen = delta.detach().clone()

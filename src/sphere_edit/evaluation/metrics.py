@@ -144,14 +144,18 @@ def evaluate_cases(
     cases: Sequence[EditCase],
     *,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per-case teacher-forced scores (see the module docstring for the keys)."""
+    """Per-case teacher-forced scores (see the module docstring for the keys);
+    ``progress`` reports the scoring passes on stderr."""
     probes = [probe for i, case in enumerate(cases) for probe in _probes(i, case)]
     # Expected targets first, then the rivals; all in one batched scoring call.
     rivals = [(p.prompt, p.rival) for p in probes if p.rival is not None]
     prompts = [p.prompt for p in probes] + [prompt for prompt, _ in rivals]
     targets = [p.expected for p in probes] + [rival for _, rival in rivals]
-    scores = score_targets(model, tokenizer, prompts, targets, batch_size=batch_size)
+    scores = score_targets(
+        model, tokenizer, prompts, targets, batch_size=batch_size, progress=progress
+    )
     expected_scores = scores[: len(probes)]
     rival_scores = iter(scores[len(probes) :])
 

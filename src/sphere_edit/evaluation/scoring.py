@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..common.heap import release_free_memory
+from ..common.progress import Progress
 from ..editing.sampling import decode_tokens
 from ..editing.text import PromptBatch, encode, pad_id_of, pad_left, target_token_ids
 from ..model.hooks import edit_input
@@ -154,12 +155,14 @@ def score_targets(
     *,
     batch_size: int = 64,
     share_prefixes: bool = True,
+    progress: bool = False,
 ) -> list[TargetScore]:
     """Teacher-forced scores of ``targets[i]`` after ``prompts[i]``, many rows per pass.
 
     Rows that are a prefix of another row share its pass (:func:`shared_runs`; off with
     ``share_prefixes=False``, which runs every row, for comparison); the runs are sorted
     by length before batching (less padding) and the scores returned in input order.
+    ``progress`` reports the passes on stderr (:class:`~sphere_edit.common.progress.Progress`).
     """
     _check_pairs(prompts, targets, batch_size)
     if not prompts:
@@ -172,6 +175,7 @@ def score_targets(
         riders[run].append(i)
     pad = pad_id_of(tokenizer)
     scores: list[TargetScore | None] = [None] * len(rows)
+    bar = Progress("evaluation rows", len(runs), enabled=progress)
     for chunk in length_batches(runs, batch_size):
         batch = pad_left([runs[r] for r in chunk], [0] * len(chunk), pad, device)
         # Row i (length L, n target tokens) inside its run (length R) predicts its target
@@ -202,6 +206,8 @@ def score_targets(
         # activation blocks of every pass (see heap.py): on 300 ZsRE cases this took the
         # evaluation's peak from 1,522 to 1,444 MiB.
         release_free_memory()
+        bar.update(bar.done + len(chunk))
+    bar.close()
     assert all(s is not None for s in scores)
     return scores  # type: ignore[return-value]
 

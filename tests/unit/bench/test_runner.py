@@ -181,7 +181,7 @@ def test_report_merges_runs_of_one_dataset_into_one_column_group(finished_run, t
     shutil.copytree(run_dir, twin)
     groups, header, rows = table([run_dir, twin])
     assert len(groups) == 1
-    assert len(header) == 1 + 6  # method, then Edits and the five metrics once
+    assert len(header) == 1 + 9  # method, then Edits and the eight metrics once
     assert [r[0] for r in rows] == [
         "pre-edit",
         "memit",
