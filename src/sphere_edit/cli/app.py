@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..methods.registry import get_method, method_help
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -23,7 +25,7 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 DEBUG = {"on": False}
-METHOD_HELP = "memit, alphaedit, ft, rome, rect or prune; add '+sphere' for SPHERE."
+METHOD_HELP = method_help()
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Embedded name, local folder or hub id.")
@@ -159,6 +161,7 @@ def edit(
 
     spec = MethodSpec.parse(method)
     method_overrides = parse_options(option or [])
+    get_method(spec.method).validate(method_overrides)  # a bad --option fails before loading
     if eta is not None and not 0 < eta <= 1:
         raise ValueError(f"--eta must be in (0, 1], got {eta}")
     if alpha is not None and not 0 <= alpha <= 1:
@@ -245,11 +248,12 @@ def stats(
 ) -> None:
     """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
     from ..editing.build import parse_layers
-    from ..editing.presets import preset_for
+    from ..editing.presets import describe_choice, preset_for
     from ..editing.stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
 
     loaded = _load(model, device)
-    preset = preset_for(loaded.name, loaded.layout.num_layers)
+    preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
+    console.print(describe_choice(preset))
     chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
     source = load_corpus(corpus, loaded)
     console.print(f"statistics: {source.description}")
@@ -295,12 +299,15 @@ def energy(
         console.print(table)
         return
     from ..editing.build import parse_layers
-    from ..editing.presets import preset_for
+    from ..editing.presets import describe_choice, preset_for
     from ..sphere.energy import hyperspherical_energy
 
     loaded = _load(model, device)
     n = loaded.layout.num_layers
-    chosen = parse_layers(layers, n) if layers else list(preset_for(loaded.name, n).layers)
+    preset = preset_for(loaded.name, n, loaded.model.config)
+    if not layers:
+        console.print(describe_choice(preset))
+    chosen = parse_layers(layers, n) if layers else list(preset.layers)
     table = Table(title=f"Hyperspherical energy (s={s}) of {loaded.name}")
     table.add_column("layer")
     table.add_column("module")
