@@ -120,10 +120,18 @@ def test_toy_method_through_the_cli(toy, tiny_dir, tmp_path, spec):
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "preset: generic (no preset for this model" in result.output
     index = json.loads((out / "session.json").read_text())
     assert index["method_spec"] == spec
     assert index["method"] == {"method": "toy", "ridge": 2}
     assert len(index["batches"]) == 2
+
+
+def test_energy_says_which_preset_it_used(tiny_dir):
+    folder, _ = tiny_dir
+    result = runner.invoke(app, ["energy", "--model", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "preset: generic" in result.output
 
 
 def test_an_unregistered_method_is_unknown(tiny_dir, tmp_path):
