@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..methods.registry import get_method, method_help
+from ..methods.registry import get_method, method_help, options_help
 
 app = typer.Typer(
     add_completion=False,
@@ -136,7 +136,10 @@ def edit(
     ] = None,
     option: Annotated[
         list[str] | None,
-        typer.Option(help="Method option KEY=VALUE (JSON value), e.g. epsilon=null; repeatable."),
+        typer.Option(
+            help="Method option KEY=VALUE (JSON value), e.g. epsilon=null; repeatable. "
+            f"Options: {options_help()}."
+        ),
     ] = None,
     eta: Annotated[float | None, typer.Option(help="SPHERE eigenvalue share, in (0, 1].")] = None,
     alpha: Annotated[float | None, typer.Option(help="SPHERE strength, in [0, 1].")] = None,

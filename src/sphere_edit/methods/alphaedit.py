@@ -39,7 +39,7 @@ def nullspace_projector(second_moment: torch.Tensor, threshold: float) -> torch.
             low_open=True,
         ),
         Option("l2", float, 10.0, "ridge term L2 of the solve", low=0),
-    ),  # fmt: skip
+    ),
     sphere_alpha=0.5,
     sphere_alpha_key="alpha_alphaedit",
 )

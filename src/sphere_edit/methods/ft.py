@@ -36,7 +36,7 @@ from .registry import Option, register_method
         ),
         Option("lr", float, 5e-4, "Adam learning rate", low=0, low_open=True),
         Option("steps", int, 25, "Adam steps", low=1),
-    ),  # fmt: skip
+    ),
 )
 @dataclass(frozen=True)
 class FT:

@@ -40,7 +40,7 @@ def restrain_singular_values(
         Option(
             "log_base", float, math.e, "base of the logarithm restraining σ", low=1, low_open=True
         ),
-    ),  # fmt: skip
+    ),
     inherits=("memit",),
 )
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def keep_largest(delta: torch.Tensor, score: torch.Tensor, fraction: float) -> t
             "keep_fraction", float, 0.4, "share of ΔW's entries kept", low=0, high=1, low_open=True
         ),
         MOM2_WEIGHT,
-    ),  # fmt: skip
+    ),
     inherits=("memit",),
 )
 @dataclass(frozen=True)

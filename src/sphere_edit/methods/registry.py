@@ -188,6 +188,12 @@ def method_help() -> str:
     return f"{listed}; add '+sphere' for SPHERE."
 
 
+def options_help() -> str:
+    """For the CLI's ``--option``: every method's options, e.g. ``memit: mom2_weight``."""
+    listed = (f"{n}: {', '.join(info.option_names) or '-'}" for n, info in _REGISTRY.items())
+    return "; ".join(listed)
+
+
 class MethodClasses(Mapping[str, type]):
     """A read-only view of the registry as ``name -> class``."""
 
