@@ -182,10 +182,9 @@ def get_method(name: str) -> MethodInfo:
 
 
 def method_help() -> str:
-    """One line for the CLI: every method name and the ``+sphere`` suffix."""
-    names = method_names()
-    listed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
-    return f"{listed}; add '+sphere' for SPHERE."
+    """For the CLI: every method with its help line, and the ``+sphere`` suffix."""
+    listed = "; ".join(f"{name} ({info.help})" for name, info in _REGISTRY.items())
+    return f"{listed}. Add '+sphere' for SPHERE."
 
 
 def options_help() -> str:

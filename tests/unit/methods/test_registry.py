@@ -41,7 +41,12 @@ BUILT_IN = ["memit", "alphaedit", "ft", "rome", "rect", "prune"]
 
 def test_the_built_in_methods_are_registered_in_order():
     assert method_names() == BUILT_IN
-    assert method_help() == "memit, alphaedit, ft, rome, rect or prune; add '+sphere' for SPHERE."
+    shown = method_help()
+    assert shown.startswith("memit (least-squares update of several layers")
+    assert shown.endswith("Add '+sphere' for SPHERE.")
+    assert [shown.find(f"{n} (") for n in BUILT_IN] == sorted(
+        shown.find(f"{n} (") for n in BUILT_IN
+    )
 
 
 @pytest.mark.parametrize(
