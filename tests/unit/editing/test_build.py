@@ -3,6 +3,8 @@ preset's sections, and their checks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from sphere_edit.editing import presets
@@ -57,6 +59,6 @@ def test_method_overrides_are_checked(tiny_tokenizer):
 
 def test_a_bad_preset_section_is_checked(tiny_tokenizer):
     loaded = tiny_loaded(tiny_tokenizer, "llama")
-    preset = _tiny_preset(loaded.model.config, ft={"lr": "fast"})
+    preset = replace(_tiny_preset(loaded.model.config), methods={"ft": {"lr": "fast"}})
     with pytest.raises(MethodOptionError, match="'lr' of ft must be a number > 0, got 'fast'"):
         _build(loaded, "ft", preset=preset)

@@ -183,6 +183,13 @@ def test_a_section_naming_no_method_is_an_error():
         parse_preset("p", {"layers": [1], "memitt": {"mom2_weight": 7}})
 
 
+def test_a_bad_option_in_a_section_is_an_error():
+    with pytest.raises(PresetError, match="preset p, section 'ft': method option 'lr' of ft"):
+        parse_preset("p", {"layers": [1], "ft": {"layer": 1, "lr": -1}})
+    with pytest.raises(PresetError, match="section 'memit': .* memit has no such option"):
+        parse_preset("p", {"layers": [1], "memit": {"keep_fraction": 0.5}})
+
+
 def test_a_section_of_a_registered_method_is_read():
     @dataclass(frozen=True)
     class Extra:

@@ -84,7 +84,8 @@ class Preset:
 
 def parse_preset(name: str, data: Mapping[str, Any]) -> Preset:
     """A preset from the contents of its JSON file; a section that is neither a general
-    entry nor a registered method is an error naming it."""
+    entry nor a registered method, or holds an option its method does not take, is an
+    error naming it."""
     known = method_names()
     for key in data:
         if key not in GENERAL_KEYS and key not in known:
@@ -92,6 +93,12 @@ def parse_preset(name: str, data: Mapping[str, Any]) -> Preset:
                 f"preset {name}: section {key!r} names no known method; methods: "
                 f"{', '.join(known)}; other entries: {', '.join(GENERAL_KEYS)}"
             )
+        if key in known:
+            section = {k: v for k, v in data[key].items() if k != "layer"}
+            try:
+                get_method(key).validate(section)
+            except ValueError as error:
+                raise PresetError(f"preset {name}, section {key!r}: {error}") from None
     return Preset(
         name=name,
         models=tuple(data.get("models", [])),
