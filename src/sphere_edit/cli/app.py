@@ -70,6 +70,8 @@ def _usage_message(error: usage.ClickException) -> str:
     return " ".join(error.format_message().split()).rstrip(".")
 
 
+from ..methods.registry import get_method, method_help, options_help
+
 app = typer.Typer(
     cls=_OneLineUsageErrors,
     add_completion=False,
@@ -81,7 +83,7 @@ app = typer.Typer(
 console = Console(markup=False)
 err = Console(stderr=True, markup=False)
 DEBUG = {"on": False}
-METHOD_HELP = "memit, alphaedit, ft, rome, rect or prune; add '+sphere' for SPHERE."
+METHOD_HELP = method_help()
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Embedded name, local folder or hub id.")
@@ -216,7 +218,10 @@ def edit(
     ] = None,
     option: Annotated[
         list[str] | None,
-        typer.Option(help="Method option KEY=VALUE (JSON value), e.g. epsilon=null; repeatable."),
+        typer.Option(
+            help="Method option KEY=VALUE (JSON value), e.g. epsilon=null; repeatable. "
+            f"Options: {options_help()}."
+        ),
     ] = None,
     eta: Annotated[
         float | None,
@@ -253,6 +258,7 @@ def edit(
 
     spec = MethodSpec.parse(method)
     method_overrides = parse_options(option or [])
+    get_method(spec.method).validate(method_overrides)  # a bad --option fails before loading
     if eta is not None and not 0 < eta <= 1:
         raise ValueError(f"--eta must be in (0, 1], got {eta}")
     if alpha is not None and not 0 <= alpha <= 1:
@@ -439,11 +445,12 @@ def stats(
 ) -> None:
     """Precompute (and cache) the key statistics C0 = E\\[k kᵀ] of the edited layers."""
     from ..editing.build import parse_layers
-    from ..editing.presets import preset_for
+    from ..editing.presets import describe_choice, preset_for
     from ..editing.stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
 
     loaded = _load(model, device)
-    preset = preset_for(loaded.name, loaded.layout.num_layers)
+    preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
+    console.print(describe_choice(preset))
     chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
     source = load_corpus(corpus, loaded)
     console.print(f"statistics: {source.description}")
@@ -490,12 +497,15 @@ def energy(
         console.print(table)
         return
     from ..editing.build import parse_layers
-    from ..editing.presets import preset_for
+    from ..editing.presets import describe_choice, preset_for
     from ..sphere.energy import hyperspherical_energy
 
     loaded = _load(model, device)
     n = loaded.layout.num_layers
-    chosen = parse_layers(layers, n) if layers else list(preset_for(loaded.name, n).layers)
+    preset = preset_for(loaded.name, n, loaded.model.config)
+    if not layers:
+        console.print(describe_choice(preset))
+    chosen = parse_layers(layers, n) if layers else list(preset.layers)
     table = Table(title=f"Hyperspherical energy (s={s}) of {loaded.name}")
     table.add_column("layer")
     table.add_column("module")

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from ..methods import METHODS, make_method
+from ..methods import get_method, make_method
 from ..methods.base import edits_single_layer, needs_statistics
 from ..model.loading import LoadedModel
 from ..sphere.projection import SphereProjection
-from .presets import Preset, preset_for
+from .presets import Preset, describe_choice, preset_for
 from .session import EditSession
 from .stats import Corpus, layer_second_moments, load_corpus
 from .vstar import VStarConfig
@@ -20,8 +20,9 @@ from .vstar import VStarConfig
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """``"memit"``, ``"alphaedit+sphere"``, ``"rome+sphere"``, ...: a name of
-    :data:`~sphere_edit.methods.METHODS`, optionally with the SPHERE projection."""
+    """``"memit"``, ``"alphaedit+sphere"``, ``"rome+sphere"``, ...: the name of a
+    registered method (:func:`~sphere_edit.methods.get_method`), optionally with the
+    SPHERE projection."""
 
     method: str
     sphere: bool
@@ -30,11 +31,7 @@ class MethodSpec:
     def parse(cls, spec: str) -> MethodSpec:
         parts = [p.strip().lower() for p in spec.split("+")]
         method, extras = parts[0], parts[1:]
-        if method not in METHODS:
-            raise ValueError(
-                f"method: unknown method {method!r}; choose one of {', '.join(METHODS)} "
-                "(add '+sphere' for the SPHERE projection)"
-            )
+        get_method(method)  # an unknown name fails here, naming the registered ones
         if any(e != "sphere" for e in extras) or len(extras) > 1:
             raise ValueError(f"method: cannot parse {spec!r}; the only suffix is '+sphere'")
         return cls(method=method, sphere=bool(extras))
@@ -90,7 +87,9 @@ def build_session(
     single method options (e.g. ``{"epsilon": None}`` for unconstrained FT). A one-layer
     method (ROME, FT) edits the preset's layer for it unless ``layers`` names one."""
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
-    preset = preset or preset_for(loaded.name, loaded.layout.num_layers)
+    if preset is None:
+        preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
+        log(describe_choice(preset))
     method = make_method(
         spec.method, **{**preset.method_options(spec.method), **(method_overrides or {})}
     )

@@ -3,36 +3,44 @@ for those that need the model itself)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from .alphaedit import AlphaEdit
+# Importing the modules registers the built-in methods, in this order (the CLI lists them so).
+from .memit import MEMIT  # isort: skip
+from .alphaedit import AlphaEdit  # isort: skip
+from .ft import FT  # isort: skip
+from .rome import ROME  # isort: skip
+from .rect import RECT  # isort: skip
+from .prune import PRUNE  # isort: skip
 from .base import EditContext, EditMethod, GradientMethod, GradientResult, LayerState
-from .ft import FT
-from .memit import MEMIT
-from .prune import PRUNE
-from .rect import RECT
-from .rome import ROME
+from .registry import MethodClasses as _MethodClasses
+from .registry import (
+    MethodInfo,
+    MethodOptionError,
+    Option,
+    get_method,
+    method_names,
+    register_method,
+    unregister_method,
+)
 
-METHODS: dict[str, type] = {
-    "memit": MEMIT,
-    "alphaedit": AlphaEdit,
-    "ft": FT,
-    "rome": ROME,
-    "rect": RECT,
-    "prune": PRUNE,
-}
+# name -> class of every registered method (a live view of the registry).
+METHODS: Mapping[str, type] = _MethodClasses()
 
 
 def make_method(name: str, **options: Any) -> EditMethod | GradientMethod:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name](**options)
+    """The registered method ``name`` with ``options`` checked against its declarations."""
+    return get_method(name).make(**options)
 
 
 __all__ = [
     "FT",
     "MEMIT",
     "METHODS",
+    "MethodInfo",
+    "MethodOptionError",
+    "Option",
     "PRUNE",
     "RECT",
     "ROME",
@@ -42,5 +50,9 @@ __all__ = [
     "GradientMethod",
     "GradientResult",
     "LayerState",
+    "get_method",
     "make_method",
+    "method_names",
+    "register_method",
+    "unregister_method",
 ]

@@ -16,6 +16,7 @@ import torch
 
 from ..common.linalg import solve
 from .base import LayerState
+from .registry import Option, register_method
 
 
 def nullspace_projector(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -24,6 +25,24 @@ def nullspace_projector(second_moment: torch.Tensor, threshold: float) -> torch.
     return small @ small.T
 
 
+# The threshold is absolute on C0's eigenvalues, whose scale depends on the model's
+# keys: any positive value is meaningful (above the largest eigenvalue P is the identity).
+@register_method(
+    help="MEMIT confined to the null space of the preserved keys",
+    options=(
+        Option(
+            "nullspace_threshold",
+            float,
+            2e-2,
+            "eigenvalues of C0 below it span the null space",
+            low=0,
+            low_open=True,
+        ),
+        Option("l2", float, 10.0, "ridge term L2 of the solve", low=0),
+    ),
+    sphere_alpha=0.5,
+    sphere_alpha_key="alpha_alphaedit",
+)
 @dataclass(frozen=True)
 class AlphaEdit:
     name: ClassVar[str] = "alphaedit"

@@ -19,8 +19,25 @@ from ..editing.requests import EditRequest, RequestError
 from ..editing.text import encode, pad_id_of, pad_left, target_token_ids
 from ..model.hooks import frozen_parameters
 from .base import EditContext, GradientResult
+from .registry import Option, register_method
 
 
+@register_method(
+    help="fine-tuning of one layer, each entry within epsilon of its start",
+    options=(
+        Option(
+            "epsilon",
+            float,
+            2e-3,
+            "L∞ bound of the change; null: unconstrained",
+            low=0,
+            low_open=True,
+            nullable=True,
+        ),
+        Option("lr", float, 5e-4, "Adam learning rate", low=0, low_open=True),
+        Option("steps", int, 25, "Adam steps", low=1),
+    ),
+)
 @dataclass(frozen=True)
 class FT:
     name: ClassVar[str] = "ft"

@@ -10,8 +10,17 @@ import torch
 
 from ..common.linalg import solve
 from .base import LayerState
+from .registry import Option, register_method
+
+MOM2_WEIGHT = Option(
+    "mom2_weight", float, 15000.0, "weight λ of the corpus statistics C0 in the solve", low=0
+)
 
 
+@register_method(
+    help="least-squares update of several layers, kept close on the corpus keys",
+    options=(MOM2_WEIGHT,),
+)
 @dataclass(frozen=True)
 class MEMIT:
     name: ClassVar[str] = "memit"

@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import torch
 
 from .base import LayerState
-from .memit import MEMIT
+from .memit import MEMIT, MOM2_WEIGHT
+from .registry import Option, register_method
 
 
 def restrain_singular_values(
@@ -32,6 +33,16 @@ def restrain_singular_values(
     return torch.where(above, mapped, values)
 
 
+@register_method(
+    help="MEMIT's updates with the large singular values of their sum restrained",
+    options=(
+        MOM2_WEIGHT,
+        Option(
+            "log_base", float, math.e, "base of the logarithm restraining σ", low=1, low_open=True
+        ),
+    ),
+    inherits=("memit",),
+)
 @dataclass(frozen=True)
 class PRUNE:
     name: ClassVar[str] = "prune"

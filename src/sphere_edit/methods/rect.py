@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import torch
 
 from .base import LayerState
-from .memit import MEMIT
+from .memit import MEMIT, MOM2_WEIGHT
+from .registry import Option, register_method
 
 
 def relative_change(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -35,6 +36,16 @@ def keep_largest(delta: torch.Tensor, score: torch.Tensor, fraction: float) -> t
     return torch.where(mask.view_as(delta), delta, torch.zeros_like(delta))
 
 
+@register_method(
+    help="MEMIT's update, keeping only the entries of largest relative change",
+    options=(
+        Option(
+            "keep_fraction", float, 0.4, "share of ΔW's entries kept", low=0, high=1, low_open=True
+        ),
+        MOM2_WEIGHT,
+    ),
+    inherits=("memit",),
+)
 @dataclass(frozen=True)
 class RECT:
     name: ClassVar[str] = "rect"

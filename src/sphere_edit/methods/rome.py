@@ -20,8 +20,10 @@ import torch
 
 from ..common.linalg import Factorization, factorize
 from .base import LayerState
+from .registry import register_method
 
 
+@register_method(help="rank-one update of one layer, one request at a time")
 @dataclass(frozen=True)
 class ROME:
     name: ClassVar[str] = "rome"

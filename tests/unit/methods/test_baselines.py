@@ -385,7 +385,7 @@ def test_method_specs_and_preset_options(name):
     if name in ("ft", "rome"):
         assert preset.single_layer(name) == 9
     if name in ("rect", "prune"):
-        assert method.mom2_weight == preset.memit["mom2_weight"]
+        assert method.mom2_weight == preset.methods["memit"]["mom2_weight"]
     assert generic_preset(30).single_layer(name) == generic_preset(30).layers[2]
 
 
