@@ -20,6 +20,7 @@ from typer._click import exceptions as usage  # typer vendors click here
 from typer.core import TyperGroup
 
 from ..common.fileio import run_dir_entries
+from ..methods.registry import get_method, method_help, options_help
 
 
 class _OneLineUsageErrors(TyperGroup):
@@ -69,8 +70,6 @@ def _usage_message(error: usage.ClickException) -> str:
         return f"{name}: {error.message}"
     return " ".join(error.format_message().split()).rstrip(".")
 
-
-from ..methods.registry import get_method, method_help, options_help
 
 app = typer.Typer(
     cls=_OneLineUsageErrors,
