@@ -882,5 +882,58 @@ def _print_plugin_table(run_dirs: list[Path]) -> None:
     console.print(shown)
 
 
+@app.command()
+@friendly
+def trace(
+    model: Annotated[str, typer.Argument(help="Embedded name, local folder or hub id.")],
+    out: Annotated[Path, typer.Option(help="Folder for trace.json and trace.png.")],
+    facts: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON or JSONL records with subject, prompt and attribute. "
+            "Default: $SPHERE_EDIT_DATA/knowns/known_1000.json."
+        ),
+    ] = None,  # fmt: skip
+    n_facts: Annotated[int | None, typer.Option(min=1, help="Trace at most this many.")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Noise draws per fact.")] = 10,
+    window: Annotated[
+        int, typer.Option(min=1, help="Layers restored together; width of the suggestion.")
+    ] = 5,
+    min_prob: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Known: top-1 and P(true) above this.")
+    ] = 0.1,
+    noise: Annotated[
+        float, typer.Option(min=0.0, help="Noise std in embedding-output stds.")
+    ] = 3.0,
+    seed: int = 0,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Causal tracing of the MLP states (ROME) on known facts: heatmaps, the indirect
+    effect per layer at the last subject token, and a suggested window of layers."""
+    from ..analysis.tracing import TraceConfig, default_facts_path, load_facts, run_trace
+
+    config = TraceConfig(samples=samples, noise_factor=noise, window=window,
+                         min_prob=min_prob, seed=seed, n_facts=n_facts)  # fmt: skip
+    facts_path = facts or default_facts_path()
+    records = load_facts(facts_path)
+    loaded = _load(model, device)
+    result = run_trace(loaded, records, config, out, facts_source=str(facts_path))
+    counts = result["counts"]
+    console.print(f"known facts: {counts['facts_known']} of {counts['facts_checked']} checked "
+                  f"({counts['facts_read']} read); traced {counts['facts_traced']}")  # fmt: skip
+    table = Table(title=f"Average indirect effect at the last subject token: {loaded.name}")
+    for column in ("layer", "single layer", f"window of {window}"):
+        table.add_column(column, justify="right")
+    curves = result["last_subject_token"]
+    for layer in range(result["n_layers"]):
+        table.add_row(
+            str(layer), f"{curves['single'][layer]:.4f}", f"{curves['window'][layer]:.4f}"
+        )
+    console.print(table)
+    layers = result["suggested_layers"]
+    console.print(f"suggested layers: {layers[0]}-{layers[-1]} ({result['suggestion_rule']})")
+    console.print(f"wrote {out / 'trace.json'} and {out / 'trace.png'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
