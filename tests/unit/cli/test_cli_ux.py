@@ -33,7 +33,7 @@ def test_help_at_80_columns_shows_every_option_name_and_default_whole(name):
     assert max(len(line) for line in lines) <= 80
     assert "…" not in result.output
     command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
-    options = [p for p in command.params if isinstance(p, typer.core.TyperOption)]
+    options = [p for p in command.params if isinstance(p, typer.core.TyperOption) and not p.hidden]
     assert options
     for param in options:
         for opt in param.opts + param.secondary_opts:
