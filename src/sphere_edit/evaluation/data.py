@@ -50,7 +50,6 @@ How the formats map onto :class:`EditCase`
 
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -58,7 +57,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..common.fileio import atomic_path
+from ..common.fileio import RecordsError, atomic_path, read_records
 from ..editing.requests import EditRequest, RequestError
 from ..model.loading import cache_dir
 
@@ -260,35 +259,11 @@ def download_file(url: str, destination: str | Path, *, timeout: float = 60.0) -
 
 def _read_records(path: Path) -> list[Any]:
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as error:
-        raise DataSourceError(f"cannot read {path}: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"not UTF-8 (byte {error.start})", path=path) from None
-    if not text.strip():
-        raise DatasetError("the file is empty", path=path)
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DatasetError(
-                f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})",
-                path=path,
-            ) from None
-        return records
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise DatasetError(
-                f"line {lineno} is not valid JSON ({error.msg}); expected a JSON list or "
-                "one JSON object per line",
-                path=path,
-            ) from None
-    return records
+        return read_records(path, what="data file")
+    except RecordsError as error:
+        if error.unreadable:
+            raise DataSourceError(str(error)) from None
+        raise DatasetError(error.reason, path=path) from None
 
 
 def detect_format(record: Any) -> str | None:
