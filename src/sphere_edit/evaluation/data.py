@@ -26,6 +26,9 @@ download=True) -> CaseSet``
     ``reason`` and says all of them in its message.
 ``DataSourceError``
     A file that cannot be found, read or downloaded.
+``data_root(path=None) -> Path``
+    The local data folder (``counterfact/``, ``corpus/``, ``general/``): ``path``, else
+    ``$SPHERE_EDIT_DATA``.
 ``resolve_source(source, *, cache=None, download=True) -> Path``,
 ``download_file(url, destination, *, timeout=60.0) -> Path``
     Name-to-file resolution and the atomic download behind it.
@@ -50,6 +53,7 @@ How the formats map onto :class:`EditCase`
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -97,6 +101,25 @@ NQ_PREFIX = "nq question: "
 
 class DataSourceError(ValueError):
     """A data file that cannot be found, read or downloaded."""
+
+
+DATA_ENV = "SPHERE_EDIT_DATA"
+
+
+def data_root(path: str | Path | None = None) -> Path:
+    """The local data folder (with ``counterfact/``, ``corpus/`` and ``general/``): ``path``
+    when given, else the folder ``$SPHERE_EDIT_DATA`` names. Raises
+    :class:`DataSourceError` naming the variable when neither is set; whether the folder
+    exists is left to the reads that need it."""
+    if path is not None and str(path):
+        return Path(path)
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        raise DataSourceError(
+            f"no data folder: set {DATA_ENV} to the folder holding counterfact/ and "
+            "corpus/ (or pass --data)"
+        )
+    return Path(value)
 
 
 class DatasetError(ValueError):
