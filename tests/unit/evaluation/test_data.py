@@ -327,3 +327,20 @@ def test_real_shared_data(data_dir):
     zsre = load_cases(data_dir / "zsre" / "dev.json")
     assert zsre.format == ZSRE_MEND and len(zsre) == 500 and zsre.problems == []
     assert not any(c.neighborhood_prompts[0].startswith("nq question") for c in zsre)
+
+
+def test_data_root_reads_the_one_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    assert data.data_root() == tmp_path
+    # A given folder wins over the variable, which then need not be set.
+    monkeypatch.delenv(data.DATA_ENV)
+    assert data.data_root(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    with pytest.raises(data.DataSourceError) as caught:
+        data.data_root()
+    assert str(caught.value) == (
+        "no data folder: set SPHERE_EDIT_DATA to the folder holding counterfact/ and "
+        "corpus/ (or pass --data)"
+    )
+    monkeypatch.setenv(data.DATA_ENV, "")
+    with pytest.raises(data.DataSourceError, match="SPHERE_EDIT_DATA"):
+        data.data_root()

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data import DATA_ENV, DataSourceError, data_root
 from .prompts import GeneralDataError, boolq_prompt, gsm8k_gold, gsm8k_prompt, nq_prompt, rte_prompt
 
-DATA_ENV = "SPHERE_EDIT_DATA"
 DEFAULT_N_ITEMS = 200
 
 
@@ -29,13 +28,13 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """The folder of the general-ability files: ``data_dir`` itself or its ``general/``
     subfolder; by default ``$SPHERE_EDIT_DATA/general``."""
     if data_dir is None:
-        value = os.environ.get(DATA_ENV)
-        if not value:
+        try:
+            data_dir = data_root()
+        except DataSourceError:
             raise GeneralDataError(
                 f"no data folder: pass one (--data) or set {DATA_ENV} to the folder "
                 "holding general/"
-            )
-        data_dir = value
+            ) from None
     path = Path(data_dir)
     if (path / "general").is_dir():
         path = path / "general"
