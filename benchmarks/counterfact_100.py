@@ -6,12 +6,17 @@ methods and the weights checked bitwise against a copy). The target vectors v* d
 only on the base model and the requests, so they are computed once and handed to every
 method (``EditSession.apply(precomputed_vstar=...)``).
 
-Reported for the base model and after each method: efficacy on the rewrite prompt as
-P(new) > P(old) (total log-probability of each target's tokens) and as top-1 accuracy
+Reported for the base model and after each method, as the library scores them
+(:func:`sphere_edit.evaluation.metrics.evaluate_cases`, every paraphrase and neighbourhood
+prompt of a case, averaged per case and then over cases): efficacy on the rewrite prompt
+as P(new) > P(old) (total log-probability of each target's tokens) and as top-1 accuracy
 (every target token the argmax under teacher forcing), the same on the paraphrase
-prompt, and on the neighbourhood prompt the top-1 accuracy of its true answer and
+prompts, and on the neighbourhood prompts the top-1 accuracy of their true answer and
 P(true) > P(new); the hyperspherical-energy change per edited layer; the wall time of
-every phase; and the peak resident memory (``ru_maxrss``).
+every phase; and the peak resident memory (``ru_maxrss``). The cases are read by
+:func:`sphere_edit.evaluation.data.load_cases` (any format ``sphere-edit bench`` reads) and
+each method's session is built by :func:`sphere_edit.editing.build.build_session`, as
+``sphere-edit edit`` builds it.
 
     python benchmarks/counterfact_100.py --n 100 --out runs/counterfact_100.json
 """
@@ -20,30 +25,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from _output import DATA_HELP, data_folder  # benchmarks/, the script's folder
 
-from sphere_edit.editing.build import MethodSpec, parse_layers
+from sphere_edit.editing.build import MethodSpec, build_session, parse_layers
 from sphere_edit.editing.presets import Preset, preset_for
-from sphere_edit.editing.requests import EditRequest, RequestError, validate_batch
+from sphere_edit.editing.requests import validate_batch
 from sphere_edit.editing.sampling import generate_context_templates
-from sphere_edit.editing.session import BatchResult, EditSession
-from sphere_edit.editing.stats import layer_second_moments, load_corpus
+from sphere_edit.editing.session import BatchResult
+from sphere_edit.editing.stats import Corpus, layer_second_moments, load_corpus
 from sphere_edit.editing.vstar import VStarConfig, VStarResult, compute_vstar
-from sphere_edit.evaluation.scoring import TargetComparison, compare_targets
-from sphere_edit.methods import EditMethod, make_method
+from sphere_edit.evaluation import data
+from sphere_edit.evaluation.data import EditCase
+from sphere_edit.evaluation.metrics import aggregate, evaluate_cases
 from sphere_edit.model.loading import DEFAULT_MODEL, LoadedModel, load_model
-from sphere_edit.sphere.projection import SphereProjection
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("memit", "alphaedit", "alphaedit+sphere")
 
 
@@ -60,61 +64,16 @@ def peak_rss_mib() -> float:
 # -- data ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Case:
-    request: EditRequest
-    paraphrase: str
-    neighbourhood: str
-    neighbourhood_truth: str
-    case_id: Any = None
-
-
-def _target_str(value: Any) -> Any:
-    return value["str"] if isinstance(value, dict) else value
-
-
-def case_from_record(record: Any, index: int) -> Case:
-    """A CounterFact case in the flat (EasyEdit) or the original ROME format."""
-    if not isinstance(record, dict):
-        raise RequestError(f"must be a JSON object, got {type(record).__name__}", index=index)
-    if "requested_rewrite" in record:  # ROME format
-        rewrite = record["requested_rewrite"]
-        request = EditRequest.from_dict(rewrite, index=index)
-        paraphrases = record.get("paraphrase_prompts") or []
-        neighbours = record.get("neighborhood_prompts") or []
-        paraphrase = paraphrases[0] if paraphrases else None
-        neighbour = neighbours[0] if neighbours else None
-        if isinstance(neighbour, dict):
-            neighbour = neighbour.get("prompt")
-        truth = _target_str(rewrite.get("target_true"))
-    else:
-        request = EditRequest.from_dict(record, index=index)
-        paraphrase = record.get("rephrase_prompt")
-        neighbour = record.get("locality_prompt")
-        truth = record.get("locality_ground_truth")
-    for field, value in (
-        ("paraphrase prompt", paraphrase),
-        ("neighbourhood prompt", neighbour),
-        ("neighbourhood answer", truth),
-        ("ground_truth", request.target_true),
-    ):
-        if not isinstance(value, str) or not value.strip():
-            raise RequestError("is missing or empty", index=index, field=field)
-    return Case(request, paraphrase, neighbour, truth, record.get("case_id"))
-
-
-def load_cases(path: Path, n: int) -> list[Case]:
-    if not path.exists():
-        raise SystemExit(
-            f"{path} does not exist; give the data folder with --data or SPHERE_EDIT_DATA"
-        )
-    records = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(records, list):
-        raise SystemExit(f"{path} must hold a JSON list of CounterFact records")
-    if len(records) < n:
-        raise SystemExit(f"{path} holds {len(records)} records, fewer than --n {n}")
-    cases = [case_from_record(record, i) for i, record in enumerate(records[:n])]
-    validate_batch([c.request for c in cases])
+def load_cases(path: Path, n: int) -> list[EditCase]:
+    """The first ``n`` cases of ``path``, checked to be a valid batch; exits with the
+    library's one-line message on a bad file."""
+    try:
+        cases = list(data.load_cases(path, limit=n, download=False))
+        validate_batch([c.request for c in cases])
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if len(cases) < n:
+        raise SystemExit(f"{path} holds {len(cases)} cases, fewer than --n {n}")
     return cases
 
 
@@ -134,13 +93,10 @@ def parse_methods(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    default_data = os.environ.get("SPHERE_EDIT_DATA") or str(REPO.parent / "shared" / "data")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     # fmt: off
-    add("--data", type=Path, default=Path(default_data),
-        help="data folder with counterfact/ and corpus/ (default: $SPHERE_EDIT_DATA, "
-        "else ../shared/data)")
+    add("--data", type=Path, default=None, help=DATA_HELP)
     add("--n", type=int, default=100, help="number of cases (default 100)")
     add("--model", default=DEFAULT_MODEL, help="model (default %(default)s)")
     add("--layers", default=None,
@@ -169,60 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 # -- evaluation ---------------------------------------------------------------------------
 
 
-def evaluate(loaded: LoadedModel, cases: list[Case], batch_size: int) -> dict[str, Any]:
-    model, tok = loaded.model, loaded.tokenizer
-    news = [c.request.target_new for c in cases]
-    olds = [c.request.target_true for c in cases]
-    rewrite = compare_targets(
-        model, tok, [c.request.text for c in cases], news, olds, batch_size=batch_size
-    )
-    paraphrase = compare_targets(
-        model, tok, [c.paraphrase for c in cases], news, olds, batch_size=batch_size
-    )
-    # On the neighbourhood prompt the true answer is the "new" side of the comparison.
-    neighbour = compare_targets(
-        model,
-        tok,
-        [c.neighbourhood for c in cases],
-        [c.neighbourhood_truth for c in cases],
-        news,
-        batch_size=batch_size,
-    )
-
-    def rate(values: list[bool]) -> float:
-        return sum(values) / len(values)
-
-    def summary(rows: list[TargetComparison]) -> dict[str, float]:
-        return {
-            "p_new_gt_old": rate([r.new_more_likely for r in rows]),
-            "p_new_gt_old_per_token": rate([r.new_more_likely_per_token for r in rows]),
-            "top1": rate([r.new.top1 for r in rows]),
-            "mean_logprob_gap": sum(r.new.logprob - r.old.logprob for r in rows) / len(rows),
-        }
-
-    per_case = [
-        {
-            "case_id": case.case_id,
-            "rewrite_p_new_gt_old": rw.new_more_likely,
-            "rewrite_top1": rw.new.top1,
-            "rewrite_logprob_new": rw.new.logprob,
-            "rewrite_logprob_old": rw.old.logprob,
-            "paraphrase_p_new_gt_old": pp.new_more_likely,
-            "paraphrase_top1": pp.new.top1,
-            "neighbourhood_top1": nb.new.top1,
-            "neighbourhood_p_true_gt_new": nb.new_more_likely,
-        }
-        for case, rw, pp, nb in zip(cases, rewrite, paraphrase, neighbour, strict=True)
-    ]
-    return {
-        "rewrite": summary(rewrite),
-        "paraphrase": summary(paraphrase),
-        "neighbourhood": {
-            "top1": rate([r.new.top1 for r in neighbour]),
-            "p_true_gt_new": rate([r.new_more_likely for r in neighbour]),
-        },
-        "cases": per_case,
-    }
+def evaluate(loaded: LoadedModel, cases: list[EditCase], batch_size: int) -> dict[str, Any]:
+    """The library's teacher-forced scores of ``cases``: ``summary`` (the means over cases
+    of :func:`.metrics.aggregate`: ``rewrite_top1``, ``rewrite_prob_success``, ...) and
+    ``cases`` (one dict per case, every prompt's scores included)."""
+    per_case = evaluate_cases(loaded.model, loaded.tokenizer, cases, batch_size=batch_size)
+    return {"summary": aggregate(per_case), "cases": per_case}
 
 
 # -- editing ------------------------------------------------------------------------------
@@ -232,33 +140,30 @@ def edited_weights(loaded: LoadedModel, layers: list[int]) -> dict[int, torch.Te
     return {layer: loaded.layout.mlp_out(layer).weight.detach().clone() for layer in layers}
 
 
-def method_for(name: str, preset: Preset) -> tuple[EditMethod, SphereProjection | None]:
-    """The method and projection of ``name`` (e.g. ``alphaedit+sphere``) with the preset's
-    options, exactly as ``sphere-edit edit`` builds them."""
-    spec = MethodSpec.parse(name)
-    method = make_method(spec.method, **preset.method_options(spec.method))
-    if not spec.sphere:
-        return method, None
-    return method, SphereProjection(eta=preset.sphere_eta(), alpha=preset.sphere_alpha(spec.method))
-
-
 def run_method(
     name: str,
     preset: Preset,
     loaded: LoadedModel,
-    cases: list[Case],
+    cases: list[EditCase],
     layers: list[int],
-    moments: dict[int, torch.Tensor],
+    corpus: Corpus,
+    stats_tokens: int,
     templates: list[str],
     config: VStarConfig,
     vstar: VStarResult,
     base: dict[int, torch.Tensor],
     batch_size: int,
 ) -> dict[str, Any]:
-    method, transform = method_for(name, preset)
-    session = EditSession(
-        loaded, method, layers, moments, transform=transform, target=config, templates=templates
-    )
+    """Apply ``cases`` as one batch with ``name`` (its session built as ``sphere-edit
+    edit`` builds it, the statistics read from the cache), score them, roll back and check
+    the base weights came back bitwise."""
+    session = build_session(
+        loaded, name, preset=preset, layers=layers, corpus=corpus, stats_tokens=stats_tokens,
+        target_overrides=asdict(config), progress=False, log=lambda _: None,
+    )  # fmt: skip
+    # The keys must be read over the context templates v* was optimised with.
+    session.templates = list(templates)
+    method, transform = session.method, session.transform
     clock = time.perf_counter()
     result: BatchResult = session.apply([c.request for c in cases], precomputed_vstar=vstar)
     apply_s = time.perf_counter() - clock
@@ -313,10 +218,10 @@ def print_report(report: dict[str, Any]) -> None:
     def row(label: str, m: dict[str, Any]) -> None:
         metrics.add_row(
             label,
-            *(f"{100 * x:.1f}" for x in (
-                m["rewrite"]["p_new_gt_old"], m["rewrite"]["top1"],
-                m["paraphrase"]["p_new_gt_old"], m["paraphrase"]["top1"],
-                m["neighbourhood"]["top1"], m["neighbourhood"]["p_true_gt_new"],
+            *(f"{100 * m['summary'][key]:.1f}" for key in (
+                "rewrite_prob_success", "rewrite_top1",
+                "paraphrase_prob_success", "paraphrase_top1",
+                "neighborhood_top1", "neighborhood_prob_success",
             )),
         )  # fmt: skip
 
@@ -325,9 +230,10 @@ def print_report(report: dict[str, Any]) -> None:
         row(name, result["metrics"])
     console.print(metrics)
     console.print(
-        "[dim]% of cases. eff/para: rewrite/paraphrase prompt, P(new) > P(old) by total "
-        "log-prob, and top-1 of every target token; neigh: neighbourhood prompt, top-1 of "
-        "its true answer, and P(true) > P(new).[/dim]"
+        "[dim]% (mean over cases of each case's mean over its prompts). eff/para: rewrite/"
+        "paraphrase prompts, P(new) > P(old) by total log-prob, and top-1 of every target "
+        "token; neigh: neighbourhood prompts, top-1 of their true answer, and "
+        "P(true) > P(new).[/dim]"
     )
 
     energy = Table(title="Hyperspherical energy change (after − before) per layer")
@@ -387,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     once: dict[str, float] = {}
 
-    cases = load_cases(args.data / "counterfact" / "train.json", args.n)
+    data_dir = data_folder(args.data)
+    cases = load_cases(data_dir / "counterfact" / "train.json", args.n)
     requests = [c.request for c in cases]
 
     clock = time.perf_counter()
@@ -402,11 +309,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = VStarConfig(**options)
     log(f"{args.model}: editing layers {layers}, {len(cases)} cases, methods {args.methods}")
 
-    corpus_path = args.corpus or args.data / "corpus" / "wiki_corpus.jsonl"
+    corpus_path = args.corpus or data_dir / "corpus" / "wiki_corpus.jsonl"
     clock = time.perf_counter()
     corpus = load_corpus(str(corpus_path))
+    # Computed (or read from the cache) once here, so every method's session reads it back.
     found = layer_second_moments(loaded, layers, corpus, max_tokens=args.stats_tokens)
-    moments = {layer: found[layer].moment for layer in layers}
     once["statistics"] = time.perf_counter() - clock
     log(f"statistics: {once['statistics']:.1f} s ({found[layers[0]].count} keys per layer)")
 
@@ -433,13 +340,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.methods:
         log(f"{name}: applying and evaluating ...")
         results[name] = run_method(
-            name, preset, loaded, cases, layers, moments, templates, config, vstar, base,
-            args.batch_size,
+            name, preset, loaded, cases, layers, corpus, args.stats_tokens, templates, config,
+            vstar, base, args.batch_size,
         )  # fmt: skip
-        m = results[name]["metrics"]
+        m = results[name]["metrics"]["summary"]
         log(
-            f"{name}: efficacy {m['rewrite']['p_new_gt_old']:.2f}, "
-            f"top1 {m['rewrite']['top1']:.2f}, "
+            f"{name}: efficacy {m['rewrite_prob_success']:.2f}, "
+            f"top1 {m['rewrite_top1']:.2f}, "
             f"{results[name]['timings']['apply_total']:.1f} s"
         )
 
@@ -450,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "layers": layers,
             "stats_tokens": args.stats_tokens,
             "corpus": str(corpus_path),
-            "data": str(args.data),
+            "data": str(data_dir),
             "methods": args.methods,
             "preset": preset.name,
             "target": asdict(config),

@@ -16,27 +16,26 @@ import argparse
 import time
 from pathlib import Path
 
-from _output import print_and_save  # benchmarks/, the script's folder
+from _output import DATA_HELP, data_folder, print_and_save  # benchmarks/, the script's folder
 
 from sphere_edit.evaluation.data import load_cases
 from sphere_edit.evaluation.scoring import score_one_by_one, score_targets
 from sphere_edit.model.loading import DEFAULT_MODEL, load_model
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=None, help=DATA_HELP)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
+    data = data_folder(args.data)
     loaded = load_model(args.model)
-    cases = load_cases(args.data / "counterfact" / "train.json", limit=args.n)
+    cases = load_cases(data / "counterfact" / "train.json", limit=args.n)
     prompts, targets = [], []
     for case in cases:
         request = case.request

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from _output import DATA_HELP, data_folder  # benchmarks/, the script's folder
 from counterfact_100 import evaluate, load_cases
 
 from sphere_edit.editing.build import parse_layers
@@ -39,11 +39,11 @@ def main() -> None:
     parser.add_argument("--mom2", default="15000", help="MEMIT mom2 weights, e.g. 1000,15000")
     parser.add_argument("--alphaedit", action="store_true", help="also run AlphaEdit")
     parser.add_argument("--stats-tokens", type=int, default=100_000)
-    parser.add_argument("--data", default=os.environ.get("SPHERE_EDIT_DATA", "../shared/data"))
+    parser.add_argument("--data", type=Path, default=None, help=DATA_HELP)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    data = Path(args.data)
+    data = data_folder(args.data)
     loaded = load_model(args.model)
     n_layers = loaded.layout.num_layers
     windows = [parse_layers(w, n_layers) for w in args.windows.split(",")]
@@ -53,7 +53,7 @@ def main() -> None:
     moments = layer_second_moments(loaded, needed, corpus, max_tokens=args.stats_tokens)
     templates = generate_context_templates(loaded.model, loaded.tokenizer, seed=0)
     base = evaluate(loaded, cases, 64)
-    print(f"base: {json.dumps({k: v for k, v in base.items() if k != 'cases'})}", flush=True)
+    print(f"base: {json.dumps(base['summary'])}", flush=True)
     results = []
     requests = [c.request for c in cases]
     config = VStarConfig(lr=args.lr)
@@ -72,17 +72,17 @@ def main() -> None:
                 target=config, templates=templates,
             )  # fmt: skip
             session.apply(requests, precomputed_vstar=vstar)
-            scores = evaluate(loaded, cases, 64)
+            scores = evaluate(loaded, cases, 64)["summary"]
             session.rollback(1)
             row = {
                 "layers": window,
                 "method": method.describe(),
-                "efficacy_top1": scores["rewrite"]["top1"],
-                "efficacy_p_new_gt_old": scores["rewrite"]["p_new_gt_old"],
-                "generalization_top1": scores["paraphrase"]["top1"],
-                "generalization_p_new_gt_old": scores["paraphrase"]["p_new_gt_old"],
-                "specificity_top1": scores["neighbourhood"]["top1"],
-                "specificity_base_top1": base["neighbourhood"]["top1"],
+                "efficacy_top1": scores["rewrite_top1"],
+                "efficacy_p_new_gt_old": scores["rewrite_prob_success"],
+                "generalization_top1": scores["paraphrase_top1"],
+                "generalization_p_new_gt_old": scores["paraphrase_prob_success"],
+                "specificity_top1": scores["neighborhood_top1"],
+                "specificity_base_top1": base["summary"]["neighborhood_top1"],
                 "mean_v_loss": float(vstar.loss.mean()),
                 "vstar_seconds": round(vstar_s, 1),
             }

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from _output import print_and_save  # benchmarks/, the script's folder
+from _output import DATA_HELP, data_folder, print_and_save  # benchmarks/, the script's folder
 
 from sphere_edit.editing.presets import preset_for
 from sphere_edit.editing.stats import (
@@ -27,8 +27,6 @@ from sphere_edit.editing.stats import (
 from sphere_edit.editing.text import pad_id_of
 from sphere_edit.model.hooks import capture, run_until_stopped
 from sphere_edit.model.loading import DEFAULT_MODEL, load_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
@@ -49,16 +47,17 @@ def bare_forward(loaded, layers, pieces, tokens_per_pass: int, bf16: bool) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=None, help=DATA_HELP)
     parser.add_argument("--tokens", type=int, default=50_000)
     parser.add_argument("--tokens-per-pass", type=int, default=4096)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
+    data = data_folder(args.data)
     loaded = load_model(args.model)
     layers = list(preset_for(loaded.name, loaded.layout.num_layers).layers)
-    corpus = load_corpus(str(args.data / "corpus" / "wiki_corpus.jsonl"))
+    corpus = load_corpus(str(data / "corpus" / "wiki_corpus.jsonl"))
     pieces = sorted(_token_pieces(loaded.tokenizer, corpus.texts, args.tokens, 256), key=len)
     n_tokens = sum(len(p) for p in pieces)
 

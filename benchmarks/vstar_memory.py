@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from counterfact_100 import REPO  # noqa: E402
+from _output import DATA_HELP, data_folder  # noqa: E402
 
 from sphere_edit.editing.build import build_session  # noqa: E402
 from sphere_edit.editing.vstar import compute_vstar  # noqa: E402
@@ -43,7 +43,7 @@ def memory_mib() -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=None, help=DATA_HELP)
     parser.add_argument(
         "--dataset", type=Path, default=None,
         help="edit cases (default: DATA/counterfact/train.json)",
@@ -62,10 +62,11 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
+    data = data_folder(args.data)
     print(f"{'start':<10}{memory_mib()}", flush=True)
     loaded = load_model(args.model)
     print(f"{'model':<10}{memory_mib()}", flush=True)
-    dataset = args.dataset or args.data / "counterfact" / "train.json"
+    dataset = args.dataset or data / "counterfact" / "train.json"
     cases = load_cases(dataset, limit=args.n, offset=args.offset)
     if len(cases) < args.n:
         raise SystemExit(
@@ -73,7 +74,7 @@ def main() -> None:
             f"fewer than --n {args.n}"
         )
     session = build_session(
-        loaded, "alphaedit+sphere", corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
+        loaded, "alphaedit+sphere", corpus=str(data / "corpus" / "wiki_corpus.jsonl"),
         log=lambda _: None, progress=False,
     )  # fmt: skip
     print(f"{'session':<10}{memory_mib()}", flush=True)

@@ -29,7 +29,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from counterfact_100 import REPO, evaluate, load_cases, log  # noqa: E402
+from _output import DATA_HELP, data_folder  # noqa: E402
+from counterfact_100 import evaluate, load_cases, log  # noqa: E402
 
 from sphere_edit.editing.build import build_session  # noqa: E402
 from sphere_edit.editing.vstar import VStarResult, compute_vstar  # noqa: E402
@@ -102,9 +103,8 @@ def flops_per_request_step(model, tok, layout, z_layer, requests, templates, con
 
 
 def main() -> None:
-    default_data = REPO.parent / "shared" / "data"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=default_data)
+    parser.add_argument("--data", type=Path, default=None, help=DATA_HELP)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument(
@@ -122,12 +122,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
+    data = data_folder(args.data)
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device)
-    cases = load_cases(args.data / "counterfact" / "train.json", args.n)
+    cases = load_cases(data / "counterfact" / "train.json", args.n)
     requests = [c.request for c in cases]
     session = build_session(
-        loaded, "memit", corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
+        loaded, "memit", corpus=str(data / "corpus" / "wiki_corpus.jsonl"),
         stats_tokens=args.stats_tokens, log=log,
     )  # fmt: skip
     model, tok, layout = loaded.model, loaded.tokenizer, loaded.layout
@@ -206,7 +207,11 @@ def main() -> None:
     # Efficacy of the edits each set of targets gives (MEMIT, same base weights).
     for name, result in results.items():
         session.apply(requests, precomputed_vstar=result)
-        runs[name]["efficacy"] = evaluate(loaded, cases, 64)["rewrite"]
+        summary = evaluate(loaded, cases, 64)["summary"]
+        runs[name]["efficacy"] = {
+            "p_new_gt_old": summary["rewrite_prob_success"],
+            "top1": summary["rewrite_top1"],
+        }
         session.rollback(0)
     if "reference" in runs:
         for name in results:

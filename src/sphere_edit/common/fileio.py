@@ -1,5 +1,5 @@
 """Atomic writes (a temporary file in the same folder, fsync, then rename) and a lock file
-for caches that several processes may fill at once."""
+for caches that several processes may fill at once; one reader of JSON/JSONL record files."""
 
 from __future__ import annotations
 
@@ -192,3 +192,103 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- record files ----------------------------------------------------------------------------
+
+_FORMATS = "a JSON array, a JSON object or one JSON value per line (JSONL)"
+
+
+class RecordsError(ValueError):
+    """A record file that cannot be read, is not UTF-8 or is not JSON/JSONL.
+
+    ``str(error)`` is the whole one-line message, naming the file and, for a JSON error,
+    the line (counted from 1); ``reason`` is the same without the leading file name, for
+    callers whose own errors add it. ``unreadable`` tells a file that could not be read at
+    all (missing, a folder, no permission) from one whose content is wrong.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        path: Path,
+        what: str,
+        line: int | None = None,
+        unreadable: bool = False,
+    ) -> None:
+        lead = f"cannot read {what} {path}: " if unreadable else f"{what} {path}: "
+        super().__init__(lead + reason)
+        self.reason = reason
+        self.path = path
+        self.line = line
+        self.unreadable = unreadable
+
+
+def read_located_records(path: str | Path, *, what: str = "file") -> list[tuple[int, Any]]:
+    """The records of ``path`` with the line each starts on (counted from 1).
+
+    Accepted, as UTF-8 (a leading byte-order mark is ignored):
+
+    * a JSON array: its elements, each given the line the array starts on;
+    * a single JSON object (on one line or several): that object alone;
+    * JSONL: one JSON value per line, blank lines skipped. Lines end at ``"\\n"`` only
+      (a ``"\\r"`` before it is whitespace), so a raw U+2028 or U+2029 inside a string,
+      valid JSON, does not split a record as :meth:`str.splitlines` would.
+
+    An empty file (whitespace only) and invalid JSON raise :class:`RecordsError`, naming
+    ``what`` (e.g. ``"request file"``), the file and the line.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise RecordsError(str(error.strerror), path=path, what=what, unreadable=True) from None
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is not content
+    except UnicodeDecodeError as error:
+        raise RecordsError(
+            f"not UTF-8 (byte {error.start}); save it as UTF-8", path=path, what=what
+        ) from None
+    start = text.lstrip()
+    if not start:
+        raise RecordsError(f"the file is empty; it must hold {_FORMATS}", path=path, what=what)
+    first_line = text[: len(text) - len(start)].count("\n") + 1
+    if start.startswith(("[", "{")):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            # "Extra data" after a complete first value: JSONL whose lines hold objects.
+            if not (start.startswith("{") and error.msg == "Extra data"):
+                raise RecordsError(
+                    f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}; "
+                    "lines count from 1)",
+                    path=path,
+                    what=what,
+                    line=error.lineno,
+                ) from None
+        else:
+            if isinstance(document, list):
+                return [(first_line, record) for record in document]
+            return [(first_line, document)]
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise RecordsError(
+                f"line {number}: not valid JSON ({error.msg}; lines count from 1); expected "
+                f"{_FORMATS}",
+                path=path,
+                what=what,
+                line=number,
+            ) from None
+    return records
+
+
+def read_records(path: str | Path, *, what: str = "file") -> list[Any]:
+    """The records of ``path``: a JSON array's elements, a single JSON object, or the
+    values of a JSONL file (see :func:`read_located_records` for the formats and errors)."""
+    return [record for _, record in read_located_records(path, what=what)]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from ..common.fileio import RecordsError, read_records
 
 MAX_FIELD_CHARS = 2000
 
@@ -173,38 +174,12 @@ def validate_batch(requests: Sequence[EditRequest]) -> None:
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:
-    """Read requests from a JSON list or a JSONL file (one object per line)."""
-    path = Path(path)
+    """Read requests from a JSON list, a single JSON object or a JSONL file (one object per
+    line); see :func:`.fileio.read_records`."""
     try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise RequestError(f"cannot read request file {path}: {error.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a leading byte-order mark is not content
-    except UnicodeDecodeError as error:
-        raise RequestError(f"{path} is not UTF-8 (byte {error.start}); save it as UTF-8") from None
-    if not text.strip():
-        raise RequestError(f"{path} is empty; it must hold a JSON list or JSONL records")
-    records: Iterable[Any]
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise RequestError(
-                f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
-            ) from None
-    else:
-        parsed = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                parsed.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise RequestError(
-                    f"{path} line {lineno} is not valid JSON ({error.msg})"
-                ) from None
-        records = parsed
+        records = read_records(path, what="request file")
+    except RecordsError as error:
+        raise RequestError(str(error)) from None
     requests = [EditRequest.from_dict(record, index=i) for i, record in enumerate(records)]
     if not requests:
         raise RequestError(f"{path} holds no requests")

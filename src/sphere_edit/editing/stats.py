@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -16,7 +15,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..common.fileio import file_lock, sha256_file, tensor_sha256, write_tensors
+from ..common.fileio import (
+    RecordsError,
+    file_lock,
+    read_located_records,
+    sha256_file,
+    tensor_sha256,
+    write_tensors,
+)
 from ..model.arch import ModelLayout
 from ..model.hooks import capture, run_until_stopped
 from ..model.loading import LoadedModel, cache_dir
@@ -84,27 +90,25 @@ def load_corpus(
 def _load_corpus_file(path: Path) -> Corpus:
     if path.is_dir():
         raise CorpusError(f"corpus {path} is a directory; give a .jsonl or .txt file in it")
-    try:
-        raw = path.read_text(encoding="utf-8", errors="strict")
-    except UnicodeDecodeError as error:
-        bad = error.object[error.start]
-        raise CorpusError(
-            f"corpus file {path} is not UTF-8 text (byte {error.start} is {bad:#04x}); "
-            "save it as UTF-8"
-        ) from None
     if path.suffix == ".jsonl":
+        try:
+            records = read_located_records(path, what="corpus file")
+        except RecordsError as error:
+            raise CorpusError(str(error)) from None
         texts = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CorpusError(f"{path} line {lineno}: not valid JSON ({error.msg})") from None
+        for lineno, record in records:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise CorpusError(f"{path} line {lineno}: expected an object with a 'text' string")
             texts.append(record["text"])
     else:
+        try:
+            raw = path.read_text(encoding="utf-8", errors="strict")
+        except UnicodeDecodeError as error:
+            bad = error.object[error.start]
+            raise CorpusError(
+                f"corpus file {path} is not UTF-8 text (byte {error.start} is {bad:#04x}); "
+                "save it as UTF-8"
+            ) from None
         texts = [block.strip() for block in raw.split("\n\n") if block.strip()]
     if not texts:
         raise CorpusError(f"corpus file {path} holds no text")

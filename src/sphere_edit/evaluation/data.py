@@ -26,6 +26,9 @@ download=True) -> CaseSet``
     ``reason`` and says all of them in its message.
 ``DataSourceError``
     A file that cannot be found, read or downloaded.
+``data_root(path=None) -> Path``
+    The local data folder (``counterfact/``, ``corpus/``, ``general/``): ``path``, else
+    ``$SPHERE_EDIT_DATA``.
 ``resolve_source(source, *, cache=None, download=True) -> Path``,
 ``download_file(url, destination, *, timeout=60.0) -> Path``
     Name-to-file resolution and the atomic download behind it.
@@ -50,7 +53,7 @@ How the formats map onto :class:`EditCase`
 
 from __future__ import annotations
 
-import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -58,7 +61,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..common.fileio import atomic_path
+from ..common.fileio import RecordsError, atomic_path, read_records
 from ..editing.requests import EditRequest, RequestError
 from ..model.loading import cache_dir
 
@@ -98,6 +101,25 @@ NQ_PREFIX = "nq question: "
 
 class DataSourceError(ValueError):
     """A data file that cannot be found, read or downloaded."""
+
+
+DATA_ENV = "SPHERE_EDIT_DATA"
+
+
+def data_root(path: str | Path | None = None) -> Path:
+    """The local data folder (with ``counterfact/``, ``corpus/`` and ``general/``): ``path``
+    when given, else the folder ``$SPHERE_EDIT_DATA`` names. Raises
+    :class:`DataSourceError` naming the variable when neither is set; whether the folder
+    exists is left to the reads that need it."""
+    if path is not None and str(path):
+        return Path(path)
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        raise DataSourceError(
+            f"no data folder: set {DATA_ENV} to the folder holding counterfact/ and "
+            "corpus/ (or pass --data)"
+        )
+    return Path(value)
 
 
 class DatasetError(ValueError):
@@ -260,35 +282,11 @@ def download_file(url: str, destination: str | Path, *, timeout: float = 60.0) -
 
 def _read_records(path: Path) -> list[Any]:
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as error:
-        raise DataSourceError(f"cannot read {path}: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"not UTF-8 (byte {error.start})", path=path) from None
-    if not text.strip():
-        raise DatasetError("the file is empty", path=path)
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DatasetError(
-                f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})",
-                path=path,
-            ) from None
-        return records
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise DatasetError(
-                f"line {lineno} is not valid JSON ({error.msg}); expected a JSON list or "
-                "one JSON object per line",
-                path=path,
-            ) from None
-    return records
+        return read_records(path, what="data file")
+    except RecordsError as error:
+        if error.unreadable:
+            raise DataSourceError(str(error)) from None
+        raise DatasetError(error.reason, path=path) from None
 
 
 def detect_format(record: Any) -> str | None:

@@ -214,7 +214,7 @@ def test_load_jsonl_bad_line_names_the_line(tmp_path):
     path = tmp_path / "requests.jsonl"
     good = json.dumps(_records()[0])
     path.write_text(good + "\n" + good + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(RequestError, match="line 3 is not valid JSON"):
+    with pytest.raises(RequestError, match="line 3: not valid JSON"):
         load_requests(path)
 
 

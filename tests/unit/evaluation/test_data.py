@@ -116,6 +116,25 @@ def test_jsonl_and_format_detection_per_file(tmp_path):
         load_cases(_write(tmp_path / "empty.json", []))
 
 
+def test_jsonl_with_a_raw_line_separator_and_a_single_object(tmp_path):
+    # U+2028 unescaped inside a string is valid JSON and so valid JSONL: it must not cut
+    # the record in two (str.splitlines would).
+    records = _records(FLAT)
+    records[1]["prompt"] = records[1]["prompt"].replace(" ", "\u2028", 1)
+    jsonl = tmp_path / "sep.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), "utf-8")
+    assert "\u2028" in jsonl.read_text("utf-8")
+    loaded = load_cases(jsonl)
+    assert len(loaded) == 3 and "\u2028" in loaded[1].request.prompt
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(records[0], indent=2), encoding="utf-8")
+    assert [c.case_id for c in load_cases(one)] == [loaded[0].case_id]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(records[0]) + "\n\n{oops\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"broken.jsonl: line 3: not valid JSON .*count from 1"):
+        load_cases(broken)
+
+
 def test_limit_and_offset_follow_file_order():
     assert [c.case_id for c in load_cases(ROME, limit=2)] == [7, 8]
     assert [c.case_id for c in load_cases(ROME, offset=1)] == [8, 9]
@@ -308,3 +327,20 @@ def test_real_shared_data(data_dir):
     zsre = load_cases(data_dir / "zsre" / "dev.json")
     assert zsre.format == ZSRE_MEND and len(zsre) == 500 and zsre.problems == []
     assert not any(c.neighborhood_prompts[0].startswith("nq question") for c in zsre)
+
+
+def test_data_root_reads_the_one_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    assert data.data_root() == tmp_path
+    # A given folder wins over the variable, which then need not be set.
+    monkeypatch.delenv(data.DATA_ENV)
+    assert data.data_root(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    with pytest.raises(data.DataSourceError) as caught:
+        data.data_root()
+    assert str(caught.value) == (
+        "no data folder: set SPHERE_EDIT_DATA to the folder holding counterfact/ and "
+        "corpus/ (or pass --data)"
+    )
+    monkeypatch.setenv(data.DATA_ENV, "")
+    with pytest.raises(data.DataSourceError, match="SPHERE_EDIT_DATA"):
+        data.data_root()

@@ -200,7 +200,7 @@ def _scripted(outputs_by_prompt_part: dict[str, str], seen: list | None = None):
 def test_gsm8k_scoring(monkeypatch):
     seen: list[int] = []
     script = {"Ann": " 7 apples", "pens": " 1,000", "Tom": " 2 dollars"}
-    monkeypatch.setattr(general, "_generate", _scripted(script, seen))
+    monkeypatch.setattr(general.scoring, "_generate", _scripted(script, seen))
     result = general.score_gsm8k(None, None, load_gsm8k(FIXTURES / "test-reasoning.jsonl"))
     assert seen == [general.GSM8K_NEW_TOKENS]
     assert (result["correct"], result["n"]) == (2, 3)
@@ -210,7 +210,7 @@ def test_gsm8k_scoring(monkeypatch):
 def test_nq_scoring(monkeypatch):
     seen: list[int] = []
     script = {"capital": " Paris.", "piano": " Gould", "tower": ""}
-    monkeypatch.setattr(general, "_generate", _scripted(script, seen))
+    monkeypatch.setattr(general.scoring, "_generate", _scripted(script, seen))
     result = general.score_nq(None, None, load_nq(FIXTURES / "test-OpenDomainQA.jsonl"))
     assert seen == [general.NQ_NEW_TOKENS]
     assert (result["correct"], result["n"], result["empty"]) == (2, 3, 1)
@@ -219,8 +219,10 @@ def test_nq_scoring(monkeypatch):
 def test_binary_generation_counts_invalid_answers(monkeypatch):
     # Gold: True, False, True, False.
     script = {"Paris is in": " True", "Rome": " True", "greeted": " maybe", "dog": " False"}
-    monkeypatch.setattr(general, "_generate", _scripted(script))
-    monkeypatch.setattr(general, "loglik_choices", lambda m, t, prompts, c, **k: [0] * len(prompts))
+    monkeypatch.setattr(general.scoring, "_generate", _scripted(script))
+    monkeypatch.setattr(
+        general.scoring, "loglik_choices", lambda m, t, prompts, c, **k: [0] * len(prompts)
+    )
     examples = load_rte(FIXTURES / "test-NLI.tsv")
     result = general.score_binary(None, None, examples, task="rte", details=True, one_pass=False)
     generated = result["generate"]
@@ -234,9 +236,9 @@ def test_binary_generation_counts_invalid_answers(monkeypatch):
 
 
 def test_no_valid_answer_gives_no_accuracy(monkeypatch):
-    monkeypatch.setattr(general, "_generate", _scripted({"": " ?"}))
+    monkeypatch.setattr(general.scoring, "_generate", _scripted({"": " ?"}))
     examples = load_boolq(FIXTURES / "test-ClosedDomainQA.jsonl")
-    result = general._score_generated_choice(None, None, examples, general.YES_NO, 4, False)
+    result = general.scoring._score_generated_choice(None, None, examples, general.YES_NO, 4, False)
     assert result["accuracy"] is None and result["invalid"] == 3 and result["accuracy_all"] == 0
 
 
@@ -460,13 +462,13 @@ def test_only_the_prompts_with_a_long_answer_fall_back(one_token_answers, monkey
     tok = one_token_answers
     examples = load_rte(FIXTURES / "test-NLI.tsv")
     long_ones = {examples[1].prompt, examples[3].prompt}
-    real = general.target_token_ids
+    real = general.scoring.target_token_ids
 
     def split_some(tokenizer, prompt, target, **kwargs):
         ids = real(tokenizer, prompt, target, **kwargs)
         return ids * 2 if prompt in long_ones else ids
 
-    monkeypatch.setattr(general, "target_token_ids", split_some)
+    monkeypatch.setattr(general.scoring, "target_token_ids", split_some)
     model = _model("llama", tok, True)
     new, old, new_calls, old_calls = _both_routes(model, tok, 2, tasks=("rte",))
     assert _without(new) == _without(old)
@@ -479,7 +481,7 @@ def test_only_the_prompts_with_a_long_answer_fall_back(one_token_answers, monkey
     )
     assert fallback == [1, 3]
     assert picks == loglik_choices(model, tok, [e.prompt for e in examples], general.RTE_CHOICES)
-    assert texts == general._generate(model, tok, [e.prompt for e in examples], 1, 2)[0]
+    assert texts == general.scoring._generate(model, tok, [e.prompt for e in examples], 1, 2)[0]
 
 
 # -- end to end on a tiny model ---------------------------------------------------------------
@@ -537,6 +539,44 @@ def test_task_selection_and_errors(tiny_tokenizer, tmp_path, monkeypatch):
         paths={"rte": FIXTURES / "test-NLI.tsv"},
     )  # fmt: skip
     assert result["tasks"]["rte"]["n"] == 2
+
+
+def test_a_new_task_is_one_table_entry(tiny_tokenizer, monkeypatch):
+    # A task added to the table alone is accepted by name, loaded from its file in the data
+    # folder and scored by its own scorer, which gets the evaluation's settings.
+    seen = {}
+
+    def score(model, tokenizer, examples, *, batch_size, details, one_pass):
+        seen.update(prompts=[e.prompt for e in examples], batch_size=batch_size)
+        seen.update(details=details, one_pass=one_pass)
+        return {"accuracy": sum(e.gold for e in examples) / len(examples)}
+
+    task = general.GeneralTask(
+        "rte_copy", "test-NLI.tsv", general.load_rte, general.rte_prompt,
+        general.parse_choice, score,
+    )  # fmt: skip
+    monkeypatch.setitem(general.TASK_TABLE, "rte_copy", task)
+    model = make_tiny_model("llama", tiny_tokenizer)
+    result = evaluate_general(
+        model, tiny_tokenizer, FIXTURES, n_items=3, tasks="rte_copy", batch_size=5,
+        one_pass=False,
+    )  # fmt: skip
+    examples = load_rte(FIXTURES / "test-NLI.tsv", 3)
+    assert seen == {
+        "prompts": [e.prompt for e in examples], "batch_size": 5, "details": False,
+        "one_pass": False,
+    }  # fmt: skip
+    assert result["summary"] == {"rte_copy_acc": sum(e.gold for e in examples) / 3}
+    assert result["files"] == {"rte_copy": str(FIXTURES / "test-NLI.tsv")}
+
+
+def test_the_table_declares_each_task_once():
+    assert general.TASKS == ("gsm8k", "rte", "nq", "boolq")
+    for name, task in general.TASK_TABLE.items():
+        assert task.name == name
+        assert general.TASK_FILES[name] == task.file and general.LOADERS[name] is task.load
+    assert general.TASK_TABLE["rte"].choices == general.RTE_CHOICES
+    assert general.TASK_TABLE["boolq"].words == general.YES_NO
 
 
 def test_resolve_data_dir(tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def spy(monkeypatch):
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(general, "evaluate_general", recording)
+    monkeypatch.setattr(general.curve, "evaluate_general", recording)
     return seen
 
 
@@ -145,7 +145,7 @@ def test_an_interrupted_curve_keeps_its_points_and_restores_the_model(run, monke
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(general, "evaluate_general", fails_second)
+    monkeypatch.setattr(general.curve, "evaluate_general", fails_second)
     out = tmp_path / "curve.json"
     base = load_model(str(run.folder))
     with pytest.raises(KeyboardInterrupt):
