@@ -78,7 +78,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_two_gloo_ranks_give_the_single_process_c0(tmp_path, monkeypatch):
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # Forked ranks inherit the imported modules instead of importing torch and transformers.
+    args = (2, _free_port(), str(tmp_path))
+    mp.start_processes(_rank_main, args=args, nprocs=2, join=True, start_method="fork")
     tokenizer = make_tiny_tokenizer()
     model = make_tiny_model("llama", tokenizer)
     single = collect_second_moments(
