@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import os
+import platform
 import sys
 import threading
 import time
