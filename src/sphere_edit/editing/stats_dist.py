@@ -58,7 +58,8 @@ def world() -> World:
 
 def rank_device(device: str) -> str:
     """``device`` for this rank: each ``torchrun`` rank takes its own GPU (``LOCAL_RANK``)."""
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
+    wants_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if wants_gpu and "LOCAL_RANK" in os.environ:
         local = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local)
         return f"cuda:{local}"
@@ -133,6 +134,9 @@ def shard(
     same recipe and ``plan`` (how the corpus was cut into batches) is resumed from. Once
     the batches run out, the ranks' sums are all-reduced into ``moments``."""
     here = world()
+    if here.size > 1:
+        # Called directly rather than through the cache, the group may not be joined yet.
+        ensure_process_group(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     recipe = {**checkpoint.recipe, "plan": plan} if checkpoint else {}
     start, pieces_done = _resume(checkpoint, recipe, moments) if checkpoint else (0, 0)
     since_save = 0
