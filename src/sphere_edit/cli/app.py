@@ -446,8 +446,10 @@ def stats(
     from ..editing.build import parse_layers
     from ..editing.presets import describe_choice, preset_for
     from ..editing.stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
+    from ..editing.stats_dist import rank_device
 
-    loaded = _load(model, device)
+    # Under torchrun every rank takes its own GPU and a shard of the corpus.
+    loaded = _load(model, rank_device(device))
     preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
     console.print(describe_choice(preset))
     chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
