@@ -442,7 +442,7 @@ def stats(
     stats_tokens: StatsTokensOpt = None,
     tokens: Annotated[int | None, typer.Option(min=1000, hidden=True)] = None,  # old name
 ) -> None:
-    """Precompute (and cache) the key statistics C0 = E\\[k kᵀ] of the edited layers."""
+    """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
     from ..editing.build import parse_layers
     from ..editing.presets import describe_choice, preset_for
     from ..editing.stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
