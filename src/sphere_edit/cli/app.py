@@ -275,6 +275,8 @@ def edit(
             validate_batch(batch)
         except ValueError as error:
             raise ValueError(f"batch {b + 1}: {error}") from None
+    if resume:
+        _check_resumed_batches(out, batches)
     loaded = _load(model, device)
     check_targets(loaded.tokenizer, all_requests)
     if resume:
@@ -373,6 +375,27 @@ def _check_export(export: Path) -> None:
         raise ValueError(f"--export: cannot create {export}: {existing} is not a writable folder")
 
 
+def _check_resumed_batches(out: Path, batches: list[list[Any]]) -> None:
+    """Before any model work: every journaled batch's request file is readable and holds
+    the requests this request file gives for it."""
+    from ..editing.journal import Journal
+
+    journal = Journal(out)
+    if not journal.exists():
+        return
+    done = len(journal.index()["batches"])
+    if done > len(batches):
+        raise ValueError(
+            f"--resume: {out} holds {done} batches, the request file gives {len(batches)}"
+        )
+    other = journal.mismatched_batch([[r.to_dict() for r in b] for b in batches])
+    if other is not None:
+        raise ValueError(
+            f"--resume: batch {other} in {out} holds other requests than this request file "
+            "gives for it; use the same file and --batch-size"
+        )
+
+
 def _check_resume_header(
     out: Path, loaded: Any, corpus: str | None, stats_tokens: int | None
 ) -> None:
@@ -412,22 +435,11 @@ def _report_unconverged(batch: list[Any], losses: list[float] | None, tolerance:
 
 
 def _resume_edit(session: Any, batches: list[list[Any]]) -> int:
-    """Replay the journal of an interrupted ``edit`` run; its batches must be the first
-    batches of this request file with this batch size."""
-    done = session.resume()
+    """Replay the journal of an interrupted ``edit`` run (its batches, checked before any
+    model work, are the first batches of this request file with this batch size)."""
+    done = session.resume()  # its batches were checked by _check_resumed_batches
     if done == 0:
         return 0
-    if done > len(batches):
-        raise ValueError(
-            f"--resume: {session.run_dir} holds {done} batches, the request file gives "
-            f"{len(batches)}"
-        )
-    other = session.journal.mismatched_batch([[r.to_dict() for r in b] for b in batches])
-    if other is not None:
-        raise ValueError(
-            f"--resume: batch {other} in {session.run_dir} holds other requests "
-            "than this request file gives for it; use the same file and --batch-size"
-        )
     console.print(f"resumed: {done} of {len(batches)} batches already in {session.run_dir}")
     return done
 

@@ -425,10 +425,25 @@ class Journal:
         else:
             number, name = entry["index"], entry["requests_file"]
         path = self.run_dir / name
+        if not path.is_file():
+            raise JournalError(
+                f"batch {number}: its request file {path} is missing; the journal cannot be "
+                "continued without it (restore the file, or start a new run)"
+            )
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise JournalError(f"batch {number}: {path} cannot be read ({error})") from None
+            what = "empty" if path.stat().st_size == 0 else f"not valid JSON ({error})"
+            raise JournalError(
+                f"batch {number}: its request file {path} is {what}; the journal cannot be "
+                "continued without it (restore the file, or start a new run)"
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("requests"), list):
+            raise JournalError(
+                f"batch {number}: its request file {path} holds no 'requests' list; it is "
+                "not a batch record of this journal"
+            )
+        return record
 
     def records(self, index: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Every batch's request file, in order."""
