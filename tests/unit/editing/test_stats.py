@@ -14,6 +14,7 @@ from sphere_edit.editing.stats import (
     Corpus,
     CorpusError,
     SecondMoment,
+    StatsRecipe,
     add_gram,
     collect_second_moments,
     layer_second_moments,
@@ -86,7 +87,13 @@ def test_collect_second_moments_budget_and_piece_length(tiny_tokenizer):
     # budget ends inside the second text.
     budget = len(first) + 3
     got = collect_second_moments(
-        model, tok, [2], _corpus(TEXTS[7:9]), max_tokens=budget, seq_len=4, progress=False
+        model,
+        tok,
+        [2],
+        _corpus(TEXTS[7:9]),
+        max_tokens=budget,
+        recipe=StatsRecipe(piece_tokens=4),
+        progress=False,
     )
     pieces = [first[i : i + 4] for i in range(0, len(first), 4)]
     pieces = [p for p in pieces if len(p) >= 2] + [second[:3]]
@@ -96,9 +103,19 @@ def test_collect_second_moments_budget_and_piece_length(tiny_tokenizer):
 
 def test_collect_second_moments_rejects_an_empty_corpus(tiny_tokenizer):
     model = make_tiny_model("llama", tiny_tokenizer)
-    with pytest.raises(CorpusError, match="no token sequences"):
+    with pytest.raises(CorpusError, match="no token sequences of length 2"):
         collect_second_moments(
-            model, tiny_tokenizer, [1], _corpus(["A"]), max_tokens=100, progress=False
+            model,
+            tiny_tokenizer,
+            [1],
+            _corpus(["A"]),
+            max_tokens=100,
+            recipe=StatsRecipe(piece_tokens=256),
+            progress=False,
+        )
+    with pytest.raises(CorpusError, match="no token sequences of length 1"):
+        collect_second_moments(
+            model, tiny_tokenizer, [1], _corpus([""]), max_tokens=100, progress=False
         )
 
 
