@@ -353,7 +353,9 @@ class Journal:
                 pass
             else:
                 theirs["target"] = json.loads(json.dumps(stored))
-        keys = [k for k in mine if k not in ("model", "templates", "base_fingerprint")]
+        # template_tokens only chose how the journal's templates were sampled.
+        own = ("model", "templates", "template_tokens", "base_fingerprint")
+        keys = [k for k in mine if k not in own]
         difference = first_difference(theirs, mine, keys)
         if difference is not None:
             key, stored_value, value = difference
