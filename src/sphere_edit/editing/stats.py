@@ -103,18 +103,19 @@ class StatsRecipe:
         """The statistics' size in a cache file name: ``"<N>tok"`` or ``"<N>samples"``."""
         return f"{max_tokens}tok" if self.samples is None else f"{self.samples}samples"
 
-    def cache_folder(self) -> str:
-        """The cache subfolder of this recipe; the 256-token pieces counted in tokens
-        keep the folder they were cached in before recipes were recorded."""
+    def cache_suffix(self) -> str:
+        """The end of this recipe's cache file names: none for the default (whole texts up
+        to the model's context), so an entry written before recipes were recorded (the
+        256-token pieces) is found at the default's name and told apart by its metadata."""
         if self.piece_tokens is None:
-            return "whole" if self.max_len is None else f"whole{self.max_len}"
-        return "" if self.piece_tokens == LEGACY_PIECE_TOKENS else f"pieces{self.piece_tokens}"
+            return "" if self.max_len is None else f"-whole{self.max_len}"
+        return f"-pieces{self.piece_tokens}"
 
     def describe(self, max_len: int | None = None) -> dict[str, str]:
         """The recipe's fields in the cache metadata (``max_len``: the resolved cap)."""
         meta = {"pieces": self.pieces}
         if self.piece_tokens is None:
-            meta["max_len"] = str(max_len if max_len is not None else self.max_len)
+            meta["max_len"] = str(max_len)
         if self.samples is not None:
             meta["samples"] = str(self.samples)
         return meta
@@ -424,9 +425,9 @@ def stats_cache_path(
     dtype: str,
     recipe: StatsRecipe = DEFAULT_RECIPE,
 ) -> Path:
-    """The cache entry of one layer's statistics; each recipe has its own folder."""
-    folder = cache_dir() / "stats" / model_fp[:16] / corpus_fp[:16] / recipe.cache_folder()
-    return folder / f"layer{layer}-{recipe.size_tag(tokens)}-{dtype}.safetensors"
+    """The cache entry of one layer's statistics; each recipe has its own file names."""
+    name = f"layer{layer}-{recipe.size_tag(tokens)}-{dtype}{recipe.cache_suffix()}"
+    return cache_dir() / "stats" / model_fp[:16] / corpus_fp[:16] / f"{name}.safetensors"
 
 
 def weights_dtype(loaded: LoadedModel) -> str:
@@ -454,18 +455,19 @@ def layer_second_moments(
         max_tokens = None
     elif max_tokens is None:
         raise StatsRecipeError("stats_tokens: give a token count or a sample count (stats_samples)")
-    max_len = context_length(loaded.model) if recipe.piece_tokens is None else None
+    whole = recipe.piece_tokens is None
+    max_len = (recipe.max_len or context_length(loaded.model)) if whole else None
     expected = {
         "model": loaded.fingerprint,
         "corpus": corpus.fingerprint,
         "tokens": str(max_tokens),
         "dtype": dtype,
-        **recipe.describe(recipe.max_len or max_len),
+        **recipe.describe(max_len),
     }
     lock = stats_cache_path(loaded.fingerprint, corpus.fingerprint, 0, max_tokens, dtype, recipe)
     device = next(loaded.model.parameters()).device
     with stats_dist.cache_lock(
-        lock.parent / f".{recipe.size_tag(max_tokens)}-{dtype}.lock", device
+        lock.parent / f".{recipe.size_tag(max_tokens)}-{dtype}{recipe.cache_suffix()}.lock", device
     ):
         return _cached_second_moments(
             loaded, layers, corpus, expected, max_tokens, recipe, progress, bf16
