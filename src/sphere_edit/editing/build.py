@@ -170,13 +170,9 @@ def build_session(
 
 
 def recipe_header(recipe: StatsRecipe) -> dict[str, Any]:
-    """The statistics recipe's journal-header fields. The 256-token pieces counted in
-    tokens add none: journals written before the recipe was recorded used them, so a
-    header without these fields is theirs and such runs resume as they are."""
-    header: dict[str, Any] = {}
-    if recipe.piece_tokens != 256 or recipe.samples is not None:
-        header["stats_pieces"] = recipe.pieces
-        header["stats_samples"] = recipe.samples
+    """The statistics recipe's journal-header fields (a journal without them, written
+    before they were recorded, used the 256-token pieces: see ``Journal.verify``)."""
+    header: dict[str, Any] = {"stats_pieces": recipe.pieces, "stats_samples": recipe.samples}
     if recipe.max_len is not None:
         header["stats_max_len"] = recipe.max_len
     return header

@@ -353,6 +353,9 @@ class Journal:
                 pass
             else:
                 theirs["target"] = json.loads(json.dumps(stored))
+        if theirs.get("stats_tokens") is not None:
+            # Journals written before the statistics recipe was recorded used 256-token pieces.
+            theirs.setdefault("stats_pieces", "256")
         # template_tokens only chose how the journal's templates were sampled.
         own = ("model", "templates", "template_tokens", "base_fingerprint")
         keys = [k for k in mine if k not in own]

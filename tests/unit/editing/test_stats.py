@@ -432,3 +432,41 @@ def test_recipe_errors_name_the_field():
         StatsRecipe.parse("whole", 0)
     assert StatsRecipe.parse(" Whole ") == StatsRecipe()
     assert StatsRecipe.parse("256", 7) == StatsRecipe(piece_tokens=256, samples=7)
+
+
+def test_the_journal_header_refuses_a_resume_with_another_recipe(loaded_llama, tmp_path):
+    from sphere_edit.editing.build import build_session
+    from sphere_edit.editing.journal import JournalError
+
+    def header(**recipe):
+        session = build_session(
+            loaded_llama, "memit", layers=[1, 2], corpus=_corpus(TEXTS),
+            run_dir=tmp_path / "run", progress=False, log=lambda _line: None,
+            **{"stats_tokens": 50, **recipe},
+        )  # fmt: skip
+        return session, session.header()
+
+    session, whole = header()
+    assert (whole["stats_pieces"], whole["stats_samples"]) == ("whole", None)
+    assert whole["template_tokens"] == "authors"
+    _, pieces = header(stats_pieces="256", template_tokens=10)
+    assert pieces["stats_pieces"] == "256" and pieces["template_tokens"] == 10
+    with pytest.raises(JournalError, match="stats_pieces differs"):
+        session.journal.verify(pieces, loaded_llama.fingerprint, whole)
+    with pytest.raises(JournalError, match="stats_pieces differs"):
+        session.journal.verify(whole, loaded_llama.fingerprint, pieces)
+    # A journal written before the recipe was recorded: the 256-token pieces.
+    before = {k: v for k, v in pieces.items() if k not in ("stats_pieces", "stats_samples")}
+    before.pop("template_tokens")
+    session.journal.verify(pieces, loaded_llama.fingerprint, before)
+    with pytest.raises(JournalError, match="stats_pieces differs: the journal has '256'"):
+        session.journal.verify(whole, loaded_llama.fingerprint, before)
+    _, samples = header(stats_tokens=None, stats_samples=4)
+    assert samples["stats_tokens"] is None
+    with pytest.raises(JournalError, match="stats_(tokens|samples) differs"):
+        session.journal.verify(samples, loaded_llama.fingerprint, whole)
+    # The templates come from the journal: how they were sampled does not block a resume.
+    _, other_templates = header(template_tokens=10)
+    session.journal.verify(other_templates, loaded_llama.fingerprint, whole)
+    with pytest.raises(stats.StatsRecipeError, match="^stats_samples: give either"):
+        header(stats_samples=4, stats_tokens=50)
