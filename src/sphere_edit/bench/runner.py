@@ -41,7 +41,9 @@ from ..common.heap import release_free_memory
 from ..common.progress import Progress
 from ..common.settings import first_difference
 from ..editing.build import MethodSpec, build_session
+from ..editing.sampling import parse_template_tokens
 from ..editing.session import EditSession
+from ..editing.stats import StatsRecipe
 from ..editing.vstar import VStarResult
 from ..evaluation.data import CaseSet, EditCase, load_cases
 from ..evaluation.metrics import (
@@ -77,6 +79,11 @@ class BenchConfig:
     layers: tuple[int, ...] | None = None
     corpus: str | None = None
     stats_tokens: int | None = None
+    # The statistics' and templates' recipes (build_session): "whole" or "256" pieces, a
+    # sample count instead of stats_tokens, "authors" or 10 new template tokens.
+    stats_pieces: str = "whole"
+    stats_samples: int | None = None
+    template_tokens: str | int = "authors"
     fluency_cases: int = 0  # generations (fluency, consistency) for the first K cases
     general_every: int | None = None  # general abilities every K edits (and pre-edit)
     general_data: str | None = None
@@ -108,6 +115,10 @@ class BenchConfig:
             raise ValueError(f"fluency_cases: must be >= 0, got {self.fluency_cases}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("methods: a method is listed twice")
+        if self.stats_tokens is not None and self.stats_samples is not None:
+            raise ValueError("stats_samples: give either stats_tokens or stats_samples, not both")
+        StatsRecipe.parse(self.stats_pieces, self.stats_samples)
+        parse_template_tokens(self.template_tokens)
 
     def checkpoints(self) -> list[int]:
         """Numbers of edits after which the cases edited so far are evaluated."""
@@ -406,6 +417,9 @@ class Benchmark:
             layers=list(c.layers) if c.layers else None,
             corpus=c.corpus,
             stats_tokens=c.stats_tokens,
+            stats_pieces=c.stats_pieces,
+            stats_samples=c.stats_samples,
+            template_tokens=c.template_tokens,
             run_dir=out.journal,
             target_overrides=(
                 None
@@ -639,11 +653,15 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
 
 
+LEGACY_RECIPE = {"stats_pieces": "256", "stats_samples": None, "template_tokens": 10}
+
+
 def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
     """Check that ``config`` is the configuration ``run_dir`` was started with (naming the
     first field that differs) and return what the run recorded as complete."""
     layout = BenchRunDir(run_dir)
-    stored = layout.read_config()["config"]
+    # Runs started before the recipes were recorded used 256-token pieces and 10 tokens.
+    stored = {**LEGACY_RECIPE, **layout.read_config()["config"]}
     mine = json.loads(json.dumps(asdict(config)))
     difference = first_difference(stored, mine)
     if difference is not None:

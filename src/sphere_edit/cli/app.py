@@ -103,6 +103,21 @@ StatsTokensOpt = Annotated[
     int | None,
     typer.Option(min=1000, help="Corpus tokens for the key statistics C0. Default: the preset's."),
 ]
+StatsPiecesOpt = Annotated[
+    str | None,
+    typer.Option(help="How the corpus is cut for C0: whole (each text up to the model's "
+                 "context, the authors' recipe) or 256 (256-token pieces, the old recipe). "
+                 "Default: the preset's (whole)."),
+]  # fmt: skip
+StatsSamplesOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="C0 over the first N corpus texts instead of --stats-tokens."),
+]
+TemplateTokensOpt = Annotated[
+    str | None,
+    typer.Option(help="New tokens per context template: authors (10 minus the start word's "
+                 "tokens, as in MEMIT) or a count (10: the old recipe). Default: the preset's."),
+]  # fmt: skip
 PositionsOpt = Annotated[
     int | None,
     typer.Option(min=0, help="Cap on rows × tail positions per v* pass (peak memory); 0: no cap."),
@@ -171,15 +186,21 @@ def demo(
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
     corpus: CorpusOpt = None,
     stats_tokens: StatsTokensOpt = None,
+    stats_pieces: StatsPiecesOpt = None,
+    stats_samples: StatsSamplesOpt = None,
+    template_tokens: TemplateTokensOpt = None,
     out: Annotated[Path | None, typer.Option(help="Write the journal here.")] = None,
 ) -> None:
     """Edit a dozen facts in three batches and show completions and HE before and after."""
     from .demo import run_demo
 
+    _check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
     loaded = _load(model, device)
     run_demo(
         loaded, method, corpus=corpus, stats_tokens=stats_tokens,
         run_dir=str(out) if out else None, console=Console(),  # the demo's text is markup
+        recipe={"stats_pieces": stats_pieces, "stats_samples": stats_samples,
+                "template_tokens": template_tokens},
     )  # fmt: skip
 
 
@@ -234,6 +255,9 @@ def edit(
     ] = None,
     corpus: CorpusOpt = None,
     stats_tokens: StatsTokensOpt = None,
+    stats_pieces: StatsPiecesOpt = None,
+    stats_samples: StatsSamplesOpt = None,
+    template_tokens: TemplateTokensOpt = None,
     lr: Annotated[
         float | None, typer.Option(help="v* learning rate. Default: the preset's.")
     ] = None,
@@ -265,6 +289,7 @@ def edit(
     if basis is not None and basis not in ("current", "pre_edit"):
         raise ValueError(f"--basis must be 'current' or 'pre_edit', got {basis!r}")
     _check_edit_options(spec, layers, eta=eta, alpha=alpha, basis=basis)
+    _check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
     _check_run_dir(out, resume)
     if export is not None:
         _check_export(export)
@@ -281,6 +306,7 @@ def edit(
     check_targets(loaded.tokenizer, all_requests)
     if resume:
         _check_resume_header(out, loaded, corpus, stats_tokens)
+        _check_resume_recipe(out, loaded, stats_pieces, stats_samples)
     overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
     if positions_per_pass is not None:
         overrides["positions_per_pass"] = positions_per_pass or None  # 0: no cap
@@ -291,7 +317,8 @@ def edit(
         layers=parse_layers(layers, loaded.layout.num_layers) if layers else None,
         corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis or "current",
         target_overrides=overrides, method_overrides=method_overrides, run_dir=out,
-        seed=seed, log=console.print,
+        seed=seed, log=console.print, stats_pieces=stats_pieces, stats_samples=stats_samples,
+        template_tokens=template_tokens,
     )  # fmt: skip
     done = _resume_edit(session, batches) if resume else 0
     console.print(f"{spec} on layers {session.layers}: {len(all_requests)} requests, "
@@ -423,6 +450,73 @@ def _check_resume_header(
             )
 
 
+def _check_stats_options(
+    stats_tokens: int | None,
+    stats_pieces: str | None,
+    stats_samples: int | None,
+    template_tokens: str | None = None,
+) -> None:
+    """The statistics' and templates' recipe options, before any model work."""
+    from ..editing.sampling import parse_template_tokens
+    from ..editing.stats import StatsRecipe
+
+    if stats_tokens is not None and stats_samples is not None:
+        raise ValueError("--stats-samples: give either --stats-tokens or --stats-samples, not both")
+    try:
+        StatsRecipe.parse(stats_pieces, stats_samples)
+    except ValueError as error:
+        raise ValueError(f"--stats-pieces: {str(error).split(': ', 1)[-1]}") from None
+    if template_tokens is not None:
+        try:
+            parse_template_tokens(template_tokens)
+        except ValueError as error:
+            raise ValueError(f"--template-tokens: {str(error).split(': ', 1)[-1]}") from None
+
+
+def _bench_recipe(
+    stats_pieces: str | None, stats_samples: int | None, template_tokens: str | None
+) -> dict[str, Any]:
+    """The recipe options as BenchConfig records them ("WHOLE" as "whole", "10" as 10)."""
+    from ..editing.sampling import parse_template_tokens
+    from ..editing.stats import StatsRecipe
+
+    pieces = None if stats_pieces is None else StatsRecipe.parse(stats_pieces).pieces
+    tokens = None if template_tokens is None else parse_template_tokens(template_tokens)
+    return {"stats_pieces": pieces, "stats_samples": stats_samples, "template_tokens": tokens}
+
+
+def _check_resume_recipe(
+    out: Path, loaded: Any, stats_pieces: str | None, stats_samples: int | None
+) -> None:
+    """Before the statistics pass: a resumed run keeps its statistics recipe. A journal
+    without recipe fields used the 256-token pieces counted in tokens."""
+    from ..editing.journal import read_index
+    from ..editing.presets import preset_for
+    from ..editing.stats import StatsRecipe
+
+    if not (out / "session.json").exists():
+        return
+    index = read_index(out)
+    if index.get("stats_tokens") is None and index.get("stats_samples") is None:
+        return  # the method computed no statistics
+    if stats_pieces is None:
+        stats_pieces = preset_for(
+            loaded.name, loaded.layout.num_layers, loaded.model.config
+        ).stats_pieces
+    mine = StatsRecipe.parse(stats_pieces, stats_samples)
+    recorded = index.get("stats_pieces", "256")
+    if mine.pieces != recorded:
+        raise ValueError(
+            f"--stats-pieces: the run in {out} used {recorded}, this command gives "
+            f"{mine.pieces}; give --stats-pieces {recorded} to resume it"
+        )
+    if index.get("stats_samples") != mine.samples:
+        raise ValueError(
+            f"--stats-samples: the run in {out} used {index.get('stats_samples')}, this "
+            f"command gives {mine.samples}; repeat the run's --stats-samples to resume it"
+        )
+
+
 def _report_unconverged(batch: list[Any], losses: list[float] | None, tolerance: float) -> None:
     """Name the requests whose v* ended above its loss tolerance: their edit may not take."""
     for request, loss in zip(batch, losses or [], strict=False):
@@ -452,13 +546,23 @@ def stats(
     layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
     corpus: CorpusOpt = None,
     stats_tokens: StatsTokensOpt = None,
+    stats_pieces: StatsPiecesOpt = None,
+    stats_samples: StatsSamplesOpt = None,
     tokens: Annotated[int | None, typer.Option(min=1000, hidden=True)] = None,  # old name
 ) -> None:
     """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
     from ..editing.build import parse_layers
     from ..editing.presets import describe_choice, preset_for
-    from ..editing.stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
+    from ..editing.stats import (
+        StatsRecipe,
+        layer_second_moments,
+        load_corpus,
+        stats_cache_path,
+        weights_dtype,
+    )
     from ..editing.stats_dist import rank_device
+
+    _check_stats_options(stats_tokens or tokens, stats_pieces, stats_samples)
 
     # Under torchrun every rank takes its own GPU and a shard of the corpus.
     loaded = _load(model, rank_device(device))
@@ -467,13 +571,18 @@ def stats(
     chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
     source = load_corpus(corpus, loaded)
     console.print(f"statistics: {source.description}")
-    n_tokens = stats_tokens or tokens or preset.stats_tokens
+    recipe = StatsRecipe.parse(
+        preset.stats_pieces if stats_pieces is None else stats_pieces, stats_samples
+    )
+    n_tokens = None if stats_samples else stats_tokens or tokens or preset.stats_tokens
     start = time.perf_counter()
-    moments = layer_second_moments(loaded, chosen, source, max_tokens=n_tokens)
+    moments = layer_second_moments(loaded, chosen, source, max_tokens=n_tokens, recipe=recipe)
     elapsed = time.perf_counter() - start
     for layer, moment in moments.items():
         dtype = weights_dtype(loaded)
-        path = stats_cache_path(loaded.fingerprint, source.fingerprint, layer, n_tokens, dtype)
+        path = stats_cache_path(
+            loaded.fingerprint, source.fingerprint, layer, n_tokens, dtype, recipe
+        )
         console.print(f"layer {layer}: {moment.count} keys -> {path}")
     console.print(f"done in {elapsed:.1f}s")
 
@@ -747,6 +856,9 @@ def bench(
     layers: Annotated[str | None, typer.Option(help="Default: the preset's.")] = None,
     corpus: CorpusOpt = None,
     stats_tokens: StatsTokensOpt = None,
+    stats_pieces: StatsPiecesOpt = None,
+    stats_samples: StatsSamplesOpt = None,
+    template_tokens: TemplateTokensOpt = None,
     fluency_cases: Annotated[
         int, typer.Option(min=0, help="Generate (fluency, consistency) for the first K cases.")
     ] = 0,
@@ -779,12 +891,15 @@ def bench(
     run_dir = resume if resume is not None else out
     assert run_dir is not None
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    _check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
+    recipe = _bench_recipe(stats_pieces, stats_samples, template_tokens)
     config = BenchConfig(
         model=model, methods=names, dataset=dataset, n_edits=n_edits, batch_size=batch_size,
         checkpoint_every=checkpoint_every, seed=seed, offset=offset, corpus=corpus,
         stats_tokens=stats_tokens, fluency_cases=fluency_cases, general_every=general_every,
         general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
         positions_per_pass=positions_per_pass,
+        **{k: v for k, v in recipe.items() if v is not None},
     )  # fmt: skip
     _check_bench_data(config)  # a data error before minutes of model loading
     loaded = _load(model, device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -51,6 +53,7 @@ def run_demo(
     stats_tokens: int | None = None,
     run_dir: str | None = None,
     console: Console | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> list[dict]:
     console = console or Console()
     model, tok = loaded.model, loaded.tokenizer
@@ -68,6 +71,7 @@ def run_demo(
         stats_tokens=stats_tokens,
         run_dir=run_dir,
         log=console.print,
+        **(recipe or {}),  # stats_pieces, stats_samples, template_tokens
     )
     console.print(
         f"edited layers {session.layers}; {len(flat)} edits in {len(batches)} batches; "

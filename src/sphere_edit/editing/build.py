@@ -13,8 +13,9 @@ from ..methods.base import edits_single_layer, needs_statistics
 from ..model.loading import LoadedModel
 from ..sphere.projection import SphereProjection
 from .presets import Preset, describe_choice, preset_for
+from .sampling import parse_template_tokens
 from .session import EditSession
-from .stats import Corpus, layer_second_moments, load_corpus
+from .stats import Corpus, StatsRecipe, StatsRecipeError, layer_second_moments, load_corpus
 from .vstar import VStarConfig
 
 
@@ -73,6 +74,9 @@ def build_session(
     layers: list[int] | None = None,
     corpus: Corpus | str | None = None,
     stats_tokens: int | None = None,
+    stats_pieces: str | int | None = None,
+    stats_samples: int | None = None,
+    template_tokens: str | int | None = None,
     eta: float | None = None,
     alpha: float | None = None,
     basis: str = "current",
@@ -85,7 +89,10 @@ def build_session(
 ) -> EditSession:
     """A session for ``spec`` with the preset's options; ``method_overrides`` replace
     single method options (e.g. ``{"epsilon": None}`` for unconstrained FT). A one-layer
-    method (ROME, FT) edits the preset's layer for it unless ``layers`` names one."""
+    method (ROME, FT) edits the preset's layer for it unless ``layers`` names one.
+    ``stats_pieces`` (``"whole"`` or ``"256"``), ``stats_samples`` (the first N texts,
+    instead of ``stats_tokens``) and ``template_tokens`` (``"authors"`` or 10) choose the
+    statistics' and the context templates' recipes; the preset's by default."""
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
     if preset is None:
         preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
@@ -99,17 +106,30 @@ def build_session(
         layers = [preset.single_layer(spec.method)]
     else:
         layers = list(preset.layers)
-    tokens = stats_tokens or preset.stats_tokens
+    if stats_tokens is not None and stats_samples is not None:
+        raise StatsRecipeError(
+            "stats_samples: give either a token count (stats_tokens) or a sample count, not both"
+        )
+    recipe = StatsRecipe.parse(
+        preset.stats_pieces if stats_pieces is None else stats_pieces, stats_samples
+    )
+    templates = parse_template_tokens(
+        preset.template_tokens if template_tokens is None else template_tokens
+    )
+    tokens = None if stats_samples is not None else stats_tokens or preset.stats_tokens
     if needs_statistics(method):
         if not isinstance(corpus, Corpus):
             corpus = load_corpus(corpus, loaded, seed=seed)
         log(f"statistics: {corpus.description}")
-        stats = layer_second_moments(loaded, layers, corpus, max_tokens=tokens, progress=progress)
+        stats = layer_second_moments(
+            loaded, layers, corpus, max_tokens=tokens, recipe=recipe, progress=progress
+        )
         moments = {layer: m.moment for layer, m in stats.items()}
         corpus_header = {
             "corpus": corpus.description,
             "corpus_fingerprint": corpus.fingerprint,
             "stats_tokens": tokens,
+            **recipe_header(recipe),
         }
     else:
         # The method never reads C0: no corpus pass, and a zero placeholder in the state.
@@ -141,7 +161,18 @@ def build_session(
             "method_spec": str(spec),
             "preset": preset.name,
             **corpus_header,
+            "template_tokens": templates,
         },
     )
     session.progress = progress
+    session.template_tokens = templates
     return session
+
+
+def recipe_header(recipe: StatsRecipe) -> dict[str, Any]:
+    """The statistics recipe's journal-header fields (a journal without them, written
+    before they were recorded, used the 256-token pieces: see ``Journal.verify``)."""
+    header: dict[str, Any] = {"stats_pieces": recipe.pieces, "stats_samples": recipe.samples}
+    if recipe.max_len is not None:
+        header["stats_max_len"] = recipe.max_len
+    return header

@@ -353,7 +353,12 @@ class Journal:
                 pass
             else:
                 theirs["target"] = json.loads(json.dumps(stored))
-        keys = [k for k in mine if k not in ("model", "templates", "base_fingerprint")]
+        if theirs.get("stats_tokens") is not None:
+            # Journals written before the statistics recipe was recorded used 256-token pieces.
+            theirs.setdefault("stats_pieces", "256")
+        # template_tokens only chose how the journal's templates were sampled.
+        own = ("model", "templates", "template_tokens", "base_fingerprint")
+        keys = [k for k in mine if k not in own]
         difference = first_difference(theirs, mine, keys)
         if difference is not None:
             key, stored_value, value = difference

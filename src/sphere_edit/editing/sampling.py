@@ -25,12 +25,13 @@ def sample_continuations(
     tokenizer: PreTrainedTokenizerBase,
     starts: Sequence[str],
     *,
-    new_tokens: int,
+    new_tokens: int | Sequence[int],
     top_k: int,
     seed: int,
     batch_size: int = 32,
 ) -> list[str]:
-    """Top-k sampling from ``starts`` with a private generator (no global RNG use)."""
+    """Top-k sampling from ``starts`` with a private generator (no global RNG use);
+    ``new_tokens`` is one count for all starts or one per start."""
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -44,9 +45,16 @@ def sample_continuations(
     for begin in range(0, len(starts), batch_size):
         chunk = list(starts[begin : begin + batch_size])
         rows = [encode(tokenizer, s) for s in chunk]
-        new = decode_tokens(model, tokenizer, rows, new_tokens, sample)
-        for start, row in zip(chunk, new, strict=True):
-            texts.append(start + tokenizer.decode(row, skip_special_tokens=True))
+        counts = (
+            [new_tokens] * len(chunk)
+            if isinstance(new_tokens, int)
+            else list(new_tokens[begin : begin + len(chunk)])
+        )
+        # A row's token at a step depends only on its own prefix, so the rows asking
+        # for fewer tokens are the longest decoding cut short.
+        new = decode_tokens(model, tokenizer, rows, max(counts), sample)
+        for start, row, count in zip(chunk, new, counts, strict=True):
+            texts.append(start + tokenizer.decode(row[:count], skip_special_tokens=True))
     return texts
 
 
@@ -104,18 +112,61 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+TEMPLATE_LENGTH = 10
+"""The authors' ``max_out_len`` for the context templates: prompt and new tokens together."""
+
+
+def template_new_tokens(
+    tokenizer: PreTrainedTokenizerBase, starts: Sequence[str], template_tokens: str | int
+) -> list[int]:
+    """New tokens to sample after each start word. ``"authors"``: MEMIT's recipe, whose
+    ``max_out_len`` of :data:`TEMPLATE_LENGTH` counts the prompt as their tokenizer call
+    counts it (a beginning-of-sequence token included when the tokenizer adds one);
+    an integer: that many new tokens after every start (10: sphere-edit's old recipe)."""
+    template_tokens = parse_template_tokens(template_tokens)
+    if template_tokens == "authors":
+        return [max(TEMPLATE_LENGTH - len(encode(tokenizer, s)), 0) for s in starts]
+    return [int(template_tokens)] * len(starts)
+
+
+class TemplateTokensError(ValueError):
+    pass
+
+
+def parse_template_tokens(value: str | int) -> str | int:
+    """``"authors"`` or a positive count, from the CLI, a preset or a journal."""
+    if isinstance(value, str) and value.strip().lower() == "authors":
+        return "authors"
+    try:
+        count = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        count = None
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TemplateTokensError(
+            f"template_tokens: cannot read {value!r}; give 'authors' or a number of new "
+            "tokens such as 10"
+        )
+    if count < 1:
+        raise TemplateTokensError(f"template_tokens: must be at least 1, got {count}")
+    return count
+
+
 def generate_context_templates(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     *,
     seed: int = 0,
     starts: Sequence[str] = CONTEXT_STARTS,
-    new_tokens: int = 10,
+    new_tokens: int | None = None,
+    template_tokens: str | int = "authors",
 ) -> list[str]:
-    """``["{}"]`` plus one short model-written prefix per start word, as in MEMIT."""
-    samples = sample_continuations(
-        model, tokenizer, starts, new_tokens=new_tokens, top_k=5, seed=seed
+    """``["{}"]`` plus one short model-written prefix per start word, as in MEMIT.
+    ``template_tokens`` sets how many tokens are sampled (:func:`template_new_tokens`);
+    ``new_tokens``, when given, is that many after every start."""
+    counts = template_new_tokens(
+        tokenizer, starts, template_tokens if new_tokens is None else new_tokens
     )
+    samples = sample_continuations(model, tokenizer, starts, new_tokens=counts, top_k=5, seed=seed)
     templates = ["{}"]
     for sample in samples:
         clean = " ".join(sample.replace("{", " ").replace("}", " ").split())

@@ -92,6 +92,8 @@ class BatchResult:
 class EditSession:
     # Progress of v* steps and key passes on stderr (build_session sets it).
     progress: bool = False
+    # New tokens per context template (sampling.template_new_tokens; build_session sets it).
+    template_tokens: str | int = "authors"
 
     def __init__(
         self,
@@ -163,7 +165,10 @@ class EditSession:
     def context_templates(self) -> list[str]:
         if self.templates is None:
             self.templates = generate_context_templates(
-                self.loaded.model, self.loaded.tokenizer, seed=self.seed
+                self.loaded.model,
+                self.loaded.tokenizer,
+                seed=self.seed,
+                template_tokens=self.template_tokens,
             )
         return self.templates
 

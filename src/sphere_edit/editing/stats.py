@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -45,6 +47,98 @@ class CorpusError(ValueError):
 
 # A corpus giving less than 1/SMALL_CORPUS_SHARE of the tokens asked is warned about.
 SMALL_CORPUS_SHARE = 2
+# The whole-text cap for a model whose config names no context length.
+FALLBACK_MAX_LEN = 2048
+LEGACY_PIECE_TOKENS = 256
+
+
+class StatsRecipeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class StatsRecipe:
+    """How the corpus is cut and counted for C0. The default is the authors'
+    (MEMIT/AlphaEdit ``layer_stats``): whole texts, each truncated to ``max_len`` tokens
+    (``None``: the model's context length). ``piece_tokens`` cuts every text into pieces
+    of that many tokens instead (256: sphere-edit's recipe before it followed the
+    authors). ``samples`` takes the first that many texts of the corpus instead of a
+    token budget."""
+
+    piece_tokens: int | None = None
+    samples: int | None = None
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.piece_tokens is not None and self.piece_tokens < 2:
+            raise StatsRecipeError(
+                f"stats_pieces: pieces of {self.piece_tokens} tokens are too short; give "
+                "'whole' or a length of at least 2 (256 is the old recipe)"
+            )
+        if self.samples is not None and self.samples < 1:
+            raise StatsRecipeError(f"stats_samples: must be at least 1, got {self.samples}")
+        if self.max_len is not None and self.max_len < 1:
+            raise StatsRecipeError(f"stats max_len: must be at least 1, got {self.max_len}")
+
+    @classmethod
+    def parse(cls, pieces: str | int | None = None, samples: int | None = None) -> StatsRecipe:
+        """``pieces`` as the CLI and presets give it: ``"whole"`` (or ``None``) or a piece
+        length such as ``"256"``."""
+        if pieces is None or str(pieces).strip().lower() == "whole":
+            return cls(samples=samples)
+        try:
+            length = int(str(pieces).strip())
+        except ValueError:
+            raise StatsRecipeError(
+                f"stats_pieces: cannot read {pieces!r}; give 'whole' or a piece length such as 256"
+            ) from None
+        return cls(piece_tokens=length, samples=samples)
+
+    @property
+    def pieces(self) -> str:
+        """``"whole"`` or the piece length, as the journal and the cache record it."""
+        return "whole" if self.piece_tokens is None else str(self.piece_tokens)
+
+    def size_tag(self, max_tokens: int | None) -> str:
+        """The statistics' size in a cache file name: ``"<N>tok"`` or ``"<N>samples"``."""
+        return f"{max_tokens}tok" if self.samples is None else f"{self.samples}samples"
+
+    def cache_suffix(self) -> str:
+        """The end of this recipe's cache file names: none for the default (whole texts up
+        to the model's context), so an entry written before recipes were recorded (the
+        256-token pieces) is found at the default's name and told apart by its metadata."""
+        if self.piece_tokens is None:
+            return "" if self.max_len is None else f"-whole{self.max_len}"
+        return f"-pieces{self.piece_tokens}"
+
+    def describe(self, max_len: int | None = None) -> dict[str, str]:
+        """The recipe's fields in the cache metadata (``max_len``: the resolved cap)."""
+        meta = {"pieces": self.pieces}
+        if self.piece_tokens is None:
+            meta["max_len"] = str(max_len)
+        if self.samples is not None:
+            meta["samples"] = str(self.samples)
+        return meta
+
+
+DEFAULT_RECIPE = StatsRecipe()
+
+
+def context_length(model: nn.Module) -> int:
+    """The model's context length (``max_position_embeddings``, or GPT-2's ``n_positions``),
+    the authors' cap on a statistics text. A config naming neither gets
+    :data:`FALLBACK_MAX_LEN`, with a warning."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    log.warning(
+        "the model's config gives no context length (max_position_embeddings); statistics "
+        "texts are truncated to %d tokens",
+        FALLBACK_MAX_LEN,
+    )
+    return FALLBACK_MAX_LEN
 
 
 def load_corpus(
@@ -152,7 +246,7 @@ class SecondMoment:
 
 
 def _token_pieces(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int, seq_len: int
+    tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], max_tokens: int, seq_len: int
 ) -> list[list[int]]:
     pieces: list[list[int]] = []
     budget = max_tokens
@@ -168,6 +262,57 @@ def _token_pieces(
     return pieces
 
 
+def _whole_texts(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Iterable[str],
+    max_tokens: int | None,
+    max_len: int,
+) -> list[list[int]]:
+    """Every text as one sequence, truncated to ``max_len`` tokens as the authors'
+    tokenizer call truncates it; the last text is cut to the token budget when there is
+    one. A one-token text adds its one key, as in the authors' statistics."""
+    sequences: list[list[int]] = []
+    budget = max_tokens
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_len)
+        ids = list(ids["input_ids"])[: budget if budget is not None else None]
+        if ids:
+            sequences.append(ids)
+        if budget is not None:
+            budget -= len(ids)
+            if budget <= 0:
+                break
+    return sequences
+
+
+def recipe_sequences(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: Corpus,
+    recipe: StatsRecipe,
+    max_tokens: int | None,
+) -> tuple[list[list[int]], str]:
+    """The token sequences ``recipe`` makes of ``corpus``, sorted by length, and the plan
+    string naming how they were cut (a resumed partial must have the same)."""
+    texts: Iterable[str] = corpus.texts
+    if recipe.samples is not None:
+        texts = islice(corpus.texts, recipe.samples)
+        max_tokens = None
+    elif max_tokens is None:
+        raise StatsRecipeError("stats_tokens: give a token count or a sample count (stats_samples)")
+    if recipe.piece_tokens is None:
+        max_len = recipe.max_len or context_length(model)
+        sequences = _whole_texts(tokenizer, texts, max_tokens, max_len)
+        cut = f"whole{max_len}"
+    else:
+        budget = max_tokens if max_tokens is not None else sys.maxsize
+        sequences = _token_pieces(tokenizer, texts, budget, recipe.piece_tokens)
+        cut = str(recipe.piece_tokens)
+    if recipe.samples is not None:
+        cut += f"/{recipe.samples}samples"
+    return sorted(sequences, key=len), cut
+
+
 @torch.no_grad()
 def collect_second_moments(
     model: nn.Module,
@@ -175,25 +320,32 @@ def collect_second_moments(
     layers: Sequence[int],
     corpus: Corpus,
     *,
-    max_tokens: int,
-    seq_len: int = 256,
+    max_tokens: int | None = None,
+    recipe: StatsRecipe = DEFAULT_RECIPE,
     tokens_per_pass: int = 4096,
     progress: bool = True,
     bf16: bool = False,
     checkpoint: stats_dist.Checkpoint | None = None,
 ) -> dict[int, SecondMoment]:
-    """E[k kᵀ] of the keys of ``layers`` over ``corpus``; each forward pass stops after
-    the last of them. Pieces are sorted by length so padding is small. ``bf16`` runs the
+    """E[k kᵀ] of the keys of ``layers`` over ``corpus`` cut by ``recipe`` (whole texts
+    by default, :class:`StatsRecipe`), ``max_tokens`` of them or the recipe's sample
+    count; each forward pass stops after the last layer. Sequences are sorted by length
+    so padding is small; padded positions are masked out of the keys. ``bf16`` runs the
     forward under bfloat16 autocast (the accumulation stays float64). Under torchrun each
     rank runs its share of the passes and the sums are all-reduced; a ``checkpoint`` saves
     and resumes partial sums (:mod:`.stats_dist`)."""
     layout = ModelLayout.of(model)
     device = next(model.parameters()).device
-    pieces = sorted(_token_pieces(tokenizer, corpus.texts, max_tokens, seq_len), key=len)
+    pieces, cut = recipe_sequences(model, tokenizer, corpus, recipe, max_tokens)
     if not pieces:
-        raise CorpusError("the corpus yields no token sequences of length 2 or more")
+        shortest = 1 if recipe.piece_tokens is None else 2
+        raise CorpusError(f"the corpus yields no token sequences of length {shortest} or more")
     available = sum(len(p) for p in pieces)
-    if available * SMALL_CORPUS_SHARE < max_tokens:
+    if (
+        max_tokens is not None
+        and recipe.samples is None
+        and available * SMALL_CORPUS_SHARE < max_tokens
+    ):
         log.warning(
             "%s gives %d tokens, far fewer than the %d statistics tokens asked; C0 rests on "
             "these few keys (give a larger corpus or fewer --stats-tokens)",
@@ -210,7 +362,7 @@ def collect_second_moments(
     bar = tqdm(
         total=sum(len(p) for p in pieces), unit="tok", desc="key statistics", disable=not progress
     )
-    plan = f"{seq_len}:{tokens_per_pass}:{len(pieces)}"
+    plan = f"{cut}:{tokens_per_pass}:{len(pieces)}"
     batches = packed_batches(pieces, tokens_per_pass, pad)
     for ids, mask in stats_dist.shard(batches, moments, checkpoint, plan):
         ids, mask = ids.to(device), mask.to(device)
@@ -265,11 +417,17 @@ def packed_batches(
         yield ids, mask
 
 
-def stats_cache_path(model_fp: str, corpus_fp: str, layer: int, tokens: int, dtype: str) -> Path:
-    return (
-        cache_dir() / "stats" / model_fp[:16] / corpus_fp[:16]
-        / f"layer{layer}-{tokens}tok-{dtype}.safetensors"
-    )  # fmt: skip
+def stats_cache_path(
+    model_fp: str,
+    corpus_fp: str,
+    layer: int,
+    tokens: int | None,
+    dtype: str,
+    recipe: StatsRecipe = DEFAULT_RECIPE,
+) -> Path:
+    """The cache entry of one layer's statistics; each recipe has its own file names."""
+    name = f"layer{layer}-{recipe.size_tag(tokens)}-{dtype}{recipe.cache_suffix()}"
+    return cache_dir() / "stats" / model_fp[:16] / corpus_fp[:16] / f"{name}.safetensors"
 
 
 def weights_dtype(loaded: LoadedModel) -> str:
@@ -282,25 +440,38 @@ def layer_second_moments(
     layers: Sequence[int],
     corpus: Corpus,
     *,
-    max_tokens: int,
+    max_tokens: int | None = None,
+    recipe: StatsRecipe = DEFAULT_RECIPE,
     progress: bool = True,
     bf16: bool = False,
 ) -> dict[int, SecondMoment]:
     """Cached :func:`collect_second_moments`: a cache entry is used only when the model,
-    layer, corpus, token count and dtype recorded inside it all match and its checksum
-    holds. Two processes filling the same entries take turns (a lock file next to them):
-    the second finds them filled."""
+    layer, corpus, token count, recipe and dtype recorded inside it all match and its
+    checksum holds (an entry written before recipes were recorded is the 256-token
+    pieces'). Two processes filling the same entries take turns (a lock file next to
+    them): the second finds them filled."""
     dtype = weights_dtype(loaded) + ("-bf16-autocast" if bf16 else "")
+    if recipe.samples is not None:
+        max_tokens = None
+    elif max_tokens is None:
+        raise StatsRecipeError("stats_tokens: give a token count or a sample count (stats_samples)")
+    whole = recipe.piece_tokens is None
+    max_len = (recipe.max_len or context_length(loaded.model)) if whole else None
     expected = {
         "model": loaded.fingerprint,
         "corpus": corpus.fingerprint,
         "tokens": str(max_tokens),
         "dtype": dtype,
+        **recipe.describe(max_len),
     }
-    lock = stats_cache_path(loaded.fingerprint, corpus.fingerprint, 0, max_tokens, dtype)
+    lock = stats_cache_path(loaded.fingerprint, corpus.fingerprint, 0, max_tokens, dtype, recipe)
     device = next(loaded.model.parameters()).device
-    with stats_dist.cache_lock(lock.parent / f".{max_tokens}tok-{dtype}.lock", device):
-        return _cached_second_moments(loaded, layers, corpus, expected, max_tokens, progress, bf16)
+    with stats_dist.cache_lock(
+        lock.parent / f".{recipe.size_tag(max_tokens)}-{dtype}{recipe.cache_suffix()}.lock", device
+    ):
+        return _cached_second_moments(
+            loaded, layers, corpus, expected, max_tokens, recipe, progress, bf16
+        )
 
 
 def _cached_second_moments(
@@ -308,16 +479,22 @@ def _cached_second_moments(
     layers: Sequence[int],
     corpus: Corpus,
     expected: dict[str, str],
-    max_tokens: int,
+    max_tokens: int | None,
+    recipe: StatsRecipe,
     progress: bool,
     bf16: bool,
 ) -> dict[int, SecondMoment]:
     dtype = expected["dtype"]
+
+    def entry(layer: int) -> Path:
+        return stats_cache_path(
+            loaded.fingerprint, corpus.fingerprint, layer, max_tokens, dtype, recipe
+        )
+
     found: dict[int, SecondMoment] = {}
     missing = []
     for layer in layers:
-        path = stats_cache_path(loaded.fingerprint, corpus.fingerprint, layer, max_tokens, dtype)
-        cached = _read_cached(path, {**expected, "layer": str(layer)})
+        cached = _read_cached(entry(layer), {**expected, "layer": str(layer)})
         if cached is None:
             missing.append(layer)
         else:
@@ -329,20 +506,12 @@ def _cached_second_moments(
             missing,
             corpus,
             max_tokens=max_tokens,
+            recipe=recipe,
             progress=progress,
             bf16=bf16,
-            checkpoint=stats_dist.checkpoint_for(
-                stats_cache_path(
-                    loaded.fingerprint, corpus.fingerprint, missing[0], max_tokens, dtype
-                ),
-                expected,
-                missing,
-            ),
+            checkpoint=stats_dist.checkpoint_for(entry(missing[0]), expected, missing),
         )
         for layer, moment in fresh.items():
-            path = stats_cache_path(
-                loaded.fingerprint, corpus.fingerprint, layer, max_tokens, dtype
-            )
             meta = {
                 **expected,
                 "layer": str(layer),
@@ -350,7 +519,7 @@ def _cached_second_moments(
                 "sha256": tensor_sha256(moment.total),
             }
             if stats_dist.is_writer():
-                write_tensors(path, {"total": moment.total}, metadata=meta)
+                write_tensors(entry(layer), {"total": moment.total}, metadata=meta)
             found[layer] = moment
     return {layer: found[layer] for layer in layers}
 
@@ -365,6 +534,8 @@ def _read_cached(path: Path, expected: dict[str, str]) -> SecondMoment | None:
     except Exception as error:  # noqa: BLE001 - any unreadable cache is recomputed
         log.warning("statistics cache %s is unreadable (%s); recomputing", path, error)
         return None
+    # Entries written before the recipe was recorded hold the 256-token pieces.
+    meta = {"pieces": str(LEGACY_PIECE_TOKENS), **meta}
     mismatched = [k for k, v in expected.items() if meta.get(k) != v]
     if mismatched or total.dtype != torch.float64 or total.ndim != 2:
         log.warning("statistics cache %s does not match (%s); recomputing", path, mismatched)

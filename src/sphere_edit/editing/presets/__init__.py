@@ -16,6 +16,7 @@ from ...methods import get_method, method_names
 
 # The entries of a preset file that are not method sections.
 GENERAL_KEYS = ("models", "identity", "layers", "target", "sphere", "stats_tokens", "notes")
+GENERAL_KEYS += ("stats_pieces", "template_tokens")
 # The config entries that identify a model's architecture: a local folder or another hub
 # id holding the same weights has the same ones, without any file beyond its config.
 IDENTITY_KEYS = (
@@ -45,6 +46,9 @@ class Preset:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     sphere: dict[str, Any] = field(default_factory=dict)
     stats_tokens: int = 100_000
+    # The statistics' and templates' recipes (StatsRecipe.parse, parse_template_tokens).
+    stats_pieces: str = "whole"
+    template_tokens: str | int = "authors"
     notes: str = ""
     identity: dict[str, Any] = field(default_factory=dict)
     matched: str = ""
@@ -107,6 +111,8 @@ def parse_preset(name: str, data: Mapping[str, Any]) -> Preset:
         methods={key: dict(data[key]) for key in known if key in data},
         sphere=data.get("sphere", {}),
         stats_tokens=int(data.get("stats_tokens", 100_000)),
+        stats_pieces=str(data.get("stats_pieces", "whole")),
+        template_tokens=data.get("template_tokens", "authors"),
         notes=data.get("notes", ""),
         identity=dict(data.get("identity", {})),
     )
