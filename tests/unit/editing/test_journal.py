@@ -139,7 +139,7 @@ def test_records_edit_counts_and_resumed_requests(run, tmp_path):
     copy = _copy(run, tmp_path)
     second = copy.run_dir / copy.index()["batches"][1]["requests_file"]
     second.write_text(json.dumps({"index": 2}), encoding="utf-8")
-    with pytest.raises(JournalError, match="batch 2: .* has no requests"):
+    with pytest.raises(JournalError, match="batch 2: .* holds no .requests. list"):
         copy.edit_counts()
 
 
