@@ -368,18 +368,30 @@ def run_warning_evaluation(run_dir: str | Path, **options: Any) -> dict[str, dic
 
 
 def order_spread(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Methods run two or more times on the same model, data set and number of edits (a
+    """Methods run two or more times on the same model and data set (a
     :func:`~sphere_edit.bench.plots.read_run` dict per run, typically differing in
-    ``case_order``): per such method and key, the final-model values' mean, min, max and
-    sample standard deviation, and the orders they came from."""
+    ``case_order``), compared at each run's size N: per method, N and key, the mean, min,
+    max and sample standard deviation of the metric after N edits over the runs that
+    reach N, and the orders they came from. A run of more edits counts with its
+    checkpoint at N (the cases edited so far on the model after N edits, which is what a
+    run of N edits evaluates on its final model), so a file-order run of 5,000 edits
+    pairs with shuffled runs of 2,000."""
+    sizes: dict[tuple[str, str], set[int]] = {}
+    for run in runs:
+        summary = run["summary"]
+        sizes.setdefault((summary["model"], summary["dataset"]), set()).add(summary["n_edits"])
     found: dict[tuple[str, str, int, str], list[tuple[str, Mapping[str, Any]]]] = {}
     for run in runs:
-        summary, config = run["summary"], run["config"]["config"]
-        order = config.get("case_order") or "file"
+        summary = run["summary"]
+        order = run["config"]["config"].get("case_order") or "file"
         for spec, data in run["methods"].items():
+            at = {c["edits"]: c["metrics"] for c in data.get("checkpoints", [])}
             if data.get("summary"):
-                group = (summary["model"], summary["dataset"], summary["n_edits"], spec)
-                found.setdefault(group, []).append((order, data["summary"]["final"]["metrics"]))
+                at[summary["n_edits"]] = data["summary"]["final"]["metrics"]
+            for size in sorted(sizes[(summary["model"], summary["dataset"])]):
+                if size in at:
+                    group = (summary["model"], summary["dataset"], size, spec)
+                    found.setdefault(group, []).append((order, at[size]))
     out = []
     for (model, dataset, n_edits, spec), results in found.items():
         if len(results) < 2:

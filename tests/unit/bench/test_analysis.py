@@ -236,6 +236,12 @@ def test_the_spread_over_orders_is_mean_min_max_and_std():
 
     values = [0.5, 0.7, 0.6]
     runs = [run(None, 0.5), run("shuffle:1", 0.7), run("shuffle:2", 0.6)]
+    # A longer file-order run counts with its checkpoint at 2,000 edits.
+    longer = run(None, 0.1)
+    longer["summary"]["n_edits"] = 5000
+    longer["methods"]["memit"]["checkpoints"] = [{"edits": 2000, "metrics": {"efficacy": 0.5}}]
+    (entry,) = order_spread([longer, *runs[1:]], ["efficacy"])
+    assert entry["n_edits"] == 2000 and entry["metrics"]["efficacy"]["mean"] == pytest.approx(0.6)
     (entry,) = order_spread(runs, ["efficacy"])
     assert entry["orders"] == ["file", "shuffle:1", "shuffle:2"]
     got = entry["metrics"]["efficacy"]

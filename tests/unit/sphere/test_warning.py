@@ -59,3 +59,42 @@ def test_defaults_and_bad_settings():
         EnergyWarning(k=0)
     with pytest.raises(ValueError, match="warmup"):
         EnergyWarning(warmup=0)
+
+
+def test_edit_prints_and_records_alarms(tmp_path, tiny_tokenizer, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sphere_edit.cli.app import app
+    from tests.tiny_models import make_tiny_model
+
+    monkeypatch.setenv("SPHERE_EDIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    make_tiny_model("llama", tiny_tokenizer).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(["Paris is the capital of France. Rome is in Italy."] * 40))
+    subjects = ["Toronto", "Lyon", "Oslo", "Kyoto", "Quito", "Turin", "Perth"]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(
+        "".join(
+            json.dumps({"prompt": "{} is located in", "subject": s, "target_new": "France"}) + "\n"
+            for s in subjects
+        )
+    )
+    out = tmp_path / "run"
+    args = [
+        "edit", "--model", str(folder), "--requests", str(requests), "--out", str(out),
+        "--method", "memit", "--batch-size", "1", "--layers", "1,2", "--corpus", str(corpus),
+        "--stats-tokens", "1000", "--steps", "2", "--he-warning", "1e-12",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "he_warnings.jsonl").open()]
+    # The first alarm can only come after the warm-up of DEFAULT_WARMUP batches.
+    assert rows and min(r["batch"] for r in rows) > DEFAULT_WARMUP
+    assert {r["layer"] for r in rows} <= {1, 2}
+    assert "HE warning: batch" in result.output
+    bad = CliRunner().invoke(app, [*args[:-1], "0"])
+    assert bad.exit_code != 0 and "--he-warning: must be positive" in bad.output
