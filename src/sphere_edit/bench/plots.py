@@ -173,3 +173,61 @@ def plot_general(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) 
     _legend(axes[0])
     save_png(figure, path)
     return path
+
+
+def plot_collapse(run: Mapping[str, Any], path: Path) -> Path:
+    """Per method, the headline metrics (cases edited so far) and HE (mean over the edited
+    layers, right axis) against edits, the collapse point marked (the paper's Figure 2)."""
+    from .analysis import collapse_point
+
+    methods = list(run["methods"].items())
+    figure = new_figure(4.4 * max(1, len(methods)), 3.4)
+    axes = figure.subplots(1, max(1, len(methods)), squeeze=False)[0]
+    for ax, (spec, data) in zip(axes, methods, strict=False):
+        checkpoints = data["checkpoints"]
+        xs = [c["edits"] for c in checkpoints]
+        for metric in CURVE_METRICS:
+            ax.plot(xs, [c["metrics"].get(metric) for c in checkpoints], marker="o", label=metric)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("edits")
+        ax.set_title(spec)
+        energy = data["energy"]
+        twin = ax.twinx()
+        twin.plot(list(energy), list(energy.values()), color="black", linewidth=1, label="HE")
+        twin.ticklabel_format(axis="y", useOffset=False)
+        twin.set_ylabel("HE (mean over layers)")
+        point = collapse_point(checkpoints)
+        if point is not None:
+            ax.axvline(point, color="red", linestyle=":", label=f"collapse ({point})")
+        _legend(ax)
+    save_png(figure, path)
+    return path
+
+
+def plot_pooled_differences(pooled: Mapping[str, Any], path: Path) -> Path:
+    """ΔHE against Δmetric between consecutive checkpoints, every method in one scatter
+    per metric, with the pooled least-squares line (the paper's Figure 3);
+    ``pooled`` is :func:`.analysis.pooled_difference_fits`'s."""
+    figure = new_figure(4.0 * len(pooled), 3.4)
+    axes = figure.subplots(1, len(pooled), squeeze=False)[0]
+    steps = [p[0] for entry in pooled.values() for s in entry["points"].values() for p in s]
+    exponent = scale_exponent(steps)
+    for ax, (metric, entry) in zip(axes, pooled.items(), strict=True):
+        for spec, points in entry["points"].items():
+            if points:
+                xs = [p[0] / 10.0**exponent for p in points]
+                ax.scatter(xs, [p[1] for p in points], s=18, label=spec)
+        fit = entry["fit"]
+        if fit is not None and steps:
+            lo, hi = min(steps), max(steps)
+            ax.plot(
+                [lo / 10.0**exponent, hi / 10.0**exponent],
+                [fit.intercept + fit.slope * x for x in (lo, hi)],
+                color="black",
+                label=f"fit: r {fit.r:+.2f}, p {fit.p_value:.2g}",
+            )
+        ax.set_title(f"Δ{metric} vs ΔHE, all methods")
+        ax.set_xlabel(f"ΔHE (×1e{exponent})" if exponent else "ΔHE")
+        _legend(ax)
+    save_png(figure, path)
+    return path

@@ -391,5 +391,168 @@ def build_report(run_dirs: Sequence[str | Path]) -> str:
         parts.append(f"<h2>{html.escape(label)}</h2>")
         parts.extend(_figures(group))
         parts.extend(_run_section(d) for d in group["run_dirs"])
+    parts.extend(study_sections(run_dirs))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# -- the long sequential studies: intervals, collapse, pooled fit, warning, spread ---------
+
+INTERVALS_NOTE = (
+    "Mean over cases ×100 and its 95% percentile-bootstrap interval (1,000 resamples of "
+    "the cases, seed 0), on the final model; a run still in progress has none yet."
+)
+
+
+def interval_table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per run and finished method (and the pre-edit model), every
+    column of :data:`COLUMNS` as "mean [low, high]" ×100."""
+    from .analysis import format_interval, run_intervals
+
+    keys = [key for _, key in COLUMNS]
+    header = ["run", "method"] + [label for label, _ in COLUMNS]
+    rows = []
+    for run_dir in run_dirs:
+        for name, intervals in run_intervals(run_dir, keys).items():
+            rows.append(
+                [Path(run_dir).name, name] + [format_interval(intervals.get(k)) for k in keys]
+            )
+    return header, rows
+
+
+def collapse_table(group: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per method, its collapse point and Spearman ρ(HE, metric) before
+    and after it (see :func:`.analysis.collapse_correlations`)."""
+    from .analysis import COLLAPSE_METRICS, NO_COLLAPSE, collapse_correlations, format_rho
+
+    short = {"efficacy": "Eff.", "generalization": "Gen.", "specificity": "Spe."}
+    header = ["method", "collapse point (edits)"]
+    header += [f"ρ {side} ({short[m]})" for side in ("before", "after") for m in COLLAPSE_METRICS]
+    rows = []
+    for spec, data in group["methods"].items():
+        result = collapse_correlations(data["checkpoints"], data["energy"])
+        point = result["collapse"]
+        row = [spec, NO_COLLAPSE if point is None else str(point)]
+        row += [
+            format_rho(result[side][m]) for side in ("before", "after") for m in COLLAPSE_METRICS
+        ]
+        rows.append(row)
+    return header, rows
+
+
+def pooled_fit_table(pooled: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per metric, the pooled ΔHE–Δmetric line's slope, r, p and n."""
+    header = ["metric", "slope", "r", "p-value", "points"]
+    rows = []
+    for metric, entry in pooled.items():
+        fit = entry["fit"]
+        n = sum(len(p) for p in entry["points"].values())
+        if fit is None:
+            rows.append([metric, "–", "–", "–", f"{n} (needs 3 and unequal ΔHE)"])
+        else:
+            rows.append([metric, f"{fit.slope:.3g}", f"{fit.r:+.2f}", f"{fit.p_value:.2g}", str(n)])
+    return header, rows
+
+
+def warning_table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): the HE early-warning rule replayed on each method's he.csv."""
+    from .analysis import run_warning_evaluation
+
+    header = [
+        "run", "method", "collapse batch", "largest ΔHE batch", "its lead (batches)",
+        "alarms", "flagged", "first alarm lead", "false alarms",
+    ]  # fmt: skip
+    rows = []
+    for run_dir in run_dirs:
+        for spec, r in run_warning_evaluation(run_dir).items():
+            shown = [r["collapse_batch"], r["largest_batch"], r["largest_lead"]]
+            rows.append(
+                [Path(run_dir).name, spec]
+                + ["–" if v is None else str(v) for v in shown]
+                + [
+                    str(len(r["alarms"])),
+                    ("yes" if r["flagged"] else "no") if r["collapse_batch"] else "no collapse",
+                    "–" if r["first_lead"] is None else str(r["first_lead"]),
+                    str(r["false_alarms"]),
+                ]
+            )
+    return header, rows
+
+
+def spread_table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): methods run several times with different case orders: each
+    headline metric's mean, min–max and standard deviation ×100 over the runs."""
+    from .analysis import order_spread
+
+    keys = [key for _, key in COLUMNS[:6]]
+    header = ["group", "method", "orders"] + [label for label, _ in COLUMNS[:6]]
+    rows = []
+    for entry in order_spread([read_run(d) for d in run_dirs], keys):
+        row = [
+            f"{entry['model']} {entry['dataset']} (n={entry['n_edits']})",
+            entry["method"],
+            ", ".join(entry["orders"]),
+        ]
+        for key in keys:
+            s = entry["metrics"].get(key)
+            row.append(
+                "–"
+                if s is None
+                else f"{100 * s['mean']:.2f} "
+                f"({100 * s['min']:.2f}–{100 * s['max']:.2f}, std {100 * s['std']:.2f})"
+            )
+        rows.append(row)
+    return header, rows
+
+
+def study_sections(run_dirs: Sequence[str | Path]) -> list[str]:
+    """The report's sections for the long sequential studies: bootstrap intervals, the
+    collapse point with ρ before and after it, the pooled difference fit, the HE
+    early-warning rule and the spread over case orders (when runs repeat a method)."""
+    from ..sphere.warning import DEFAULT_K, DEFAULT_WARMUP
+    from .analysis import DEFAULT_HORIZON, pooled_difference_fits
+    from .plots import plot_collapse, plot_pooled_differences
+
+    header, rows = interval_table(run_dirs)
+    parts = ["<h2>Bootstrap intervals</h2>", f"<p>{INTERVALS_NOTE}</p>", _html_table(header, rows)]
+    for label, group in group_runs(run_dirs).items():
+        header, rows = collapse_table(group)
+        pooled = pooled_difference_fits(group)
+        fit_header, fit_rows = pooled_fit_table(pooled)
+        with tempfile.TemporaryDirectory() as folder:
+            figures = [
+                img_tag(plot_collapse(group, Path(folder) / "collapse.png"), "collapse"),
+                img_tag(plot_pooled_differences(pooled, Path(folder) / "pooled.png"), "pooled fit"),
+            ]
+        parts += [
+            f"<h2>Collapse: {html.escape(label)}</h2>",
+            "<p>Collapse point: the first checkpoint where efficacy is below half its value "
+            "at the first checkpoint. ρ: Spearman between HE (mean over edited layers) and "
+            "the metric over the checkpoints before the collapse point and from it on; a "
+            "side needs 3 or more checkpoints.</p>",
+            _html_table(header, rows),
+            figures[0],
+            "<h3>ΔHE against Δmetric between consecutive checkpoints, all methods</h3>",
+            _html_table(fit_header, fit_rows),
+            figures[1],
+        ]
+    header, rows = warning_table(run_dirs)
+    parts += [
+        "<h2>HE early warning</h2>",
+        f"<p>The rule (per layer: a batch's HE change above k = {DEFAULT_K:g} times the "
+        f"median of the earlier absolute changes, after {DEFAULT_WARMUP} batches of "
+        "warm-up) replayed on each method's he.csv. Lead: batches before the collapse "
+        f"batch; flagged: an alarm at most {DEFAULT_HORIZON} batches before it; false "
+        f"alarms: alarms not followed by the collapse within {DEFAULT_HORIZON} "
+        "batches.</p>",
+        _html_table(header, rows),
+    ]
+    header, rows = spread_table(run_dirs)
+    if rows:
+        parts += [
+            "<h2>Run-to-run spread over case orders</h2>",
+            "<p>Final-model metrics ×100 of the same method and size in runs that differ "
+            "in case order: mean (min–max, sample std).</p>",
+            _html_table(header, rows),
+        ]
+    return parts

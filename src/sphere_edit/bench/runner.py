@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import random
 import resource
 import sys
 import time
@@ -55,14 +56,22 @@ from ..evaluation.metrics import (
     spearman,
 )
 from ..model.loading import LoadedModel, load_model
+from ..sphere.warning import EnergyWarning
+from .analysis import case_intervals
 from .rundir import SUMMARY, BenchRunDir, MethodDir
 
 HEADLINE_METRICS = ("efficacy", "generalization", "specificity")
+# The paper-style table's per-case columns, each stored with its bootstrap interval.
+INTERVAL_KEYS = HEADLINE_METRICS + (
+    "rewrite_prob_success", "paraphrase_prob_success", "neighborhood_prob_success",
+    "fluency", "consistency",
+)  # fmt: skip
 # The settings the pre-edit evaluation depends on (a run may reuse another run's pre-edit
 # results when all of them agree, see ``Benchmark(pre_edit_from=...)``).
 PRE_EDIT_SETTINGS = (
     "dataset", "n_edits", "offset", "seed", "fluency_cases", "general_every",
     "general_data", "general_items", "skip_invalid", "eval_batch_size",
+    "case_order", "general_tasks",
 )  # fmt: skip
 
 
@@ -92,6 +101,11 @@ class BenchConfig:
     eval_batch_size: int = 64
     # v* memory cap (VStarConfig.positions_per_pass): None the default, 0 no cap.
     positions_per_pass: int | None = None
+    # None: the data set's order; "shuffle:SEED": a seeded shuffle of the selected cases.
+    case_order: str | None = None
+    # The HE early warning's k (sphere.warning.EnergyWarning); None: off.
+    he_warning: float | None = None
+    general_tasks: tuple[str, ...] | None = None  # None: every general-abilities task
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -119,6 +133,9 @@ class BenchConfig:
             raise ValueError("stats_samples: give either stats_tokens or stats_samples, not both")
         StatsRecipe.parse(self.stats_pieces, self.stats_samples)
         parse_template_tokens(self.template_tokens)
+        order_seed(self.case_order)
+        if self.he_warning is not None and not self.he_warning > 0:
+            raise ValueError(f"he_warning: must be positive, got {self.he_warning}; e.g. 5")
 
     def checkpoints(self) -> list[int]:
         """Numbers of edits after which the cases edited so far are evaluated."""
@@ -133,6 +150,30 @@ class BenchConfig:
             return []
         ends = list(range(self.batch_size, self.n_edits, self.batch_size)) + [self.n_edits]
         return sorted({e for e in ends if e % self.general_every == 0} | {self.n_edits})
+
+
+def order_seed(case_order: str | None) -> int | None:
+    """The seed of a ``shuffle:SEED`` case order; None for the data set's order."""
+    if case_order is None or case_order == "file":
+        return None
+    kind, _, seed = case_order.partition(":")
+    if kind != "shuffle" or not seed.strip().lstrip("-").isdigit():
+        raise ValueError(
+            f"case_order: {case_order!r} is not an order; give 'file' or 'shuffle:SEED', "
+            "e.g. shuffle:1"
+        )
+    return int(seed)
+
+
+def order_cases(cases: list[EditCase], case_order: str | None) -> list[EditCase]:
+    """``cases`` in the configured order: as given, or shuffled by a generator seeded
+    with the order's seed (the same seed gives the same order on every machine)."""
+    seed = order_seed(case_order)
+    if seed is None:
+        return cases
+    shuffled = list(cases)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
 
 
 def environment(loaded: LoadedModel) -> dict[str, Any]:
@@ -166,6 +207,7 @@ class MethodRun:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     general: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    warning: EnergyWarning | None = None  # the HE early warning, when configured
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -274,8 +316,9 @@ class Benchmark:
         from ..evaluation.general import evaluate_general
 
         c = self.config
+        tasks = {} if c.general_tasks is None else {"tasks": c.general_tasks}
         return evaluate_general(
-            loaded.model, loaded.tokenizer, c.general_data, n_items=c.general_items
+            loaded.model, loaded.tokenizer, c.general_data, n_items=c.general_items, **tasks
         )
 
     # -- the run ----------------------------------------------------------------------------
@@ -292,7 +335,7 @@ class Benchmark:
         loaded = self._loaded or load_model(c.model)
         load_seconds = time.perf_counter() - clock
         case_set = self._cases()
-        cases = list(case_set)
+        cases = order_cases(list(case_set), c.case_order)
         # Checked before the folder is created: a refused source leaves nothing behind.
         borrowed = self._pre_edit_source(loaded) if self.pre_edit_from is not None else None
         if not resuming:
@@ -431,6 +474,8 @@ class Benchmark:
             log=self.log,
         )
         record = MethodRun(spec=spec, layers=list(session.layers))
+        if c.he_warning is not None:
+            record.warning = EnergyWarning(k=c.he_warning)
         record.add_time("statistics", time.perf_counter() - clock)
         for layer, energy in session.energy().items():
             record.energy.append({"edits": 0, "layer": layer, "energy": energy})
@@ -461,6 +506,8 @@ class Benchmark:
                 result.target_steps,
                 result.warnings,
             )
+            for alarm in record.batches[-1].get("he_warnings", []):
+                self.log(f"{spec}: {alarm['message']}")
             final = self._marks(loaded, record, done, cases) or final
             self._write_progress(out, record)
             bar.update(
@@ -489,6 +536,7 @@ class Benchmark:
                 str(r["layer"]): r["energy"] for r in record.energy if r["edits"] == 0
             },
             "correlations": record.correlations(),
+            "intervals": case_intervals(per_case, INTERVAL_KEYS),
             "timings": record.timings,
             "wall_seconds": time.perf_counter() - started,
             "session": session.header(),
@@ -706,6 +754,11 @@ def _add_batch(
             "warnings": warnings,
         }
     )
+    if record.warning is not None:
+        alarms = record.warning.update(record.batches[-1]["energy_change"])
+        record.batches[-1]["he_warnings"] = [
+            {**alarm.to_dict(), "message": alarm.message()} for alarm in alarms
+        ]
 
 
 def _headline(metrics: dict[str, Any]) -> str:

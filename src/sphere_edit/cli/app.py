@@ -223,6 +223,16 @@ def locked(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+HeWarningOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="HE early warning: say (and record) when a layer's HE change exceeds K times "
+        "the median of its earlier absolute changes (after a warm-up of 5 batches). "
+        "Off by default."
+    ),
+]
+
+
 @app.command()
 @friendly
 @locked
@@ -272,6 +282,7 @@ def edit(
         bool,
         typer.Option(help="Continue an interrupted run in --out after its last journaled batch."),
     ] = False,
+    he_warning: HeWarningOpt = None,
 ) -> None:
     """Apply edit requests sequentially in batches, journaling every batch."""
     from ..common.fileio import atomic_dir
@@ -290,6 +301,8 @@ def edit(
         raise ValueError(f"--basis must be 'current' or 'pre_edit', got {basis!r}")
     _check_edit_options(spec, layers, eta=eta, alpha=alpha, basis=basis)
     _check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
+    if he_warning is not None and not he_warning > 0:
+        raise ValueError(f"--he-warning: must be positive, got {he_warning}; e.g. 5")
     _check_run_dir(out, resume)
     if export is not None:
         _check_export(export)
@@ -321,6 +334,7 @@ def edit(
         template_tokens=template_tokens,
     )  # fmt: skip
     done = _resume_edit(session, batches) if resume else 0
+    alarm_rule = _he_warning_rule(he_warning, session, done)
     console.print(f"{spec} on layers {session.layers}: {len(all_requests)} requests, "
                   f"{len(batches)} batches")  # fmt: skip
     for batch in batches[done:]:
@@ -332,11 +346,42 @@ def edit(
             f"{time.perf_counter() - start:.1f}s; HE change {change}"
         )
         _report_unconverged(batch, result.target_loss, session.target.loss_tolerance)
+        if alarm_rule is not None:
+            _record_he_warnings(out, alarm_rule.update(result.energy_change))
     if export:
         with atomic_dir(export) as folder:
             session.export(folder)
         console.print(f"edited model saved to {export}")
     console.print(f"journal in {out}")
+
+
+HE_WARNINGS = "he_warnings.jsonl"  # an edit run's alarms, one JSON object a line
+
+
+def _he_warning_rule(k: float | None, session: Any, done: int) -> Any:
+    """The early-warning rule for ``edit --he-warning K`` (None when off), fed the HE
+    changes of the ``done`` batches a resumed run replayed, so it judges as if unbroken."""
+    from ..sphere.warning import EnergyWarning
+
+    if k is None:
+        return None
+    rule = EnergyWarning(k=k)
+    for entry in session.journal.index()["batches"][:done] if done else []:
+        rule.update({int(n): v["after"] - v["before"] for n, v in entry["energy"].items()})
+    return rule
+
+
+def _record_he_warnings(out: Path, alarms: list[Any]) -> None:
+    """Print each alarm and append it to the run's he_warnings.jsonl."""
+    from ..bench.rundir import read_jsonl, write_jsonl
+
+    if not alarms:
+        return
+    rows = read_jsonl(out / HE_WARNINGS)
+    for alarm in alarms:
+        console.print(alarm.message())
+        rows.append({**alarm.to_dict(), "message": alarm.message()})
+    write_jsonl(out / HE_WARNINGS, rows)
 
 
 def _check_edit_options(
@@ -879,10 +924,19 @@ def bench(
             "settings; e.g. the same benchmark of other methods run in parallel)."
         ),
     ] = None,
+    case_order: Annotated[
+        str | None,
+        typer.Option(help="'file' (default) or 'shuffle:SEED': a seeded shuffle of the cases."),
+    ] = None,
+    he_warning: HeWarningOpt = None,
+    general_tasks: Annotated[
+        str | None, typer.Option(help="General-abilities tasks, e.g. gsm8k. Default: all.")
+    ] = None,
 ) -> None:
     """Sequential editing benchmark: every method from the same base model on the same cases."""
     from ..bench.runner import BenchConfig, Benchmark
     from ..editing.build import parse_layers
+    from ..evaluation.general import task_list
 
     if out is None and resume is None:
         raise ValueError("--out: give a new run directory (or --resume RUN_DIR)")
@@ -901,6 +955,10 @@ def bench(
         positions_per_pass=positions_per_pass,
         **{k: v for k, v in recipe.items() if v is not None},
     )  # fmt: skip
+    config = replace(
+        config, case_order=case_order, he_warning=he_warning,
+        general_tasks=tuple(task_list(general_tasks)) if general_tasks else None,
+    )  # fmt: skip
     _check_bench_data(config)  # a data error before minutes of model loading
     loaded = _load(model, device)
     if layers:
@@ -915,6 +973,7 @@ def bench(
     )
     summary = bench_run.run()
     _print_table([run_dir])
+    _print_intervals([run_dir])
     console.print(f"run directory {run_dir}; {summary['wall_seconds']:.0f}s")
 
 
@@ -988,8 +1047,25 @@ def report(
         expect_run(run_dir, "bench")
     write_text(out, build_report(run_dirs))
     _print_table(run_dirs)
+    _print_intervals(run_dirs)
     _print_plugin_table(run_dirs)
     console.print(f"report in {out}")
+
+
+def _print_intervals(run_dirs: list[Path]) -> None:
+    """The table's cells with their bootstrap intervals, per run and finished method."""
+    from ..bench.report import INTERVALS_NOTE, interval_table
+
+    header, rows = interval_table(run_dirs)
+    if not rows:
+        return
+    shown = Table(title="95% bootstrap intervals (×100)", caption=INTERVALS_NOTE)
+    for h in header:
+        shown.add_column(h, justify="left" if h in ("run", "method") else "right")
+    for row in rows:
+        shown.add_row(*row)
+    shown.caption_justify = "left"
+    console.print(shown)
 
 
 def _print_plugin_table(run_dirs: list[Path]) -> None:
