@@ -393,7 +393,13 @@ class EditSession:
         notes: list[str] = []
         for layer, name in sites:
             state = self.module_states[(layer, name)]
-            _require_finite(gradients[(layer, name)], requests, f"gradient at {state.weight_name}")
+            # Rows are target tokens, not requests: the module is named instead.
+            for what, values in (("key", keys[layer]), ("gradient", gradients[(layer, name)])):
+                if not bool(torch.isfinite(values).all()):
+                    raise NumericalError(
+                        f"the {what} at {state.weight_name} is NaN or Inf; the batch was "
+                        "rejected and the model left unchanged"
+                    )
             with _timed(timings, "solve"), _solver_notes(notes):
                 delta, after = self.method.update(  # type: ignore[union-attr]
                     keys[layer], gradients[(layer, name)], state.cache.get("method_state")

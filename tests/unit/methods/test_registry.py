@@ -36,7 +36,7 @@ from sphere_edit.methods import (
 )
 from sphere_edit.methods.registry import method_help
 
-BUILT_IN = ["memit", "alphaedit", "ft", "rome", "rect", "prune"]
+BUILT_IN = ["memit", "alphaedit", "ft", "rome", "rect", "prune", "ultraedit"]
 
 
 def test_the_built_in_methods_are_registered_in_order():

@@ -186,7 +186,8 @@ def _target_log_prob(loaded, requests: list[EditRequest]) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_one_batch_raises_the_probability_of_every_new_target(tiny_tokenizer, family):
     loaded = tiny_loaded(tiny_tokenizer, family)
-    requests = requests_abc()
+    # One target of several tokens: the rows of keys and gradients are tokens, not requests.
+    requests = [*requests_abc(), EditRequest.create("{} speaks", "Lionel Messi", "English French")]
     before = _target_log_prob(loaded, requests)
     session = _session(loaded)
     result = session.apply(requests)
