@@ -141,7 +141,7 @@ BEFORE = {
     "rome": ROME(),
     "rect": RECT(keep_fraction=0.4, mom2_weight=1000),
     "prune": PRUNE(mom2_weight=1000, log_base=2.718281828459045),
-    "ultraedit": UltraEdit(lr=0.1, ridge=1.0),
+    "ultraedit": UltraEdit(lr=1.0, ridge=1.0),
 }
 
 
