@@ -295,7 +295,7 @@ def geometry_for_run(
     weights are restored afterwards). Figures and ``summary.json`` go to ``out_dir``
     (default ``run_dir/geometry``); the summary is returned.
     """
-    from ..editing.journal import Journal, restore_weights, snapshot_weights
+    from ..editing.journal import Journal, index_modules, restore_weights, snapshot_weights
     from ..model.loading import LoadedModel, load_model
     from .rundir import GEOMETRY, GEOMETRY_SUMMARY
 
@@ -311,7 +311,7 @@ def geometry_for_run(
             f"layers {missing} are not edited by this run (it edits {index['layers']})"
         )
     layout = loaded.layout
-    stored = snapshot_weights(layout, index["layers"])
+    stored = snapshot_weights(layout, index["layers"], index_modules(index))
     pre = {layer: layout.read_weight(layer).detach().cpu().clone() for layer in chosen}
     journal.replay(loaded, index)
     try:

@@ -104,6 +104,9 @@ def build_session(
         layers = list(layers)
     elif edits_single_layer(method):
         layers = [preset.single_layer(spec.method)]
+    elif callable(getattr(method, "default_layers", None)):
+        # A method with its own band of layers (UltraEdit), not the MEMIT window.
+        layers = method.default_layers(loaded.layout.num_layers)  # type: ignore[union-attr]
     else:
         layers = list(preset.layers)
     if stats_tokens is not None and stats_samples is not None:
@@ -134,11 +137,14 @@ def build_session(
     else:
         # The method never reads C0: no corpus pass, and a zero placeholder in the state.
         log(f"statistics: not needed by {spec.method}")
+        # A method editing other modules than the MLP output (UltraEdit) takes none.
+        other_modules = getattr(method, "modules", ("mlp_out",)) != ("mlp_out",)
         moments = {
             layer: torch.zeros(d, d, dtype=torch.float64)
-            for layer in layers
+            for layer in ([] if other_modules else layers)
             for d in [loaded.layout.key_dim(layer)]
         }
+
         corpus_header = {"corpus": None, "corpus_fingerprint": None, "stats_tokens": None}
     transform = None
     if spec.sphere:

@@ -7,7 +7,9 @@ Layout of a run directory::
     batches/000001.safetensors   ΔW of every edited weight (storage layout, as added),
                                  the batch's keys per layer ("keys.<layer>") and, for a
                                  method that restrains the sum of its updates (PRUNE),
-                                 the raw update per layer ("raw.<layer>", float64)
+                                 the raw update per layer ("raw.<layer>", float64),
+                                 and a method's own state after the batch
+                                 ("state.<name>", e.g. UltraEdit's normaliser)
     batches/000001.json          the batch's requests and diagnostics
 
 Batch files are written first, the index last; every write is atomic (temporary file,
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
 
 INDEX = "session.json"
 FORMAT_VERSION = 1
+# The modules a journal edits when its index does not say: the MLP output projection.
+MLP_OUT: tuple[str, ...] = ("mlp_out",)
 
 
 class JournalError(ValueError):
@@ -77,39 +81,64 @@ class AppliedBatch(NamedTuple):
     the keys per layer, and for a method that restrains the sum of its updates (PRUNE) the
     raw update per layer (float64, (out, in)); empty otherwise. ``record`` (the batch's
     request file: requests and diagnostics) and ``energy`` (its index entry's HE per layer)
-    are what a journal written from memory needs besides the tensors."""
+    are what a journal written from memory needs besides the tensors. ``method_state``
+    is a method's state after the batch (UltraEdit's normaliser), by name."""
 
     deltas: dict[str, torch.Tensor]
     keys: dict[int, torch.Tensor]
     raw: dict[int, torch.Tensor]
     record: dict[str, Any] | None = None
     energy: dict[str, dict[str, float]] | None = None
+    method_state: dict[str, torch.Tensor] | None = None
 
 
-def snapshot_weights(layout: ModelLayout, layers: Iterable[int]) -> dict[int, torch.Tensor]:
-    """Copies of the MLP output weights of ``layers`` (storage layout): all a journal's
-    batches change, so :func:`restore_weights` puts the model back exactly as it was."""
-    return {layer: layout.mlp_out(layer).weight.detach().clone() for layer in layers}
+def index_modules(index: Mapping[str, Any]) -> tuple[str, ...]:
+    """The modules of each layer a journal's batches edit (its index's ``modules``)."""
+    return tuple(index.get("modules") or MLP_OUT)
 
 
-def restore_weights(layout: ModelLayout, stored: Mapping[int, torch.Tensor]) -> None:
+def snapshot_weights(
+    layout: ModelLayout, layers: Iterable[int], modules: Sequence[str] = MLP_OUT
+) -> dict[Any, torch.Tensor]:
+    """Copies of the MLP output weights of ``layers`` (storage layout), keyed by layer:
+    all a journal's batches change, so :func:`restore_weights` puts the model back exactly
+    as it was. With other ``modules`` (:func:`index_modules`), keyed by (layer, module)."""
+    if tuple(modules) == MLP_OUT:
+        return {layer: layout.mlp_out(layer).weight.detach().clone() for layer in layers}
+    return {
+        (layer, name): layout.module(layer, name).weight.detach().clone()
+        for layer in layers
+        for name in modules
+    }
+
+
+def restore_weights(layout: ModelLayout, stored: Mapping[Any, torch.Tensor]) -> None:
     """Copy :func:`snapshot_weights`' tensors back into the model, bitwise."""
     with torch.no_grad():
-        for layer, weight in stored.items():
-            layout.mlp_out(layer).weight.copy_(weight)
+        for key, weight in stored.items():
+            module = layout.mlp_out(key) if isinstance(key, int) else layout.module(*key)
+            module.weight.copy_(weight)
 
 
 def add_deltas(
-    layout: ModelLayout, layers: Iterable[int], deltas: Mapping[str, torch.Tensor]
+    layout: ModelLayout,
+    layers: Iterable[int],
+    deltas: Mapping[str, torch.Tensor],
+    modules: Sequence[str] = MLP_OUT,
 ) -> None:
-    """Add a batch's deltas (by weight name) to the MLP output weights of ``layers``, as
-    every route that rebuilds an edited model adds them (so the results are bitwise equal)."""
-    by_name = {layout.mlp_out_weight_name(layer): layer for layer in layers}
+    """Add a batch's deltas (by weight name) to the ``modules`` (default: the MLP output
+    projections) of ``layers``, as every route that rebuilds an edited model adds them (so
+    the results are bitwise equal)."""
+    by_name = {
+        layout.module_weight_name(layer, module): (layer, module)
+        for layer in layers
+        for module in modules
+    }
     with torch.no_grad():
         for name, delta in deltas.items():
             if name not in by_name:
                 raise JournalError(f"the journal edits {name}, which is not an edited layer here")
-            weight = layout.mlp_out(by_name[name]).weight
+            weight = layout.module(*by_name[name]).weight
             if weight.shape != delta.shape:
                 raise JournalError(
                     f"{name}: journal delta has shape {tuple(delta.shape)}, "
@@ -147,6 +176,7 @@ def write_batch(
     raw: dict[int, torch.Tensor] | None = None,
     base: str | None = None,
     state_before: str | None = None,
+    method_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[str, str, str, str]:
     """Write a batch's files; return the delta file's name and SHA-256, the request file's
     name and the content SHA-256."""
@@ -154,6 +184,7 @@ def write_batch(
     tensors = {f"delta.{name}": t.detach().cpu() for name, t in deltas.items()}
     tensors.update({f"keys.{layer}": k.detach().cpu() for layer, k in keys.items()})
     tensors.update({f"raw.{layer}": r.detach().cpu() for layer, r in (raw or {}).items()})
+    tensors.update({f"state.{k}": t.detach().cpu() for k, t in (method_state or {}).items()})
     metadata = {"batch": str(index)}
     if base is not None:
         metadata["base_fingerprint"] = base
@@ -253,6 +284,21 @@ def read_batch(
     return deltas, keys, raw
 
 
+def read_method_state(run_dir: Path, entry: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A batch's method state (``state.<name>`` tensors; empty for most methods), from a
+    file :func:`read_batch` has checked."""
+    path = run_dir / entry["tensors_file"]
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {
+                k.removeprefix("state."): handle.get_tensor(k)
+                for k in handle.keys()  # noqa: SIM118 (safe_open is not a mapping)
+                if k.startswith("state.")
+            }
+    except (SafetensorError, OSError, ValueError) as error:
+        raise JournalError(f"batch {entry['index']}: {path} cannot be read ({error})") from None
+
+
 class Journal:
     """The journal in ``run_dir``: every write and every replay of a run's batches goes
     through here, so that each replay checks the same things (order and gaps, sizes and
@@ -275,7 +321,7 @@ class Journal:
         """A batch's files (tensors, then request record); its index entry."""
         tensors_file, digest, requests_file, content = write_batch(
             self.run_dir, number, batch.deltas, batch.keys, batch.record or {"index": number},
-            raw=batch.raw, base=base, state_before=state_before,
+            raw=batch.raw, base=base, state_before=state_before, method_state=batch.method_state,
         )  # fmt: skip
         return BatchEntry(
             number,
@@ -387,8 +433,8 @@ class Journal:
         base = index["base_fingerprint"]
         first = len(index["batches"][:start])
         last = first + len(index["batches"][start:stop])
-        layers = index["layers"]
-        backup = snapshot_weights(loaded.layout, layers)
+        layers, modules = index["layers"], index_modules(index)
+        backup = snapshot_weights(loaded.layout, layers, modules)
         replayed = []
         state = base
         try:
@@ -415,8 +461,10 @@ class Journal:
                         f"{entry['state_after'][:12]}…, the chain gives {after[:12]}…"
                     )
                 if chosen:
-                    add_deltas(loaded.layout, layers, deltas)
-                    replayed.append((_entry(entry, state, after), AppliedBatch(deltas, keys, raw)))
+                    add_deltas(loaded.layout, layers, deltas, modules)
+                    extra = read_method_state(self.run_dir, entry) if modules != MLP_OUT else None
+                    applied = AppliedBatch(deltas, keys, raw, method_state=extra)
+                    replayed.append((_entry(entry, state, after), applied))
                 state = after
         except BaseException:
             restore_weights(loaded.layout, backup)

@@ -8,6 +8,7 @@ be saved as deltas, replayed onto the base model, rolled back or exported.
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ from ..model.loading import LoadedModel
 from ..sphere.energy import hyperspherical_energy
 from ..sphere.projection import SphereProjection
 from .journal import (
+    MLP_OUT,
     AppliedBatch,
     BatchEntry,
     Journal,
@@ -66,6 +68,7 @@ class _Edit:
     steps: list[int]
     notes: list[str] = field(default_factory=list)
     vstar: VStarResult | None = None  # the batch's v*, where one v* served every request
+    method_state: dict[str, torch.Tensor] | None = None  # "<layer>.<module>.<name>"
 
 
 @dataclass
@@ -111,6 +114,8 @@ class EditSession:
         extra_header: dict[str, Any] | None = None,
     ) -> None:
         layout = loaded.layout
+        # The modules of each layer the method edits (UltraEdit: gate and up projections).
+        modules = _edited_modules(method, layout)
         if not layers:
             raise ValueError("layers: give at least one layer to edit")
         if list(layers) != sorted(set(layers)):
@@ -123,7 +128,7 @@ class EditSession:
             if not 0 <= layer < layout.num_layers:
                 last = layout.num_layers - 1
                 raise ValueError(f"layer {layer} is out of range: the model has layers 0..{last}")
-            if layer not in second_moments:
+            if modules == MLP_OUT and layer not in second_moments:
                 raise ValueError(f"second_moments has no entry for layer {layer}")
         self.loaded = loaded
         self.layout = layout
@@ -136,8 +141,9 @@ class EditSession:
         self.templates = list(templates) if templates is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.extra_header = dict(extra_header or {})
+        self.modules = modules
         self.states: dict[int, LayerState] = {}
-        for layer in self.layers:
+        for layer in self.layers if modules == MLP_OUT else ():
             weight = layout.read_weight(layer).detach()
             d_k = weight.shape[1]
             moment = second_moments[layer].double()
@@ -156,7 +162,13 @@ class EditSession:
                     torch.zeros(weight.shape, dtype=torch.float64) if restrains(method) else None
                 ),
             )
-        self._base_storage = snapshot_weights(layout, self.layers)
+        # The state of each edited (layer, module) of a method that edits other modules.
+        self.module_states: dict[tuple[int, str], LayerState] = {
+            (layer, name): _module_state(layout, layer, name)
+            for layer in self.layers
+            for name in (modules if modules != MLP_OUT else ())
+        }
+        self._base_storage = snapshot_weights(layout, self.layers, modules)
         self.batches: list[AppliedBatch] = []
         self.entries: list[BatchEntry] = []
 
@@ -197,6 +209,16 @@ class EditSession:
         return result
 
     def energy(self) -> dict[int, float]:
+        """HE per edited layer; for a method editing other modules, the sum of the HE of
+        the layer's edited modules."""
+        if self.modules != MLP_OUT:
+            read = self.layout.read_module_weight
+            return {
+                layer: sum(
+                    hyperspherical_energy(read(layer, name), self.energy_s) for name in self.modules
+                )
+                for layer in self.layers
+            }
         return {
             layer: hyperspherical_energy(self.layout.read_weight(layer), self.energy_s)
             for layer in self.layers
@@ -241,9 +263,11 @@ class EditSession:
         with _timed(timings, "energy"):
             energy_before = self.energy()
 
-        backup = snapshot_weights(self.layout, self.layers)
+        backup = snapshot_weights(self.layout, self.layers, self.modules)
         try:
-            if is_gradient_method(self.method):
+            if self.modules != MLP_OUT:
+                edit = self._modules_route(requests, timings)
+            elif is_gradient_method(self.method):
                 edit = self._gradient(requests, templates, timings)
             elif edits_per_request(self.method):
                 edit = self._one_by_one(requests, templates, backup, timings)
@@ -253,7 +277,9 @@ class EditSession:
             restore_weights(self.layout, backup)
             raise
 
-        self.batches.append(AppliedBatch(edit.deltas, edit.keys, edit.raw))
+        self.batches.append(
+            AppliedBatch(edit.deltas, edit.keys, edit.raw, method_state=edit.method_state)
+        )
         self._count(self.batches[-1])
         with _timed(timings, "energy"):
             energy_after = self.energy()
@@ -359,6 +385,59 @@ class EditSession:
                 raw[layer] = raw_update
         return _Edit(deltas, keys, raw, norms, loss, steps, notes)
 
+    def _modules_route(self, requests: list[EditRequest], timings: dict[str, float]) -> _Edit:
+        """A method editing other modules than the MLP output (UltraEdit): one gradient
+        pass for every edited (layer, module), then each module's own update, projected
+        with SPHERE on that module's neurons. The method's state after the batch (its
+        normalisers) is journaled with it and taken into the module states by ``_count``."""
+        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
+        sites = [(layer, name) for layer in self.layers for name in self.modules]
+        with _timed(timings, "keys"):
+            keys, gradients, loss = self.method.capture(model, tok, layout, requests, sites)  # type: ignore[union-attr]
+        deltas, norms, method_state = {}, {}, {}
+        notes: list[str] = []
+        for layer, name in sites:
+            state = self.module_states[(layer, name)]
+            # Rows are target tokens, not requests: the module is named instead.
+            for what, values in (("key", keys[layer]), ("gradient", gradients[(layer, name)])):
+                if not bool(torch.isfinite(values).all()):
+                    raise NumericalError(
+                        f"the {what} at {state.weight_name} is NaN or Inf; the batch was "
+                        "rejected and the model left unchanged"
+                    )
+            with _timed(timings, "solve"), _solver_notes(notes):
+                delta, after = self.method.update(  # type: ignore[union-attr]
+                    keys[layer], gradients[(layer, name)], state.cache.get("method_state")
+                )
+            method_state.update({f"{layer}.{name}.{k}": t for k, t in after.items()})
+            deltas[state.weight_name], norm = self._commit_module(state, name, delta, timings)
+            # The norm of the layer's change: of all its modules' updates together.
+            norms[layer] = math.hypot(norms.get(layer, 0.0), norm)
+        keys = {layer: k.float() for layer, k in keys.items()}
+        steps = [1] * len(requests)
+        return _Edit(deltas, keys, {}, norms, loss, steps, notes, method_state=method_state)
+
+    def _commit_module(
+        self, state: LayerState, name: str, delta: torch.Tensor, timings: dict[str, float]
+    ) -> tuple[torch.Tensor, float]:
+        """``_commit`` for module ``name`` of ``state``'s layer: SPHERE with that module's
+        neurons (rows of its (out, in) weight) as the basis, then add it to the weight."""
+        layout, layer = self.layout, state.layer
+        with _timed(timings, "projection"):
+            if self.transform is not None:
+                current = layout.read_module_weight(layer, name).detach().cpu()
+                delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
+        if not bool(torch.isfinite(delta).all()):
+            raise NumericalError(
+                f"the update of {state.weight_name} is not finite; "
+                "the batch was rejected and the model left unchanged"
+            )
+        weight = layout.module(layer, name).weight
+        stored = layout.to_storage_layout(delta).to(weight.device, weight.dtype).contiguous()
+        with torch.no_grad():
+            weight.add_(stored)
+        return stored.clone(), float(delta.norm())
+
     def _spread(
         self,
         requests: list[EditRequest],
@@ -445,6 +524,8 @@ class EditSession:
     # -- journal ----------------------------------------------------------------------------
 
     def header(self) -> dict[str, Any]:
+        # A journal of the MLP output projections says nothing of modules, as before.
+        modules = {"modules": list(self.modules)} if self.modules != MLP_OUT else {}
         return {
             "model": self.loaded.name,
             "base_fingerprint": self.loaded.fingerprint,
@@ -455,6 +536,7 @@ class EditSession:
             "templates": self.templates,
             "seed": self.seed,
             "energy_s": self.energy_s,
+            **modules,
             **self.extra_header,
         }
 
@@ -504,14 +586,23 @@ class EditSession:
         self.entries = self.entries[:keep]
         restore_weights(self.layout, self._base_storage)
         for applied in self.batches:
-            add_deltas(self.layout, self.layers, applied.deltas)
+            add_deltas(self.layout, self.layers, applied.deltas, self.modules)
         self._rebuild_states()
         if self.run_dir is not None:
             self.journal.write_index(self.header(), self.entries)
 
     def _count(self, applied: AppliedBatch) -> None:
         """Add a batch's keys (and raw updates) to the layer states."""
-        for layer in self.layers:
+        for (layer, name), state in self.module_states.items():
+            k = applied.keys[layer].double()
+            state.edited_keys += k.T @ k
+            state.n_edits += k.shape[0]
+            prefix = f"{layer}.{name}."
+            stored = applied.method_state or {}
+            state.cache["method_state"] = {
+                key.removeprefix(prefix): t for key, t in stored.items() if key.startswith(prefix)
+            }
+        for layer in self.layers if self.modules == MLP_OUT else ():
             state = self.states[layer]
             k = applied.keys[layer].double()
             state.edited_keys += k.T @ k
@@ -524,7 +615,8 @@ class EditSession:
     def _rebuild_states(self) -> None:
         """The layer states from the batches, in order: bitwise what adding them one by
         one gave."""
-        for state in self.states.values():
+        for state in [*self.states.values(), *self.module_states.values()]:
+            state.cache.pop("method_state", None)
             state.edited_keys.zero_()
             state.n_edits = 0
             if state.accumulated is not None:
@@ -550,7 +642,7 @@ class EditSession:
         index = Journal(run_dir).index()
         require_base(run_dir, index, loaded.fingerprint)
         own = {"format", "batches", "model", "base_fingerprint", "method", "transform"}
-        own |= {"layers", "target", "templates", "seed", "energy_s"}
+        own |= {"layers", "target", "templates", "seed", "energy_s", "modules"}
         session = cls(
             loaded,
             method,
@@ -663,6 +755,28 @@ def _solver_notes(notes: list[str]) -> Iterator[None]:
         if issubclass(warning.category, IllConditionedWarning):
             notes.append(str(warning.message))
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _edited_modules(method: object, layout: Any) -> tuple[str, ...]:
+    """The modules of each layer ``method`` edits: its ``modules_for(layout)``, else its
+    ``modules``, else the MLP output projection."""
+    if callable(getattr(method, "modules_for", None)):
+        return tuple(method.modules_for(layout))  # type: ignore[attr-defined]
+    return tuple(getattr(method, "modules", MLP_OUT))
+
+
+def _module_state(layout: Any, layer: int, name: str) -> LayerState:
+    """The state of module ``name`` of ``layer``: no corpus statistics (a zero
+    placeholder, as for the methods that read none), the keys of earlier edits."""
+    weight = layout.read_module_weight(layer, name).detach()
+    d_k = weight.shape[1]
+    return LayerState(
+        layer=layer,
+        weight_name=layout.module_weight_name(layer, name),
+        pre_edit=weight.clone().cpu(),
+        second_moment=torch.zeros(0, 0, dtype=torch.float64),
+        edited_keys=torch.zeros(d_k, d_k, dtype=torch.float64),
+    )
 
 
 def _require_finite(values: torch.Tensor, requests: Sequence[EditRequest], what: str) -> None:

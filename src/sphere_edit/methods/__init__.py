@@ -13,6 +13,7 @@ from .ft import FT  # isort: skip
 from .rome import ROME  # isort: skip
 from .rect import RECT  # isort: skip
 from .prune import PRUNE  # isort: skip
+from .ultraedit import UltraEdit  # isort: skip
 from .base import EditContext, EditMethod, GradientMethod, GradientResult, LayerState
 from .registry import MethodClasses as _MethodClasses
 from .registry import (
@@ -45,6 +46,7 @@ __all__ = [
     "RECT",
     "ROME",
     "AlphaEdit",
+    "UltraEdit",
     "EditContext",
     "EditMethod",
     "GradientMethod",

@@ -25,6 +25,10 @@ class ArchSpec:
     ``post_mlp_norm`` names a normalisation between the MLP output and the residual
     stream (Gemma's post-feedforward RMSNorm), or ``None`` when the MLP output is added
     to the residual stream directly.
+    ``layer_mlp_gate`` and ``layer_mlp_up`` name the MLP's input projections (the gate and
+    up projections of a gated MLP; ``None`` for no gate, and a plain MLP's one input
+    projection is its ``up``), stored in the same ``weight_layout``; methods that edit
+    them (UltraEdit) address them as the modules ``"gate"`` and ``"up"``.
     """
 
     layers: str
@@ -33,6 +37,8 @@ class ArchSpec:
     final_norm: str
     unembed: str
     post_mlp_norm: str | None = None
+    layer_mlp_gate: str | None = None
+    layer_mlp_up: str | None = None
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -41,6 +47,8 @@ _LLAMA_LIKE = ArchSpec(
     weight_layout="out_in",
     final_norm="model.norm",
     unembed="lm_head",
+    layer_mlp_gate="mlp.gate_proj",
+    layer_mlp_up="mlp.up_proj",
 )
 _GEMMA3_TEXT = ArchSpec(
     layers="model.layers",
@@ -49,6 +57,8 @@ _GEMMA3_TEXT = ArchSpec(
     final_norm="model.norm",
     unembed="lm_head",
     post_mlp_norm="post_feedforward_layernorm",
+    layer_mlp_gate="mlp.gate_proj",
+    layer_mlp_up="mlp.up_proj",
 )
 # model_type "gemma3" is the multimodal checkpoint: AutoModelForCausalLM builds
 # Gemma3ForConditionalGeneration, whose text decoder sits under model.language_model.
@@ -59,6 +69,8 @@ _GEMMA3 = ArchSpec(
     final_norm="model.language_model.norm",
     unembed="lm_head",
     post_mlp_norm="post_feedforward_layernorm",
+    layer_mlp_gate="mlp.gate_proj",
+    layer_mlp_up="mlp.up_proj",
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -68,6 +80,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         weight_layout="in_out",
         final_norm="transformer.ln_f",
         unembed="lm_head",
+        layer_mlp_up="mlp.c_fc",
     ),
     "gptj": ArchSpec(
         layers="transformer.h",
@@ -75,6 +88,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         weight_layout="out_in",
         final_norm="transformer.ln_f",
         unembed="lm_head",
+        layer_mlp_up="mlp.fc_in",
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -153,6 +167,35 @@ class ModelLayout:
 
     def mlp_out_weight_name(self, index: int) -> str:
         return f"{self.layer_name(index)}.{self.spec.layer_mlp_out}.weight"
+
+    def module_path(self, name: str) -> str:
+        """The path (relative to a decoder layer) of the edited module ``name``:
+        ``"mlp_out"``, ``"gate"`` or ``"up"``; a module the family lacks is a one-line
+        ValueError."""
+        path = {
+            "mlp_out": self.spec.layer_mlp_out,
+            "gate": self.spec.layer_mlp_gate,
+            "up": self.spec.layer_mlp_up,
+        }.get(name)
+        if path is None:
+            model_type = getattr(self.model.config, "model_type", None)
+            raise ValueError(
+                f"modules: {model_type!r} models have no {name!r} module to edit; "
+                "edit 'mlp_out', or 'up' (and 'gate' where the MLP is gated)"
+            )
+        return path
+
+    def module(self, index: int, name: str) -> nn.Module:
+        """The edited module ``name`` (see :meth:`module_path`) of layer ``index``."""
+        return get_module(self.layer(index), self.module_path(name))
+
+    def module_weight_name(self, index: int, name: str) -> str:
+        return f"{self.layer_name(index)}.{self.module_path(name)}.weight"
+
+    def read_module_weight(self, index: int, name: str) -> torch.Tensor:
+        """The weight of module ``name`` of layer ``index`` in (out, in) layout."""
+        weight = self.module(index, name).weight
+        return weight.T if self.spec.weight_layout == "in_out" else weight
 
     def post_mlp_norm(self, index: int) -> nn.Module | None:
         if self.spec.post_mlp_norm is None:

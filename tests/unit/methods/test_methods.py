@@ -175,7 +175,7 @@ def test_alphaedit_rejects_bad_options(kwargs, match):
 def test_make_method():
     assert isinstance(make_method("memit", mom2_weight=3.0), MEMIT)
     assert make_method("alphaedit", l2=2.0) == AlphaEdit(l2=2.0)
-    assert set(METHODS) == {"memit", "alphaedit", "ft", "rome", "rect", "prune"}
+    assert set(METHODS) == {"memit", "alphaedit", "ft", "rome", "rect", "prune", "ultraedit"}
     with pytest.raises(ValueError, match="unknown method 'bogus'"):
         make_method("bogus")
     assert make_method("memit", mom2_weight=3.0).describe() == {

@@ -28,6 +28,7 @@ from sphere_edit.methods import (
     AlphaEdit,
     MethodOptionError,
     Option,
+    UltraEdit,
     get_method,
     make_method,
     method_names,
@@ -36,7 +37,7 @@ from sphere_edit.methods import (
 )
 from sphere_edit.methods.registry import method_help
 
-BUILT_IN = ["memit", "alphaedit", "ft", "rome", "rect", "prune"]
+BUILT_IN = ["memit", "alphaedit", "ft", "rome", "rect", "prune", "ultraedit"]
 
 
 def test_the_built_in_methods_are_registered_in_order():
@@ -140,6 +141,7 @@ BEFORE = {
     "rome": ROME(),
     "rect": RECT(keep_fraction=0.4, mom2_weight=1000),
     "prune": PRUNE(mom2_weight=1000, log_base=2.718281828459045),
+    "ultraedit": UltraEdit(lr=1.0, ridge=1.0),
 }
 
 

@@ -50,7 +50,7 @@ def general_curve(
     :class:`.LoadedModel` gets its weights back.
     """
     from ...common.fileio import write_json
-    from ...editing.journal import Journal, restore_weights, snapshot_weights
+    from ...editing.journal import Journal, index_modules, restore_weights, snapshot_weights
     from ...model.loading import LoadedModel, load_model
 
     run_dir = Path(run_dir)
@@ -79,7 +79,7 @@ def general_curve(
     if log and done:
         log(f"{out} already holds the points at {sorted(done)} edits; measuring {todo}")
     loaded = model if isinstance(model, LoadedModel) else load_model(name, device=device)
-    stored = snapshot_weights(loaded.layout, index["layers"])
+    stored = snapshot_weights(loaded.layout, index["layers"], index_modules(index))
     applied = 0
     try:
         for k in todo:
