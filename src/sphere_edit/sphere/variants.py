@@ -171,7 +171,10 @@ class SphereVariant:
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes not set here: the wrapped method's declarations.
-        return getattr(self.__dict__["inner"], name)
+        inner = self.__dict__.get("inner")
+        if inner is None:  # not initialised yet (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     def alpha_for(self, layer: int) -> float:
         if self.last_alpha is not None and layer == self.last_layer:

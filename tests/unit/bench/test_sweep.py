@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from typer.testing import CliRunner
 
 from sphere_edit.bench import sweep as sweep_module
 from sphere_edit.bench.rundir import read_jsonl
@@ -17,6 +18,7 @@ from sphere_edit.bench.sweep import (
     parse_grid,
     run_sweep,
 )
+from sphere_edit.cli.app import app
 from sphere_edit.model.loading import LoadedModel
 from tests import FIXTURES_DIR
 from tests.tiny_models import make_tiny_model
@@ -80,3 +82,13 @@ def test_sweep_writes_its_table_and_resumes(tmp_path, tiny_tokenizer, monkeypatc
     again = run_sweep(_config(), "memit+sphere-solve", grid, out, resume=True, **options)
     assert [r["spec"] for r in again] == [r["spec"] for r in rows]
     assert [r["efficacy"] for r in again] == [r["efficacy"] for r in rows]
+
+
+def test_cli_sweep_rejects_a_bad_grid_in_one_line(tmp_path):
+    out = tmp_path / "x"
+    args = ["sweep", "--out", str(out), "--method", "memit+sphere", "--grid", "gamma=1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert "grid: cannot parse 'gamma=1'" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(p.name != ".sphere-edit.lock" for p in out.iterdir())
