@@ -1156,5 +1156,49 @@ def trace(
     console.print(f"wrote {out / 'trace.json'} and {out / 'trace.png'}")
 
 
+@app.command()
+@friendly
+@locked
+def sweep(
+    out: Annotated[Path, typer.Option(help="Sweep directory (new or empty, unless --resume).")],
+    method: Annotated[
+        str, typer.Option(help="A SPHERE spec, e.g. alphaedit+sphere or memit+sphere-solve.")
+    ],
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            help="name=v1,v2 (repeat per axis), e.g. --grid alpha=0.3,0.5 --grid eta=0.5."
+        ),
+    ],
+    resume: Annotated[bool, typer.Option(help="Skip finished points, continue the rest.")] = False,
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    dataset: Annotated[
+        str, typer.Option(help="counterfact, multi_counterfact, zsre, or a local file.")
+    ] = "counterfact",
+    n_edits: Annotated[int, typer.Option(min=1)] = 400,
+    batch_size: Annotated[int, typer.Option(min=1)] = 100,
+    offset: Annotated[int, typer.Option(min=0, help="Skip the first records.")] = 0,
+    corpus: CorpusOpt = None,
+    stats_tokens: StatsTokensOpt = None,
+    seed: int = 0,
+) -> None:
+    """A grid of SPHERE options: one benchmark run per point, a table and a plot."""
+    from ..bench.runner import BenchConfig
+    from ..bench.sweep import PLOT_FILE, TABLE_FILE, parse_grid, run_sweep
+
+    axes = parse_grid(grid)
+    config = BenchConfig(
+        model=model, methods=(method,), dataset=dataset, n_edits=n_edits,
+        batch_size=batch_size, seed=seed, offset=offset, corpus=corpus,
+        stats_tokens=stats_tokens,
+    )  # fmt: skip
+    _check_bench_data(config)
+    loaded = _load(model, device)
+    run_sweep(config, method, axes, out, resume=resume, loaded=loaded, log=console.print)
+    console.print((out / TABLE_FILE).read_text())
+    console.print(f"wrote {out / TABLE_FILE} and {out / PLOT_FILE}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -12,38 +12,80 @@ from ..methods import get_method, make_method
 from ..methods.base import edits_single_layer, needs_statistics
 from ..model.loading import LoadedModel
 from ..sphere.projection import SphereProjection
+from ..sphere.variants import EnergyBudget, SphereVariant
 from .presets import Preset, describe_choice, preset_for
 from .sampling import parse_template_tokens
 from .session import EditSession
 from .stats import Corpus, StatsRecipe, StatsRecipeError, layer_second_moments, load_corpus
 from .vstar import VStarConfig
 
+# The spec suffixes after the method's name, and the SPHERE variant each selects.
+SPHERE_SUFFIXES = {"sphere": "project", "sphere-solve": "solve", "sphere-budget": "budget"}
+# ``:name=value`` options a SPHERE spec may carry, and their types (see sphere/variants.py).
+SPHERE_OPTIONS: dict[str, type] = {
+    "eta": float, "alpha": float, "basis": str, "last_alpha": float,
+    "budget_factor": float, "budget_batches": int, "alpha_max": float,
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class MethodSpec:
     """``"memit"``, ``"alphaedit+sphere"``, ``"rome+sphere"``, ...: the name of a
     registered method (:func:`~sphere_edit.methods.get_method`), optionally with the
-    SPHERE projection."""
+    SPHERE projection.
+
+    Beyond the paper (none of them the default): ``+sphere-solve`` puts the projection
+    inside the closed form, ``+sphere-budget`` chooses α per layer and batch from a
+    budget on the change of HE, and ``:name=value`` options after the suffix set the
+    projection for this spec, e.g. ``alphaedit+sphere:alpha=0.3:last_alpha=0``
+    (names: :data:`SPHERE_OPTIONS`)."""
 
     method: str
     sphere: bool
+    variant: str = "project"
+    options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, spec: str) -> MethodSpec:
-        parts = [p.strip().lower() for p in spec.split("+")]
+        head, *settings = [p.strip() for p in spec.split(":")]
+        parts = [p.strip().lower() for p in head.split("+")]
         method, extras = parts[0], parts[1:]
         get_method(method)  # an unknown name fails here, naming the registered ones
-        if any(e != "sphere" for e in extras) or len(extras) > 1:
-            raise ValueError(f"method: cannot parse {spec!r}; the only suffix is '+sphere'")
-        return cls(method=method, sphere=bool(extras))
+        if any(e not in SPHERE_SUFFIXES for e in extras) or len(extras) > 1:
+            raise ValueError(
+                f"method: cannot parse {spec!r}; the suffixes are "
+                + ", ".join(f"'+{s}'" for s in SPHERE_SUFFIXES)
+            )
+        if settings and not extras:
+            raise ValueError(f"method: {spec!r} has SPHERE options but no '+sphere' suffix")
+        options = tuple(_sphere_option(spec, setting) for setting in settings)
+        variant = SPHERE_SUFFIXES[extras[0]] if extras else "project"
+        return cls(method=method, sphere=bool(extras), variant=variant, options=options)
 
     def __str__(self) -> str:
-        return self.method + ("+sphere" if self.sphere else "")
+        if not self.sphere:
+            return self.method
+        suffix = next(s for s, v in SPHERE_SUFFIXES.items() if v == self.variant)
+        return f"{self.method}+{suffix}" + "".join(f":{k}={v}" for k, v in self.options)
 
     @property
     def dirname(self) -> str:
         """A folder name for this method's files in a run directory."""
-        return str(self).replace("+", "_")
+        return str(self).replace("+", "_").replace(":", "_")
+
+
+def _sphere_option(spec: str, setting: str) -> tuple[str, Any]:
+    name, sep, text = setting.partition("=")
+    name = name.strip().lower()
+    if not sep or name not in SPHERE_OPTIONS:
+        raise ValueError(
+            f"method: cannot parse {setting!r} in {spec!r}; write name=value with a name "
+            f"among {', '.join(SPHERE_OPTIONS)}"
+        )
+    try:
+        return name, SPHERE_OPTIONS[name](text.strip())
+    except ValueError:
+        raise ValueError(f"method: {name} in {spec!r} must be a number, got {text!r}") from None
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
@@ -148,11 +190,16 @@ def build_session(
         corpus_header = {"corpus": None, "corpus_fingerprint": None, "stats_tokens": None}
     transform = None
     if spec.sphere:
+        given = dict(spec.options)
+        eta = given.get("eta", eta)
+        alpha = given.get("alpha", alpha)
         transform = SphereProjection(
             eta=preset.sphere_eta() if eta is None else eta,
             alpha=preset.sphere_alpha(spec.method) if alpha is None else alpha,
-            basis=basis,  # type: ignore[arg-type]
+            basis=given.get("basis", basis),  # type: ignore[arg-type]
         )
+        if spec.variant != "project" or "last_alpha" in given:
+            method, transform = sphere_variant(method, transform, spec, layers[-1]), None
     target = replace(VStarConfig(), **{**preset.target, **(target_overrides or {})})
     session = EditSession(
         loaded,
@@ -182,3 +229,23 @@ def recipe_header(recipe: StatsRecipe) -> dict[str, Any]:
     if recipe.max_len is not None:
         header["stats_max_len"] = recipe.max_len
     return header
+
+
+def sphere_variant(
+    method: Any, projection: SphereProjection, spec: MethodSpec, last_layer: int
+) -> SphereVariant:
+    """``method`` wrapped with the SPHERE variant ``spec`` names (sphere/variants.py)."""
+    given = dict(spec.options)
+    budget = EnergyBudget(
+        factor=given.get("budget_factor", 1.0),
+        batches=given.get("budget_batches", 1),
+        alpha_max=given.get("alpha_max", 1.0),
+    )
+    return SphereVariant(
+        method,
+        projection,
+        mode=spec.variant,  # type: ignore[arg-type]
+        last_alpha=given.get("last_alpha"),
+        last_layer=last_layer,
+        budget=budget,
+    )
