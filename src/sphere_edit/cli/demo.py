@@ -51,6 +51,7 @@ def run_demo(
     stats_tokens: int | None = None,
     run_dir: str | None = None,
     console: Console | None = None,
+    precision: str | None = None,
 ) -> list[dict]:
     console = console or Console()
     model, tok = loaded.model, loaded.tokenizer
@@ -68,6 +69,7 @@ def run_demo(
         stats_tokens=stats_tokens,
         run_dir=run_dir,
         log=console.print,
+        precision=precision,
     )
     console.print(
         f"edited layers {session.layers}; {len(flat)} edits in {len(batches)} batches; "
