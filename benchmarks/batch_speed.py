@@ -64,15 +64,7 @@ def run_side(args: argparse.Namespace) -> None:
     """Edit the first ``--n`` cases in one batch into ``--run-dir``; print the phases as JSON."""
     names = _imports()
     records = json.loads((args.data / "counterfact" / "train.json").read_text())[: args.n]
-    requests = [
-        names["request"].create(
-            r["requested_rewrite"]["prompt"],
-            r["requested_rewrite"]["subject"],
-            r["requested_rewrite"]["target_new"]["str"],
-            r["requested_rewrite"]["target_true"]["str"],
-        )
-        for r in records
-    ]
+    requests = [names["request"].from_dict(r, index=i) for i, r in enumerate(records)]
     phases: dict[str, float] = {}
     start = time.perf_counter()
     loaded = names["load"](args.model)

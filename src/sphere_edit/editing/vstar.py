@@ -373,7 +373,7 @@ class _CachedPass(_Pass):
         if self.cache is None:
             return {}
         # The forward appends to the cache: give it a copy, keep the prefix intact.
-        return {self.cache_arg: copy.deepcopy(self.cache), "use_cache": True}
+        return {self.cache_arg: _fresh_copy(self.cache), "use_cache": True}
 
     def _forward(self, delta_rows, on_init):
         def add(output: torch.Tensor) -> torch.Tensor:
@@ -412,6 +412,20 @@ def _container_of(model: nn.Module, first: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) and module[0] is first:
             return module
     raise ValueError("v*: the decoder layers are not held in an nn.ModuleList")
+
+
+def _fresh_copy(cache: object) -> object:
+    """A copy of the prefix cache for one forward to append to. A cache layer's update
+    replaces its key and value tensors by new ones (``torch.cat``) rather than writing into
+    them, so copying the cache and its layer objects, not their tensors, leaves the prefix
+    intact and saves copying every prefix tensor every step. A cache without a list of
+    layers (an unknown class) is deep-copied."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return copy.deepcopy(cache)
+    fresh = copy.copy(cache)
+    fresh.layers = [copy.copy(layer) for layer in layers]  # type: ignore[attr-defined]
+    return fresh
 
 
 def _keep_shapes_only(cache: object, n_layers: int) -> None:

@@ -319,3 +319,46 @@ def test_bf16_key_passes_are_close_to_fp32_and_follow_key_precision(models, tiny
         assert torch.equal(read_layer(*args).keys, bf16.keys)
         assert torch.equal(read_layer(*args, bf16=False).keys, fp32.keys)
     assert torch.equal(read_layer(*args).keys, fp32.keys)  # the block's setting is gone
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shallow_cache_copy_gives_bitwise_what_a_deep_copy_gives(
+    models, tiny_tokenizer, family, monkeypatch
+):
+    from sphere_edit.editing import vstar
+
+    model = models[family]
+    requests = [*requests_abc(), EditRequest.create("{} is a city in", "Lyon", "Italy")]
+    templates = ["{}", "Toronto. {}", "The official language of France is French. {}"]
+    config = VStarConfig(steps=4, lr=0.2, loss_tolerance=0.0)
+    shallow = _targets(model, tiny_tokenizer, requests, config, templates=templates)
+    seen = []
+    real = vstar._fresh_copy
+
+    def deep(cache):
+        seen.append(real(cache) is not cache)
+        return __import__("copy").deepcopy(cache)
+
+    monkeypatch.setattr(vstar, "_fresh_copy", deep)
+    deep_result = _targets(model, tiny_tokenizer, requests, config, templates=templates)
+    assert seen and all(seen)
+    assert torch.equal(shallow.vectors, deep_result.vectors)
+    assert torch.equal(shallow.loss, deep_result.loss)
+
+
+def test_a_forward_on_the_fresh_copy_leaves_the_prefix_cache_as_it_was(models, tiny_tokenizer):
+    from sphere_edit.editing.vstar import _build_rows, _CachedPass
+
+    model = models["gemma3_text"]  # sliding-window layers too
+    layout = ModelLayout.of(model)
+    layers = [layout.layer(i) for i in range(2)]
+    rows = _build_rows(tiny_tokenizer, requests_abc(), [0, 1], TEMPLATES[1:])
+    cached = _CachedPass(model, layers, layout.unembed(), rows, 0, torch.device("cpu"), False)
+    before = [(x.keys, x.keys.clone(), x.values.clone()) for x in cached.cache.layers]
+    delta = torch.zeros(len(rows.ids), model.config.hidden_size)
+    with torch.no_grad():
+        cached.run(delta, lambda _values: None)
+        cached.run(delta, lambda _values: None)
+    for layer, (tensor, keys, values) in zip(cached.cache.layers, before, strict=True):
+        assert layer.keys is tensor  # the prefix cache's own tensors, not the appended ones
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
