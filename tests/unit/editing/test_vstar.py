@@ -362,3 +362,28 @@ def test_a_forward_on_the_fresh_copy_leaves_the_prefix_cache_as_it_was(models, t
     for layer, (tensor, keys, values) in zip(cached.cache.layers, before, strict=True):
         assert layer.keys is tensor  # the prefix cache's own tensors, not the appended ones
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
+def test_a_resume_with_another_precision_is_refused_naming_the_target(tmp_path, tiny_tokenizer):
+    from sphere_edit.editing.journal import JournalError
+    from sphere_edit.editing.session import EditSession
+    from sphere_edit.methods import MEMIT
+    from tests.unit._helpers import THREE_BATCHES, tiny_loaded
+
+    loaded = tiny_loaded(tiny_tokenizer)
+    layers = [1]
+    moments = {1: torch.eye(loaded.layout.key_dim(1), dtype=torch.float64)}
+
+    def session(bf16: bool) -> EditSession:
+        return EditSession(
+            loaded, MEMIT(mom2_weight=1.0), layers, moments, run_dir=tmp_path / "run",
+            target=VStarConfig(steps=2, bf16=bf16), templates=["{}"],
+        )  # fmt: skip
+
+    first = session(bf16=False)
+    first.apply(THREE_BATCHES[0])
+    assert first.header()["target"]["bf16"] is False
+    assert first.header()["target"]["optimizer"] == "adam"
+    other = session(bf16=True)
+    with pytest.raises(JournalError, match=r"target differs.*'bf16': False"):
+        other.resume()
