@@ -102,3 +102,18 @@ def test_matmul_gflops_counts_two_flops_per_multiply_add(monkeypatch):
     ticks = iter(range(1000))
     monkeypatch.setattr(precision.time, "perf_counter", lambda: float(next(ticks)))
     assert matmul_gflops(torch.float32, size=10, seconds=0.0) == pytest.approx(2 * 10**3 / 1e9)
+
+
+@pytest.mark.parametrize("command", ["edit", "demo"])
+def test_the_cli_refuses_an_unknown_precision_in_one_line_before_loading(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from sphere_edit.cli.app import app
+
+    args = [command, "--precision", "fp16", "--model", str(tmp_path / "no-such-model")]
+    if command == "edit":
+        args += ["--requests", str(tmp_path / "r.json"), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: --precision: unknown value 'fp16'; give one of auto, fp32, bf16"]
