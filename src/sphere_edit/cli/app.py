@@ -118,6 +118,12 @@ TemplateTokensOpt = Annotated[
     typer.Option(help="New tokens per context template: authors (10 minus the start word's "
                  "tokens, as in MEMIT) or a count (10: the old recipe). Default: the preset's."),
 ]  # fmt: skip
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(help="Arithmetic of the v* and key passes: auto (bf16 where the hardware has "
+                 "native bf16 and it measures at least 2x fp32), fp32 or bf16. Solves, "
+                 "statistics and the projection stay float32/float64."),
+]  # fmt: skip
 PositionsOpt = Annotated[
     int | None,
     typer.Option(min=0, help="Cap on rows × tail positions per v* pass (peak memory); 0: no cap."),
@@ -190,18 +196,42 @@ def demo(
     stats_samples: StatsSamplesOpt = None,
     template_tokens: TemplateTokensOpt = None,
     out: Annotated[Path | None, typer.Option(help="Write the journal here.")] = None,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Edit a dozen facts in three batches and show completions and HE before and after."""
     from .demo import run_demo
 
     _check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
+    _check_precision(precision)
     loaded = _load(model, device)
+    chosen = _announce_precision(precision, loaded)
     run_demo(
         loaded, method, corpus=corpus, stats_tokens=stats_tokens,
         run_dir=str(out) if out else None, console=Console(),  # the demo's text is markup
         recipe={"stats_pieces": stats_pieces, "stats_samples": stats_samples,
                 "template_tokens": template_tokens},
+        precision=chosen,
     )  # fmt: skip
+
+
+def _check_precision(precision: str) -> None:
+    """A bad --precision fails before the model loads."""
+    from ..common.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"--precision: unknown value {precision!r}; give one of {', '.join(PRECISIONS)}"
+        )
+
+
+def _announce_precision(precision: str, loaded: Any) -> str:
+    """Resolve --precision for the model's device and print the choice once."""
+    from ..common.precision import describe, resolve_precision
+
+    device = next(loaded.model.parameters()).device
+    chosen = resolve_precision(precision, device)
+    console.print(describe(chosen, device, requested=precision), highlight=False)
+    return chosen
 
 
 def locked(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -274,7 +304,9 @@ def edit(
     steps: Annotated[
         int | None, typer.Option(min=1, help="v* Adam steps. Default: the preset's.")
     ] = None,
-    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast in the v* loop.")] = False,
+    precision: PrecisionOpt = "auto",
+    # The old switch, kept for scripts: --bf16 is --precision bf16.
+    bf16: Annotated[bool, typer.Option(hidden=True)] = False,
     positions_per_pass: PositionsOpt = None,
     export: Annotated[Path | None, typer.Option(help="Also save_pretrained here.")] = None,
     seed: int = 0,
@@ -304,6 +336,8 @@ def edit(
     if he_warning is not None and not he_warning > 0:
         raise ValueError(f"--he-warning: must be positive, got {he_warning}; e.g. 5")
     _check_run_dir(out, resume)
+    precision = "bf16" if bf16 else precision
+    _check_precision(precision)
     if export is not None:
         _check_export(export)
     all_requests = load_requests(requests)
@@ -323,15 +357,16 @@ def edit(
     overrides = {k: v for k, v in {"lr": lr, "steps": steps}.items() if v is not None}
     if positions_per_pass is not None:
         overrides["positions_per_pass"] = positions_per_pass or None  # 0: no cap
-    if bf16:
-        overrides["bf16"] = True
+    if resume and precision == "auto":
+        precision = _recorded_precision(out) or precision
+    chosen = _announce_precision(precision, loaded)
     session = build_session(
         loaded, spec,
         layers=parse_layers(layers, loaded.layout.num_layers) if layers else None,
         corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis or "current",
         target_overrides=overrides, method_overrides=method_overrides, run_dir=out,
         seed=seed, log=console.print, stats_pieces=stats_pieces, stats_samples=stats_samples,
-        template_tokens=template_tokens,
+        template_tokens=template_tokens, precision=chosen,
     )  # fmt: skip
     done = _resume_edit(session, batches) if resume else 0
     alarm_rule = _he_warning_rule(he_warning, session, done)
@@ -466,6 +501,19 @@ def _check_resumed_batches(out: Path, batches: list[list[Any]]) -> None:
             f"--resume: batch {other} in {out} holds other requests than this request file "
             "gives for it; use the same file and --batch-size"
         )
+
+
+def _recorded_precision(out: Path) -> str | None:
+    """The precision a run in ``out`` was recorded with (its journal's v* settings), so
+    that ``--resume`` with the default auto continues it as it began, on any machine."""
+    from ..editing.journal import read_index
+
+    if not (out / "session.json").exists():
+        return None
+    target = read_index(out).get("target")
+    if not isinstance(target, dict):
+        return None
+    return "bf16" if target.get("bf16") else "fp32"
 
 
 def _check_resume_header(

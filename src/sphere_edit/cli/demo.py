@@ -54,6 +54,7 @@ def run_demo(
     run_dir: str | None = None,
     console: Console | None = None,
     recipe: dict[str, Any] | None = None,
+    precision: str | None = None,
 ) -> list[dict]:
     console = console or Console()
     model, tok = loaded.model, loaded.tokenizer
@@ -72,6 +73,7 @@ def run_demo(
         run_dir=run_dir,
         log=console.print,
         **(recipe or {}),  # stats_pieces, stats_samples, template_tokens
+        precision=precision,
     )
     console.print(
         f"edited layers {session.layers}; {len(flat)} edits in {len(batches)} batches; "

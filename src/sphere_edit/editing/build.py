@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..common.precision import resolve_precision
 from ..methods import get_method, make_method
 from ..methods.base import edits_single_layer, needs_statistics
 from ..model.loading import LoadedModel
@@ -128,13 +129,19 @@ def build_session(
     seed: int = 0,
     progress: bool = True,
     log=print,
+    precision: str | None = None,
 ) -> EditSession:
     """A session for ``spec`` with the preset's options; ``method_overrides`` replace
     single method options (e.g. ``{"epsilon": None}`` for unconstrained FT). A one-layer
     method (ROME, FT) edits the preset's layer for it unless ``layers`` names one.
     ``stats_pieces`` (``"whole"`` or ``"256"``), ``stats_samples`` (the first N texts,
     instead of ``stats_tokens``) and ``template_tokens`` (``"authors"`` or 10) choose the
-    statistics' and the context templates' recipes; the preset's by default."""
+    statistics' and the context templates' recipes; the preset's by default.
+
+    ``precision`` (``"auto"``, ``"fp32"``, ``"bf16"``, see
+    :func:`~sphere_edit.common.precision.resolve_precision`) sets the arithmetic of the v*
+    and key passes; without it they run as the preset and ``target_overrides`` say (float32
+    by default), so library results stay bitwise the same on every machine."""
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
     if preset is None:
         preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
@@ -201,6 +208,9 @@ def build_session(
         if spec.variant != "project" or "last_alpha" in given:
             method, transform = sphere_variant(method, transform, spec, layers[-1]), None
     target = replace(VStarConfig(), **{**preset.target, **(target_overrides or {})})
+    if precision is not None:
+        chosen = resolve_precision(precision, next(loaded.model.parameters()).device)
+        target = replace(target, bf16=chosen == "bf16")
     session = EditSession(
         loaded,
         method,

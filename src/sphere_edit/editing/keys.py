@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,22 @@ def template_weights(n_templates: int) -> torch.Tensor:
         return torch.ones(1)
     rest = torch.full((n_templates - 1,), 0.5 / (n_templates - 1))
     return torch.cat([torch.tensor([0.5]), rest])
+
+
+# Whether read_layer runs under bf16 autocast when its caller does not say: set for a
+# block of code by key_precision (the session sets it for a batch, from VStarConfig.bf16).
+_BF16: ContextVar[bool] = ContextVar("sphere_edit_keys_bf16", default=False)
+
+
+@contextmanager
+def key_precision(bf16: bool) -> Iterator[None]:
+    """Run the :func:`read_layer` passes inside the block under bfloat16 autocast (or
+    not), unless a call says otherwise; the readouts are float32 either way."""
+    token = _BF16.set(bf16)
+    try:
+        yield
+    finally:
+        _BF16.reset(token)
 
 
 @dataclass
@@ -56,16 +73,20 @@ def read_layer(
     *,
     rows_per_pass: int = 128,
     lower: LowerLayers | None = None,
+    bf16: bool | None = None,
 ) -> LayerReadout:
     """One pass over every (request, template) prompt, stopped after ``max(layer, z_layer)``.
 
     Template 0 must be the bare prompt ``"{}"``; the MLP output and layer output are read
     there, the keys are averaged over all templates. With ``lower``, the layers below
     ``lower.first`` run on the first call only (same requests and templates every call).
+    ``bf16`` runs the passes under bfloat16 autocast (default: as :func:`key_precision`
+    says, else float32).
     """
     if templates[0] != "{}":
         raise ValueError("the first context template must be the bare prompt '{}'")
     device = next(model.parameters()).device
+    bf16 = _BF16.get() if bf16 is None else bf16
     prompts = [SubjectPrompt.build(r, context=c) for r in requests for c in templates]
     n_t = len(templates)
     keys, mlp_outs, z_outs = [], [], []
@@ -81,6 +102,7 @@ def read_layer(
             mlp = stack.enter_context(capture(layout.mlp_out(layer)))
             z = stack.enter_context(capture(layout.layer(z_layer)))
             stack.enter_context(capture(stop_module, stop=True))
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
             kept = None
             if lower is not None and below:
                 if chunk < len(lower.outputs):

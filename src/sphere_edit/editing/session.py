@@ -46,7 +46,7 @@ from .journal import (
     restore_weights,
     snapshot_weights,
 )
-from .keys import LowerLayers, read_layer, residual_to_mlp_delta
+from .keys import LowerLayers, key_precision, read_layer, residual_to_mlp_delta
 from .requests import EditRequest, RequestError, validate_batch
 from .sampling import generate_context_templates
 from .vstar import VStarConfig, VStarResult, compute_vstar
@@ -322,7 +322,8 @@ class EditSession:
             result = precomputed if precomputed is not None else self._compute_vstar(requests)
         _require_finite(result.vectors, requests, "target vector")
         notes: list[str] = []
-        deltas, keys, raw, norms = self._spread(requests, templates, result, timings, notes)
+        with key_precision(self.target.bf16):  # the key passes run as the v* passes did
+            deltas, keys, raw, norms = self._spread(requests, templates, result, timings, notes)
         loss, steps = [float(x) for x in result.loss], [int(x) for x in result.steps]
         return _Edit(deltas, keys, raw, norms, loss, steps, notes, vstar=result)
 
@@ -368,7 +369,9 @@ class EditSession:
         notes: list[str] = []
         for layer in self.layers:
             with _timed(timings, "keys"):
-                readout = read_layer(model, tok, layout, layer, layer, requests, templates)
+                readout = read_layer(
+                    model, tok, layout, layer, layer, requests, templates, bf16=self.target.bf16
+                )
                 _require_finite(readout.keys, requests, f"key at layer {layer}")
 
             state = self.states[layer]

@@ -42,6 +42,12 @@ from .text import SubjectPrompt, encode, last_token_index, pad_id_of, target_tok
 
 KL_TEMPLATE = "{} is a"
 Route = Literal["cached", "reference"]
+Optimizer = Literal["adam", "adam-warm", "adam-adapt"]
+OPTIMIZERS = ("adam", "adam-warm", "adam-adapt")
+# adam-warm: the first step's learning rate over ``lr``; it falls linearly to
+# WARM_FLOOR · lr at the last step.
+WARM_FACTOR = 2.0
+WARM_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,12 @@ class VStarConfig:
       the peak memory. A request over the cap gets a pass of its own.
     - ``route``: ``"cached"`` (the prefix before the subject's last token runs once) or
       ``"reference"`` (every step runs every prompt in full); both give the same numbers.
+    - ``optimizer``: how delta moves. ``"adam"`` (default, MEMIT's schedule): Adam at a
+      constant ``lr``. ``"adam-warm"``: Adam from ``WARM_FACTOR · lr`` falling linearly
+      to ``WARM_FLOOR · lr`` over the steps. ``"adam-adapt"``: Adam at ``lr`` with a step
+      size per request: halved after a step that raised the request's loss, grown by a
+      quarter (up to 1) after one that lowered it. The variants are options for
+      measurement (``benchmarks/vstar_steps.py``), not MEMIT's method.
     """
 
     steps: int = 25
@@ -87,6 +99,7 @@ class VStarConfig:
     # them and the v* peak falls (docs/performance.md, benchmarks/vstar_memory.py).
     positions_per_pass: int | None = 256
     route: Route = "cached"
+    optimizer: Optimizer = "adam"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -101,6 +114,10 @@ class VStarConfig:
             raise ValueError("target positions_per_pass must be at least 1 (or None for no cap)")
         if self.route not in ("cached", "reference"):
             raise ValueError(f"target route must be 'cached' or 'reference', got {self.route!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"target optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
 
 
 @dataclass
@@ -111,6 +128,8 @@ class VStarResult:
     nll: torch.Tensor  # (n,) final mean target NLL
     steps: torch.Tensor  # (n,) optimisation steps each request took
     history: list[float] = field(default_factory=list)  # mean loss per step
+    # (n,) loss of every request after each step (a converged request keeps its last).
+    trace: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -354,7 +373,7 @@ class _CachedPass(_Pass):
         if self.cache is None:
             return {}
         # The forward appends to the cache: give it a copy, keep the prefix intact.
-        return {self.cache_arg: copy.deepcopy(self.cache), "use_cache": True}
+        return {self.cache_arg: _fresh_copy(self.cache), "use_cache": True}
 
     def _forward(self, delta_rows, on_init):
         def add(output: torch.Tensor) -> torch.Tensor:
@@ -395,6 +414,20 @@ def _container_of(model: nn.Module, first: nn.Module) -> nn.ModuleList:
     raise ValueError("v*: the decoder layers are not held in an nn.ModuleList")
 
 
+def _fresh_copy(cache: object) -> object:
+    """A copy of the prefix cache for one forward to append to. A cache layer's update
+    replaces its key and value tensors by new ones (``torch.cat``) rather than writing into
+    them, so copying the cache and its layer objects, not their tensors, leaves the prefix
+    intact and saves copying every prefix tensor every step. A cache without a list of
+    layers (an unknown class) is deep-copied."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return copy.deepcopy(cache)
+    fresh = copy.copy(cache)
+    fresh.layers = [copy.copy(layer) for layer in layers]  # type: ignore[attr-defined]
+    return fresh
+
+
 def _keep_shapes_only(cache: object, n_layers: int) -> None:
     """Free the prefix keys and values of the first ``n_layers`` decoder layers, which
     every step skips (``skipped_layers``): no attention reads them, but the mask
@@ -424,6 +457,14 @@ class _SplitPass:
         token_lp, _ = self.rewrite.run(delta_rows[: self.n_rewrite], on_init)
         _, kl_lp = self.essence.run(delta_rows[self.n_rewrite :], lambda _values: None)
         return token_lp, kl_lp
+
+
+def warm_factor(step: int, steps: int) -> float:
+    """adam-warm's learning rate over ``lr`` at the update after ``step`` (0-based):
+    ``WARM_FACTOR`` at the first update, falling linearly to ``WARM_FLOOR`` at the last
+    (the update after step ``steps - 2``; the last step only evaluates)."""
+    share = step / max(steps - 2, 1)
+    return WARM_FACTOR + (WARM_FLOOR - WARM_FACTOR) * share
 
 
 def pass_groups(
@@ -495,6 +536,9 @@ def compute_vstar(
     last_nll = torch.zeros(n, device=device)
     steps_taken = torch.zeros(n, dtype=torch.long)
     history: list[float] = []
+    trace: list[torch.Tensor] = []
+    step_size = torch.ones(n, 1, device=device)  # adam-adapt's per-request scale
+    previous_loss = torch.full((n,), float("inf"), device=device)
 
     with frozen_parameters(model):
         unembed = layout.unembed()
@@ -531,6 +575,7 @@ def compute_vstar(
                 if step < config.steps - 1 and bool(active.any()):
                     total[active].sum().backward()
             history.append(float(last_loss.mean()))
+            trace.append(last_loss.detach().cpu().clone())
             converged |= last_loss < config.loss_tolerance
             steps_taken[(~converged).cpu()] = step + 1
             if on_step is not None:
@@ -538,8 +583,16 @@ def compute_vstar(
             if step == config.steps - 1 or bool(converged.all()):
                 break
             frozen = delta.detach().clone()
+            if config.optimizer == "adam-warm":
+                optimiser.param_groups[0]["lr"] = config.lr * warm_factor(step, config.steps)
             optimiser.step()
             with torch.no_grad():
+                if config.optimizer == "adam-adapt":
+                    rose = last_loss > previous_loss
+                    grown = (step_size * 1.25).clamp(max=1.0)
+                    step_size = torch.where(rose.unsqueeze(1), step_size * 0.5, grown)
+                    previous_loss = last_loss.clone()
+                    delta.copy_(frozen + step_size * (delta - frozen))
                 # A converged request keeps the vector it converged with (Adam's
                 # momentum would otherwise keep moving it).
                 delta[converged] = frozen[converged]
@@ -554,4 +607,5 @@ def compute_vstar(
         nll=last_nll,
         steps=steps_taken,
         history=history,
+        trace=trace,
     )

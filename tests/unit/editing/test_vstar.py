@@ -8,10 +8,18 @@ import dataclasses
 import pytest
 import torch
 
-from sphere_edit.editing.keys import read_layer
+from sphere_edit.editing.keys import key_precision, read_layer
 from sphere_edit.editing.requests import EditRequest, RequestError
 from sphere_edit.editing.text import target_token_ids
-from sphere_edit.editing.vstar import VStarConfig, VStarResult, compute_vstar, pass_groups
+from sphere_edit.editing.vstar import (
+    WARM_FACTOR,
+    WARM_FLOOR,
+    VStarConfig,
+    VStarResult,
+    compute_vstar,
+    pass_groups,
+    warm_factor,
+)
 from sphere_edit.model.arch import ModelLayout
 from tests.tiny_models import make_tiny_model
 from tests.unit._helpers import (
@@ -229,3 +237,153 @@ def test_cached_pass_frees_the_prefix_of_skipped_layers(models, tiny_tokenizer, 
                 assert layer.keys.shape == kept[type(layer)]
         else:
             assert storage >= layer.keys.numel() * layer.keys.element_size()
+
+
+def test_default_optimizer_is_memits_adam():
+    config = VStarConfig()
+    assert (config.optimizer, config.lr, config.steps) == ("adam", 0.5, 25)
+
+
+def test_unknown_optimizer_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="target optimizer must be one of adam, adam-warm"):
+        VStarConfig(optimizer="sgd")  # type: ignore[arg-type]
+
+
+def test_warm_factor_falls_linearly_from_warm_to_floor():
+    steps = 25
+    factors = [warm_factor(step, steps) for step in range(steps - 1)]
+    assert factors[0] == pytest.approx(WARM_FACTOR)
+    assert factors[-1] == pytest.approx(WARM_FLOOR)
+    gaps = [b - a for a, b in zip(factors, factors[1:], strict=False)]
+    assert gaps == pytest.approx([(WARM_FLOOR - WARM_FACTOR) / (steps - 2)] * (steps - 2))
+
+
+def test_adam_warm_first_update_is_adam_at_the_warm_rate(models, tiny_tokenizer):
+    model = models["llama"]
+    base = VStarConfig(steps=2, lr=0.1, clamp_factor=100.0, loss_tolerance=0.0)
+    warm = _targets(
+        model, tiny_tokenizer, requests_abc(), dataclasses.replace(base, optimizer="adam-warm")
+    )
+    fast = dataclasses.replace(base, lr=base.lr * WARM_FACTOR)
+    assert torch.equal(warm.vectors, _targets(model, tiny_tokenizer, requests_abc(), fast).vectors)
+    plain = _targets(model, tiny_tokenizer, requests_abc(), base)
+    assert not torch.equal(warm.vectors, plain.vectors)
+
+
+def test_adam_adapt_halves_the_step_of_a_request_whose_loss_rose(models, tiny_tokenizer):
+    model = models["llama"]
+    config = VStarConfig(steps=3, lr=0.1, clamp_factor=100.0, loss_tolerance=0.0)
+    requests = requests_abc()
+    plain = _targets(model, tiny_tokenizer, requests, config)
+    adapt = _targets(
+        model, tiny_tokenizer, requests, dataclasses.replace(config, optimizer="adam-adapt")
+    )
+    # The first update has nothing to compare with: full Adam steps, as plain Adam.
+    two = dataclasses.replace(config, steps=2)
+    assert torch.equal(
+        _targets(
+            model, tiny_tokenizer, requests, dataclasses.replace(two, optimizer="adam-adapt")
+        ).vectors,
+        _targets(model, tiny_tokenizer, requests, two).vectors,
+    )
+    # The second update: Adam's step from the same point, scaled by 1/2 for a request
+    # whose loss rose at step 2 and by 1 otherwise.
+    rose = adapt.trace[1] > adapt.trace[0]
+    after_one = _targets(model, tiny_tokenizer, requests, two)
+    adam_step = plain.vectors - after_one.vectors
+    scale = torch.where(rose, 0.5, 1.0).unsqueeze(1)
+    assert torch.allclose(adapt.vectors, after_one.vectors + scale * adam_step, atol=1e-6)
+
+
+def test_trace_records_every_requests_loss_per_step(models, tiny_tokenizer):
+    config = VStarConfig(steps=4, lr=0.1)
+    result = _targets(models["gpt2"], tiny_tokenizer, requests_abc(), config)
+    assert len(result.trace) == len(result.history) == 4
+    assert all(t.shape == (3,) for t in result.trace)
+    assert [float(t.mean()) for t in result.trace] == pytest.approx(result.history)
+    assert torch.equal(result.trace[-1], result.loss.cpu())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_key_passes_are_close_to_fp32_and_follow_key_precision(models, tiny_tokenizer, family):
+    model = models[family]
+    layout = ModelLayout.of(model)
+    args = (model, tiny_tokenizer, layout, 1, 1, requests_abc(), TEMPLATES)
+    fp32 = read_layer(*args)
+    bf16 = read_layer(*args, bf16=True)
+    assert bf16.keys.dtype == torch.float32
+    assert not torch.equal(bf16.keys, fp32.keys)  # the passes did run in bf16
+    for ours, exact in [(bf16.keys, fp32.keys), (bf16.z_out, fp32.z_out)]:
+        assert float((ours - exact).norm() / exact.norm()) < 3e-2
+    with key_precision(True):
+        assert torch.equal(read_layer(*args).keys, bf16.keys)
+        assert torch.equal(read_layer(*args, bf16=False).keys, fp32.keys)
+    assert torch.equal(read_layer(*args).keys, fp32.keys)  # the block's setting is gone
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shallow_cache_copy_gives_bitwise_what_a_deep_copy_gives(
+    models, tiny_tokenizer, family, monkeypatch
+):
+    from sphere_edit.editing import vstar
+
+    model = models[family]
+    requests = [*requests_abc(), EditRequest.create("{} is a city in", "Lyon", "Italy")]
+    templates = ["{}", "Toronto. {}", "The official language of France is French. {}"]
+    config = VStarConfig(steps=4, lr=0.2, loss_tolerance=0.0)
+    shallow = _targets(model, tiny_tokenizer, requests, config, templates=templates)
+    seen = []
+    real = vstar._fresh_copy
+
+    def deep(cache):
+        seen.append(real(cache) is not cache)
+        return __import__("copy").deepcopy(cache)
+
+    monkeypatch.setattr(vstar, "_fresh_copy", deep)
+    deep_result = _targets(model, tiny_tokenizer, requests, config, templates=templates)
+    assert seen and all(seen)
+    assert torch.equal(shallow.vectors, deep_result.vectors)
+    assert torch.equal(shallow.loss, deep_result.loss)
+
+
+def test_a_forward_on_the_fresh_copy_leaves_the_prefix_cache_as_it_was(models, tiny_tokenizer):
+    from sphere_edit.editing.vstar import _build_rows, _CachedPass
+
+    model = models["gemma3_text"]  # sliding-window layers too
+    layout = ModelLayout.of(model)
+    layers = [layout.layer(i) for i in range(2)]
+    rows = _build_rows(tiny_tokenizer, requests_abc(), [0, 1], TEMPLATES[1:])
+    cached = _CachedPass(model, layers, layout.unembed(), rows, 0, torch.device("cpu"), False)
+    before = [(x.keys, x.keys.clone(), x.values.clone()) for x in cached.cache.layers]
+    delta = torch.zeros(len(rows.ids), model.config.hidden_size)
+    with torch.no_grad():
+        cached.run(delta, lambda _values: None)
+        cached.run(delta, lambda _values: None)
+    for layer, (tensor, keys, values) in zip(cached.cache.layers, before, strict=True):
+        assert layer.keys is tensor  # the prefix cache's own tensors, not the appended ones
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
+def test_a_resume_with_another_precision_is_refused_naming_the_target(tmp_path, tiny_tokenizer):
+    from sphere_edit.editing.journal import JournalError
+    from sphere_edit.editing.session import EditSession
+    from sphere_edit.methods import MEMIT
+    from tests.unit._helpers import THREE_BATCHES, tiny_loaded
+
+    loaded = tiny_loaded(tiny_tokenizer)
+    layers = [1]
+    moments = {1: torch.eye(loaded.layout.key_dim(1), dtype=torch.float64)}
+
+    def session(bf16: bool) -> EditSession:
+        return EditSession(
+            loaded, MEMIT(mom2_weight=1.0), layers, moments, run_dir=tmp_path / "run",
+            target=VStarConfig(steps=2, bf16=bf16), templates=["{}"],
+        )  # fmt: skip
+
+    first = session(bf16=False)
+    first.apply(THREE_BATCHES[0])
+    assert first.header()["target"]["bf16"] is False
+    assert first.header()["target"]["optimizer"] == "adam"
+    other = session(bf16=True)
+    with pytest.raises(JournalError, match=r"target differs.*'bf16': False"):
+        other.resume()

@@ -1,0 +1,214 @@
+"""One batch of CounterFact edits, old code against new, side by side in one run.
+
+``--n`` (default 100) CounterFact edits on SmolLM2 with AlphaEdit + SPHERE (preset layers),
+everything but the (cached) key statistics: load, context templates, v*, keys, solve,
+projection, HE, and the evaluation of those cases. Two sides, each in a subprocess of its
+own (a fresh interpreter, the same data and statistics cache):
+
+- ``base``: the code of commit 29a451e (a worktree of it, ``--base-src``), float32;
+- ``new``: this tree's code with ``--precision`` (default auto).
+
+Each side writes its journal; the edited models are then rebuilt from the journals and
+scored by this tree's evaluation, so both are scored by the same code. Printed: the CPU's
+bf16 flags, the fp32 and bf16 matmul peaks, the load average at start and end, each
+phase's seconds, the speed-up and the differences of the metrics.
+
+    python benchmarks/batch_speed.py --n 100 --out runs/batch_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_SRC = Path("/work/base/src")
+METHOD = "alphaedit+sphere"
+# The phases of a batch as both versions' sessions time them, in the order they run.
+PHASES = ("context", "targets", "keys", "solve", "projection", "energy")
+METRICS = ("rewrite_prob_success", "rewrite_top1", "paraphrase_top1", "paraphrase_prob_success")
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# -- one side (runs in a subprocess, under either version of the package) ---------------
+
+
+def _imports() -> dict[str, Any]:
+    """The names one side needs, from whichever layout of the package is importable."""
+    try:
+        from sphere_edit.editing.build import build_session
+        from sphere_edit.editing.requests import EditRequest
+        from sphere_edit.model.loading import load_model
+
+        new = True
+    except ImportError:  # the flat layout of commit 29a451e
+        from sphere_edit.editor import build_session  # type: ignore[no-redef]
+        from sphere_edit.models import load_model  # type: ignore[no-redef]
+        from sphere_edit.requests import EditRequest  # type: ignore[no-redef]
+
+        new = False
+    return {"build": build_session, "load": load_model, "request": EditRequest, "new": new}
+
+
+def run_side(args: argparse.Namespace) -> None:
+    """Edit the first ``--n`` cases in one batch into ``--run-dir``; print the phases as JSON."""
+    names = _imports()
+    records = json.loads((args.data / "counterfact" / "train.json").read_text())[: args.n]
+    requests = [names["request"].from_dict(r, index=i) for i, r in enumerate(records)]
+    phases: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = names["load"](args.model)
+    phases["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    extra = {"precision": args.precision} if names["new"] else {}
+    session = names["build"](
+        loaded, METHOD, corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
+        stats_tokens=args.stats_tokens, run_dir=args.run_dir, progress=False,
+        log=lambda _message: None, **extra,
+    )  # fmt: skip
+    phases["statistics (cached, not counted)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    session.context_templates()
+    phases["templates"] = time.perf_counter() - start
+    result = session.apply(requests)
+    for phase in PHASES:
+        phases[phase] = float(result.timings.get(phase, 0.0))
+    steps = [int(s) for s in result.target_steps]
+    print(
+        json.dumps(
+            {
+                "phases": phases,
+                "mean_steps": sum(steps) / len(steps),
+                "bf16": bool(session.target.bf16),
+                "mean_target_loss": sum(result.target_loss) / len(result.target_loss),
+            }
+        )
+    )
+
+
+# -- the comparison (this tree's code) ---------------------------------------------------
+
+
+def side(name: str, src: Path, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    command = [
+        sys.executable, __file__, "--side", name, "--n", str(args.n), "--data", str(args.data),
+        "--model", args.model, "--stats-tokens", str(args.stats_tokens),
+        "--precision", args.precision if name == "new" else "fp32", "--run-dir", str(run_dir),
+    ]  # fmt: skip
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: PYTHONPATH={src}", flush=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} side failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def score(run_dir: Path, args: argparse.Namespace) -> tuple[dict[str, float], float]:
+    """The journal's model, scored on the edited cases; (metrics, seconds)."""
+    from sphere_edit.editing.runs import load_run_model
+    from sphere_edit.evaluation.data import load_cases
+    from sphere_edit.evaluation.metrics import aggregate, evaluate_cases
+
+    cases = load_cases(args.data / "counterfact" / "train.json", limit=args.n).cases
+    loaded, _index = load_run_model(run_dir, model=args.model)
+    start = time.perf_counter()
+    results = evaluate_cases(loaded.model, loaded.tokenizer, cases, batch_size=64)
+    seconds = time.perf_counter() - start
+    summary = aggregate(results)
+    return {m: float(summary[m]) for m in METRICS}, seconds
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from sphere_edit.common.precision import bf16_support, cpu_flags, matmul_gflops
+
+    flags = sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx"))
+    support = bf16_support("cpu")
+    peaks = {
+        "fp32": matmul_gflops(torch.float32, size=2048, seconds=1.0),
+        "bf16": matmul_gflops(torch.bfloat16, size=2048, seconds=1.0),
+    }
+    report: dict[str, Any] = {
+        "n": args.n,
+        "threads": torch.get_num_threads(),
+        "cpu_bf16_flags": flags,
+        "native_bf16": support.native,
+        "matmul_peak_gflops": peaks,
+        "load_average_start": load_average(),
+    }
+    print(json.dumps(report, indent=2), flush=True)
+    sides: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, src in (("base", args.base_src), ("new", REPO / "src")):
+            run_dir = Path(tmp) / name
+            sides[name] = side(name, src, args, run_dir)
+            metrics, seconds = score(run_dir, args)
+            sides[name]["phases"]["evaluation"] = seconds
+            sides[name]["metrics"] = metrics
+            counted = {k: v for k, v in sides[name]["phases"].items() if "not counted" not in k}
+            sides[name]["total_seconds"] = sum(counted.values())
+            print(f"{name}: {json.dumps(sides[name])}", flush=True)
+    report["sides"] = sides
+    report["load_average_end"] = load_average()
+    base, new = sides["base"], sides["new"]
+    report["speedup"] = base["total_seconds"] / new["total_seconds"]
+    report["speedup_vstar"] = base["phases"]["targets"] / new["phases"]["targets"]
+    report["metric_difference_new_minus_base"] = {
+        m: new["metrics"][m] - base["metrics"][m] for m in METRICS
+    }
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    base, new = report["sides"]["base"], report["sides"]["new"]
+    print(f"\n{'phase':<34}{'base 29a451e':>14}{'new':>10}{'×':>7}")
+    for phase in base["phases"]:
+        b, n = base["phases"][phase], new["phases"].get(phase, 0.0)
+        ratio = f"{b / n:.1f}" if n > 0 else ""
+        print(f"{phase:<34}{b:>14.2f}{n:>10.2f}{ratio:>7}")
+    print(f"{'total (counted)':<34}{base['total_seconds']:>14.2f}{new['total_seconds']:>10.2f}"
+          f"{report['speedup']:>7.1f}")  # fmt: skip
+    print(f"{'mean v* steps':<34}{base['mean_steps']:>14.2f}{new['mean_steps']:>10.2f}")
+    for metric in METRICS:
+        b, n = base["metrics"][metric], new["metrics"][metric]
+        print(f"{metric:<34}{b:>14.3f}{n:>10.3f}{n - b:>+7.3f}")
+    print(f"precision of the new side: {'bf16' if new['bf16'] else 'fp32'}")
+    print(f"load average: start {report['load_average_start']}, end {report['load_average_end']}")
+
+
+def main() -> None:
+    default_data = Path(os.environ.get("SPHERE_EDIT_DATA", REPO.parent / "shared" / "data"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--data", type=Path, default=default_data)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--stats-tokens", type=int, default=100_000)
+    parser.add_argument("--precision", default="auto", help="the new side's: auto, fp32, bf16")
+    parser.add_argument("--base-src", type=Path, default=BASE_SRC)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--side", choices=("base", "new"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side is not None:
+        run_side(args)
+        return
+    report = compare(args)
+    print_table(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
