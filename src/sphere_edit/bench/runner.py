@@ -85,6 +85,8 @@ class BenchConfig:
     eval_batch_size: int = 64
     # v* memory cap (VStarConfig.positions_per_pass): None the default, 0 no cap.
     positions_per_pass: int | None = None
+    # Where MEMIT's schedule applies SPHERE and RECT's mask: None each method's default.
+    transform_order: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -108,6 +110,10 @@ class BenchConfig:
             raise ValueError(f"fluency_cases: must be >= 0, got {self.fluency_cases}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("methods: a method is listed twice")
+        if self.transform_order not in (None, "inside", "after"):
+            raise ValueError(
+                f"transform_order: must be 'inside' or 'after', got {self.transform_order!r}"
+            )
 
     def checkpoints(self) -> list[int]:
         """Numbers of edits after which the cases edited so far are evaluated."""
@@ -415,6 +421,7 @@ class Benchmark:
             seed=c.seed,
             progress=self.progress,
             log=self.log,
+            transform_order=c.transform_order,
         )
         record = MethodRun(spec=spec, layers=list(session.layers))
         record.add_time("statistics", time.perf_counter() - clock)
@@ -447,18 +454,19 @@ class Benchmark:
                 result.target_steps,
                 result.warnings,
             )
-            final = self._marks(loaded, record, done, cases) or final
+            with session.evaluation_weights():
+                final = self._marks(loaded, record, done, cases) or final
             self._write_progress(out, record)
             bar.update(
                 bar.done + 1,
                 _headline(record.checkpoints[-1]["metrics"]) if record.checkpoints else "",
             )
         bar.close()
-        if final is None:  # resumed after the last batch: evaluate the final model
-            final = self._evaluate(loaded, cases)
-
-        clock = time.perf_counter()
-        generation = self._generation(loaded, cases)
+        with session.evaluation_weights():
+            if final is None:  # resumed after the last batch: evaluate the final model
+                final = self._evaluate(loaded, cases)
+            clock = time.perf_counter()
+            generation = self._generation(loaded, cases)
         record.add_time("generation", time.perf_counter() - clock)
         per_case = merge_results(final, generation) if generation else final
         out.write_cases(per_case)
@@ -617,9 +625,10 @@ class Benchmark:
         for phase in ("evaluation", "general"):
             if phase in stored.get("timings", {}):
                 record.add_time(phase, stored["timings"][phase])
-        final = self._marks(loaded, record, done, cases)
-        if done == c.n_edits and final is None:
-            final = self._evaluate(loaded, cases)
+        with session.evaluation_weights():
+            final = self._marks(loaded, record, done, cases)
+            if done == c.n_edits and final is None:
+                final = self._evaluate(loaded, cases)
         self._write_progress(out, record)
         self.log(f"{record.spec}: resumed after batch {n_batches} ({done} edits) from {journal}")
         return n_batches, final

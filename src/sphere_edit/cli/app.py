@@ -183,6 +183,15 @@ def demo(
     )  # fmt: skip
 
 
+TransformOrderOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="inside|after: SPHERE and RECT's mask on each layer's update inside MEMIT's "
+        "schedule (later layers compensate) or after it (the authors'). Default: the method's."
+    ),
+]
+
+
 def locked(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run the command holding its run directory's lock (``--resume DIR`` or ``--out``):
     one writer per run directory; a second process is refused naming the first's PID."""
@@ -244,6 +253,7 @@ def edit(
     positions_per_pass: PositionsOpt = None,
     export: Annotated[Path | None, typer.Option(help="Also save_pretrained here.")] = None,
     seed: int = 0,
+    transform_order: TransformOrderOpt = None,
     resume: Annotated[
         bool,
         typer.Option(help="Continue an interrupted run in --out after its last journaled batch."),
@@ -264,6 +274,8 @@ def edit(
         raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
     if basis is not None and basis not in ("current", "pre_edit"):
         raise ValueError(f"--basis must be 'current' or 'pre_edit', got {basis!r}")
+    if transform_order not in (None, "inside", "after"):
+        raise ValueError(f"--transform-order must be 'inside' or 'after', got {transform_order!r}")
     _check_edit_options(spec, layers, eta=eta, alpha=alpha, basis=basis)
     _check_run_dir(out, resume)
     if export is not None:
@@ -289,7 +301,7 @@ def edit(
         layers=parse_layers(layers, loaded.layout.num_layers) if layers else None,
         corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis or "current",
         target_overrides=overrides, method_overrides=method_overrides, run_dir=out,
-        seed=seed, log=console.print,
+        seed=seed, log=console.print, transform_order=transform_order,
     )  # fmt: skip
     done = _resume_edit(session, batches) if resume else 0
     console.print(f"{spec} on layers {session.layers}: {len(all_requests)} requests, "
@@ -746,6 +758,7 @@ def bench(
     ] = False,
     seed: int = 0,
     positions_per_pass: PositionsOpt = None,
+    transform_order: TransformOrderOpt = None,
     pre_edit_from: Annotated[
         Path | None,
         typer.Option(
@@ -770,7 +783,7 @@ def bench(
         checkpoint_every=checkpoint_every, seed=seed, offset=offset, corpus=corpus,
         stats_tokens=stats_tokens, fluency_cases=fluency_cases, general_every=general_every,
         general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
-        positions_per_pass=positions_per_pass,
+        positions_per_pass=positions_per_pass, transform_order=transform_order,
     )  # fmt: skip
     _check_bench_data(config)  # a data error before minutes of model loading
     loaded = _load(model, device)

@@ -82,10 +82,13 @@ def build_session(
     seed: int = 0,
     progress: bool = True,
     log=print,
+    transform_order: str | None = None,
 ) -> EditSession:
     """A session for ``spec`` with the preset's options; ``method_overrides`` replace
     single method options (e.g. ``{"epsilon": None}`` for unconstrained FT). A one-layer
-    method (ROME, FT) edits the preset's layer for it unless ``layers`` names one."""
+    method (ROME, FT) edits the preset's layer for it unless ``layers`` names one.
+    ``transform_order`` places the SPHERE projection and RECT's sparsification in MEMIT's
+    schedule ("inside" or "after"; default: the method's, see ``EditSession``)."""
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
     if preset is None:
         preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
@@ -137,6 +140,7 @@ def build_session(
         target=target,
         seed=seed,
         run_dir=run_dir,
+        transform_order=transform_order,
         extra_header={
             "method_spec": str(spec),
             "preset": preset.name,
