@@ -421,7 +421,7 @@ class Benchmark:
             seed=c.seed,
             progress=self.progress,
             log=self.log,
-            transform_order=c.transform_order,
+            transform_order=c.transform_order or self._journal_order(out),
         )
         record = MethodRun(spec=spec, layers=list(session.layers))
         record.add_time("statistics", time.perf_counter() - clock)
@@ -490,6 +490,16 @@ class Benchmark:
         out.write_summary(summary)
         self.log(f"{spec}: {_headline(summary['final']['metrics'])}")
         return summary
+
+    def _journal_order(self, out: MethodDir) -> str | None:
+        """A resumed method's schedule order when the config leaves it to the method: the
+        one its journal was written with (``"inside"`` before the setting existed)."""
+        from ..editing.journal import Journal
+
+        journal = Journal(out.journal)
+        if not self.resume or not journal.exists():
+            return None
+        return journal.index().get("transform_order", "inside")
 
     def _shared_targets(
         self, spec: str, session: EditSession, begin: int
