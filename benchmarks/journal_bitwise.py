@@ -15,6 +15,10 @@ edit state (``state_after``) of every journal. Compare two commits with::
     PYTHONPATH=/path/to/old/src python benchmarks/journal_bitwise.py --out old.json
     python benchmarks/journal_bitwise.py --out new.json
     diff old.json new.json
+
+``--transform-order inside`` runs every method with the transforms inside MEMIT's
+schedule and PRUNE editing its restrained model (what the package did before either was
+an option), to compare with commits from before them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from tests.tiny_models import TRAINING_SENTENCES, make_tiny_model, make_tiny_tok
 
 METHODS = "memit,memit+sphere,alphaedit,alphaedit+sphere,rect,rect+sphere,prune,prune+sphere"
 ONE_LAYER = ("rome", "rome+sphere", "ft", "ft+sphere")
+# Extra options of every bench and edit command (--transform-order sets them).
+FORCED: list[str] = []
 REQUESTS = [
     {"prompt": "{} is located in", "subject": "Toronto", "target_new": "France"},
     {"prompt": "{} plays the", "subject": "John", "target_new": "guitar"},
@@ -40,8 +46,21 @@ REQUESTS = [
 ]
 
 
+# The bench command takes no method options: PRUNE's old semantics (editing the restrained
+# model) are given by registering it with edit_restrained=True in the command's process.
+OLD_PRUNE = (
+    "import dataclasses, functools; from sphere_edit.methods import registry; "
+    "info = registry.get_method('prune'); "
+    "registry._REGISTRY['prune'] = dataclasses.replace("
+    "info, factory=functools.partial(info.factory, edit_restrained=True)); "
+)
+
+
 def cli(*args: str) -> None:
     code = "import sys; from sphere_edit.cli.app import app; sys.exit(app())"
+    if FORCED:
+        args = (*args, *FORCED)
+        code = (OLD_PRUNE if FORCED[-1] == "inside" else "") + code
     done = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, check=False
     )
@@ -57,7 +76,14 @@ def journal_digest(run_dir: Path) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file of the checksums")
+    parser.add_argument(
+        "--transform-order",
+        choices=("inside", "after"),
+        help="pass --transform-order to every command (inside: also PRUNE's old semantics)",
+    )
     args = parser.parse_args()
+    if args.transform_order:
+        FORCED.extend(["--transform-order", args.transform_order])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tokenizer = make_tiny_tokenizer()

@@ -106,6 +106,8 @@ class BenchConfig:
     # The HE early warning's k (sphere.warning.EnergyWarning); None: off.
     he_warning: float | None = None
     general_tasks: tuple[str, ...] | None = None  # None: every general-abilities task
+    # Where MEMIT's schedule applies SPHERE and RECT's mask: None each method's default.
+    transform_order: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -136,6 +138,10 @@ class BenchConfig:
         order_seed(self.case_order)
         if self.he_warning is not None and not self.he_warning > 0:
             raise ValueError(f"he_warning: must be positive, got {self.he_warning}; e.g. 5")
+        if self.transform_order not in (None, "inside", "after"):
+            raise ValueError(
+                f"transform_order: must be 'inside' or 'after', got {self.transform_order!r}"
+            )
 
     def checkpoints(self) -> list[int]:
         """Numbers of edits after which the cases edited so far are evaluated."""
@@ -472,6 +478,7 @@ class Benchmark:
             seed=c.seed,
             progress=self.progress,
             log=self.log,
+            transform_order=c.transform_order or self._journal_order(out),
         )
         record = MethodRun(spec=spec, layers=list(session.layers))
         if c.he_warning is not None:
@@ -508,18 +515,19 @@ class Benchmark:
             )
             for alarm in record.batches[-1].get("he_warnings", []):
                 self.log(f"{spec}: {alarm['message']}")
-            final = self._marks(loaded, record, done, cases) or final
+            with session.evaluation_weights():
+                final = self._marks(loaded, record, done, cases) or final
             self._write_progress(out, record)
             bar.update(
                 bar.done + 1,
                 _headline(record.checkpoints[-1]["metrics"]) if record.checkpoints else "",
             )
         bar.close()
-        if final is None:  # resumed after the last batch: evaluate the final model
-            final = self._evaluate(loaded, cases)
-
-        clock = time.perf_counter()
-        generation = self._generation(loaded, cases)
+        with session.evaluation_weights():
+            if final is None:  # resumed after the last batch: evaluate the final model
+                final = self._evaluate(loaded, cases)
+            clock = time.perf_counter()
+            generation = self._generation(loaded, cases)
         record.add_time("generation", time.perf_counter() - clock)
         per_case = merge_results(final, generation) if generation else final
         out.write_cases(per_case)
@@ -544,6 +552,16 @@ class Benchmark:
         out.write_summary(summary)
         self.log(f"{spec}: {_headline(summary['final']['metrics'])}")
         return summary
+
+    def _journal_order(self, out: MethodDir) -> str | None:
+        """A resumed method's schedule order when the config leaves it to the method: the
+        one its journal was written with (``"inside"`` before the setting existed)."""
+        from ..editing.journal import Journal
+
+        journal = Journal(out.journal)
+        if not self.resume or not journal.exists():
+            return None
+        return journal.index().get("transform_order", "inside")
 
     def _shared_targets(
         self, spec: str, session: EditSession, begin: int
@@ -679,9 +697,10 @@ class Benchmark:
         for phase in ("evaluation", "general"):
             if phase in stored.get("timings", {}):
                 record.add_time(phase, stored["timings"][phase])
-        final = self._marks(loaded, record, done, cases)
-        if done == c.n_edits and final is None:
-            final = self._evaluate(loaded, cases)
+        with session.evaluation_weights():
+            final = self._marks(loaded, record, done, cases)
+            if done == c.n_edits and final is None:
+                final = self._evaluate(loaded, cases)
         self._write_progress(out, record)
         self.log(f"{record.spec}: resumed after batch {n_batches} ({done} edits) from {journal}")
         return n_batches, final

@@ -234,6 +234,15 @@ def _announce_precision(precision: str, loaded: Any) -> str:
     return chosen
 
 
+TransformOrderOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="inside|after: SPHERE and RECT's mask on each layer's update inside MEMIT's "
+        "schedule (later layers compensate) or after it (the authors'). Default: the method's."
+    ),
+]
+
+
 def locked(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run the command holding its run directory's lock (``--resume DIR`` or ``--out``):
     one writer per run directory; a second process is refused naming the first's PID."""
@@ -310,6 +319,7 @@ def edit(
     positions_per_pass: PositionsOpt = None,
     export: Annotated[Path | None, typer.Option(help="Also save_pretrained here.")] = None,
     seed: int = 0,
+    transform_order: TransformOrderOpt = None,
     resume: Annotated[
         bool,
         typer.Option(help="Continue an interrupted run in --out after its last journaled batch."),
@@ -331,6 +341,8 @@ def edit(
         raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
     if basis is not None and basis not in ("current", "pre_edit"):
         raise ValueError(f"--basis must be 'current' or 'pre_edit', got {basis!r}")
+    if transform_order not in (None, "inside", "after"):
+        raise ValueError(f"--transform-order must be 'inside' or 'after', got {transform_order!r}")
     _check_edit_options(spec, layers, eta=eta, alpha=alpha, basis=basis)
     _check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
     if he_warning is not None and not he_warning > 0:
@@ -366,7 +378,7 @@ def edit(
         corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis or "current",
         target_overrides=overrides, method_overrides=method_overrides, run_dir=out,
         seed=seed, log=console.print, stats_pieces=stats_pieces, stats_samples=stats_samples,
-        template_tokens=template_tokens, precision=chosen,
+        template_tokens=template_tokens, precision=chosen, transform_order=transform_order,
     )  # fmt: skip
     done = _resume_edit(session, batches) if resume else 0
     alarm_rule = _he_warning_rule(he_warning, session, done)
@@ -965,6 +977,7 @@ def bench(
     ] = False,
     seed: int = 0,
     positions_per_pass: PositionsOpt = None,
+    transform_order: TransformOrderOpt = None,
     pre_edit_from: Annotated[
         Path | None,
         typer.Option(
@@ -1000,7 +1013,7 @@ def bench(
         checkpoint_every=checkpoint_every, seed=seed, offset=offset, corpus=corpus,
         stats_tokens=stats_tokens, fluency_cases=fluency_cases, general_every=general_every,
         general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
-        positions_per_pass=positions_per_pass,
+        positions_per_pass=positions_per_pass, transform_order=transform_order,
         **{k: v for k, v in recipe.items() if v is not None},
     )  # fmt: skip
     config = replace(

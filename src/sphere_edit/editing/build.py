@@ -130,6 +130,7 @@ def build_session(
     progress: bool = True,
     log=print,
     precision: str | None = None,
+    transform_order: str | None = None,
 ) -> EditSession:
     """A session for ``spec`` with the preset's options; ``method_overrides`` replace
     single method options (e.g. ``{"epsilon": None}`` for unconstrained FT). A one-layer
@@ -141,7 +142,11 @@ def build_session(
     ``precision`` (``"auto"``, ``"fp32"``, ``"bf16"``, see
     :func:`~sphere_edit.common.precision.resolve_precision`) sets the arithmetic of the v*
     and key passes; without it they run as the preset and ``target_overrides`` say (float32
-    by default), so library results stay bitwise the same on every machine."""
+    by default), so library results stay bitwise the same on every machine.
+
+
+    ``transform_order`` places the SPHERE projection and RECT's sparsification in MEMIT's
+    schedule ("inside" or "after"; default: the method's, see ``EditSession``)."""
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
     if preset is None:
         preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
@@ -220,6 +225,7 @@ def build_session(
         target=target,
         seed=seed,
         run_dir=run_dir,
+        transform_order=transform_order,
         extra_header={
             "method_spec": str(spec),
             "preset": preset.name,

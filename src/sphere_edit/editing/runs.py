@@ -17,6 +17,7 @@ import torch
 from ..model.loading import LoadedModel
 from . import journal as _journal
 from .journal import Journal
+from .session import restrained_weight, set_weights
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -58,7 +59,8 @@ def load_run_model(
 ) -> tuple[LoadedModel, dict[str, Any]]:
     """Load the run's base model onto ``device`` (``model`` overrides the name in the
     journal: a folder or hub id, or an already loaded unedited model) and apply the run
-    to it."""
+    to it: the model the run is evaluated with (for PRUNE editing the raw sum, the
+    restrained weights, :func:`evaluated_weights`)."""
     journal = Journal(run_dir)
     index = journal.index()
     if isinstance(model, LoadedModel):
@@ -67,5 +69,53 @@ def load_run_model(
         from ..model.loading import load_model
 
         loaded = load_model(model or index["model"], device=device)
-    journal.replay(loaded, index)
+    base = _journal.snapshot_weights(loaded.layout, index["layers"])
+    replayed = journal.replay(loaded, index)
+    if evaluates_restrained(index) and replayed:
+        raw = [applied.raw for _, applied in replayed]
+        set_weights(loaded.layout, evaluated_weights(loaded, index, base, raw))
     return loaded, index
+
+
+def evaluates_restrained(index: dict[str, Any]) -> bool:
+    """Whether the journal's live model differs from the one it is evaluated with: PRUNE
+    editing the raw sum of its updates (journals from before the option edited the
+    restrained model)."""
+    method = index.get("method") or {}
+    return method.get("method") == "prune" and method.get("edit_restrained", True) is False
+
+
+def evaluated_weights(
+    loaded: LoadedModel,
+    index: dict[str, Any],
+    base: dict[int, torch.Tensor],
+    raw: list[dict[int, torch.Tensor]],
+) -> dict[int, torch.Tensor]:
+    """Each layer's W0 + SPHERE(restrain(Σ ΔW)) (out, in), from the base weights ``base``
+    (storage layout, as :func:`snapshot_weights` gives them) and the raw updates of the
+    batches, summed in order as the session sums them."""
+    from ..methods import make_method
+    from ..methods.base import LayerState
+    from ..sphere.projection import SphereProjection
+
+    options = {k: v for k, v in index["method"].items() if k != "method"}
+    method = make_method(index["method"]["method"], **options)
+    transform = SphereProjection(**index["transform"]) if index.get("transform") else None
+    layout = loaded.layout
+    weights = {}
+    for layer in index["layers"]:
+        pre_edit = layout.to_storage_layout(base[layer]).detach().cpu()
+        accumulated = torch.zeros(pre_edit.shape, dtype=torch.float64)
+        for batch in raw:
+            accumulated += batch[layer].double()
+        empty = torch.zeros(0, dtype=torch.float64)
+        state = LayerState(
+            layer=layer,
+            weight_name=layout.mlp_out_weight_name(layer),
+            pre_edit=pre_edit,
+            second_moment=empty,
+            edited_keys=empty,
+            accumulated=accumulated,
+        )
+        weights[layer] = restrained_weight(method, transform, state)
+    return weights

@@ -26,8 +26,11 @@ from ..common.progress import Progress
 from ..methods import EditMethod, GradientMethod, LayerState
 from ..methods.base import (
     EditContext,
+    default_transform_order,
     edits_per_request,
+    edits_restrained,
     edits_single_layer,
+    finalizes,
     is_gradient_method,
     restrains,
 )
@@ -54,6 +57,13 @@ from .vstar import VStarConfig, VStarResult, compute_vstar
 
 class NumericalError(ValueError):
     """A batch produced NaN or Inf; the model and journal were left as they were."""
+
+
+# Where MEMIT's schedule applies the SPHERE projection and a method's ``finalize`` (RECT's
+# sparsification) to each layer's ΔW: "inside", before the next layer's residual is read
+# (the later layers make up for what was removed), or "after" the whole schedule has run
+# with the dense updates, each layer's weight becoming W_before + T(ΔW_dense).
+TRANSFORM_ORDERS = ("inside", "after")
 
 
 @dataclass
@@ -112,10 +122,18 @@ class EditSession:
         run_dir: str | Path | None = None,
         energy_s: float = 1.0,
         extra_header: dict[str, Any] | None = None,
+        transform_order: str | None = None,
     ) -> None:
         layout = loaded.layout
         # The modules of each layer the method edits (UltraEdit: gate and up projections).
         modules = _edited_modules(method, layout)
+        if transform_order is None:
+            transform_order = default_transform_order(method)
+        if transform_order not in TRANSFORM_ORDERS:
+            raise ValueError(
+                f"transform_order: must be 'inside' or 'after', got {transform_order!r}; "
+                "pass --transform-order inside or --transform-order after"
+            )
         if not layers:
             raise ValueError("layers: give at least one layer to edit")
         if list(layers) != sorted(set(layers)):
@@ -135,6 +153,7 @@ class EditSession:
         self.method = method
         self.layers = list(layers)
         self.transform = transform
+        self.transform_order = transform_order
         self.target = target
         self.seed = seed
         self.energy_s = energy_s
@@ -456,6 +475,9 @@ class EditSession:
         model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
         z_layer = self.layers[-1]
         deltas, keys, raw, norms = {}, {}, {}, {}
+        after = self.transform_order == "after"
+        dense: dict[int, torch.Tensor] = {}  # "after": each layer's ΔW, kept for the end
+        before: dict[int, torch.Tensor] = {}  # "after": each layer's weight before it
         # The layers below the window do not change here: run them once for all reads.
         lower = LowerLayers(first=min(self.layers))
         bar = Progress("key passes", len(self.layers), enabled=self.progress)
@@ -476,17 +498,39 @@ class EditSession:
                 try:
                     with _solver_notes(notes):
                         delta = self.method.update(layer_keys, residuals, state)  # type: ignore
+                        if finalizes(self.method) and not after:
+                            delta = self.method.finalize(delta, state)  # type: ignore
                 finally:
                     state.weight = None
 
-            stored, raw_update, norms[layer] = self._commit(layer, delta, timings)
-            deltas[state.weight_name] = stored
             keys[layer] = layer_keys.float()
-            if raw_update is not None:
-                raw[layer] = raw_update
+            if after:
+                # The later layers see this layer's dense update, as in the authors' code.
+                before[layer] = snapshot_weights(layout, [layer])[layer]
+                dense[layer] = delta
+                _add_dense(layout, layer, delta)
+            else:
+                stored, raw_update, norms[layer] = self._commit(layer, delta, timings)
+                deltas[state.weight_name] = stored
+                if raw_update is not None:
+                    raw[layer] = raw_update
             fault_point("layer")
             bar.update(i + 1, f"layer {layer}")
         bar.close()
+        for layer in dense:
+            # Back to the weight before the dense update, then the transformed one.
+            restore_weights(layout, {layer: before[layer]})
+            state, delta = self.states[layer], dense[layer]
+            if finalizes(self.method):
+                state.weight = layout.read_weight(layer).detach().cpu()
+                try:
+                    delta = self.method.finalize(delta, state)  # type: ignore[union-attr]
+                finally:
+                    state.weight = None
+            stored, raw_update, norms[layer] = self._commit(layer, delta, timings)
+            deltas[state.weight_name] = stored
+            if raw_update is not None:
+                raw[layer] = raw_update
         return deltas, keys, raw, norms
 
     def _commit(
@@ -497,7 +541,9 @@ class EditSession:
         of its updates, and the norm of the change.
 
         For such a method (PRUNE) the weight becomes W0 + SPHERE(restrain(Σ ΔW)), the
-        projection taking its basis from W0, and the change is that minus the weight now.
+        projection taking its basis from W0, and the change is that minus the weight now;
+        unless the method edits the raw sum (``edit_restrained`` False), when ΔW is added
+        as it is and the restrained weight is only what :meth:`evaluation_weights` shows.
         """
         layout, state = self.layout, self.states[layer]
         raw = None
@@ -506,10 +552,13 @@ class EditSession:
             if restrains(self.method):
                 assert state.accumulated is not None
                 raw = delta.double()
-                wanted = self.method.restrain(state.accumulated + raw, state)  # type: ignore[union-attr]
-                if self.transform is not None:
-                    wanted = self.transform(wanted, current=state.pre_edit, pre_edit=state.pre_edit)
-                delta = state.pre_edit.double() + wanted - current.double()
+                if edits_restrained(self.method):
+                    wanted = self.method.restrain(state.accumulated + raw, state)  # type: ignore[union-attr]
+                    if self.transform is not None:
+                        wanted = self.transform(
+                            wanted, current=state.pre_edit, pre_edit=state.pre_edit
+                        )
+                    delta = state.pre_edit.double() + wanted - current.double()
             elif self.transform is not None:
                 delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
 
@@ -534,6 +583,7 @@ class EditSession:
             "base_fingerprint": self.loaded.fingerprint,
             "method": self.method.describe(),
             "transform": asdict(self.transform) if self.transform is not None else None,
+            "transform_order": self.transform_order,
             "layers": self.layers,
             "target": asdict(self.target),
             "templates": self.templates,
@@ -637,15 +687,17 @@ class EditSession:
         *,
         transform: SphereProjection | None = None,
         target: VStarConfig | None = None,
+        transform_order: str | None = None,
     ) -> EditSession:
         """Replay a journal onto the unedited base model ``loaded``, after checking that it
         was recorded with this base model, ``method``, ``transform`` and ``target`` (default:
-        the journal's), naming the first field that differs, as :meth:`resume` does."""
+        the journal's), ``transform_order`` (default: the journal's), naming the first field
+        that differs, as :meth:`resume` does."""
         run_dir = Path(run_dir)
         index = Journal(run_dir).index()
         require_base(run_dir, index, loaded.fingerprint)
         own = {"format", "batches", "model", "base_fingerprint", "method", "transform"}
-        own |= {"layers", "target", "templates", "seed", "energy_s", "modules"}
+        own |= {"layers", "target", "templates", "seed", "energy_s", "modules", "transform_order"}
         session = cls(
             loaded,
             method,
@@ -659,6 +711,7 @@ class EditSession:
             energy_s=index.get("energy_s", 1.0),
             # What the journal's writer added to the header stays in it.
             extra_header={k: v for k, v in index.items() if k not in own},
+            transform_order=transform_order or index.get("transform_order", "inside"),
         )
         session.check_header(index)
         session._replay_or_reset(index)
@@ -684,7 +737,20 @@ class EditSession:
     def check_header(self, index: dict[str, Any]) -> None:
         """Refuse a journal recorded with another base model or other options, naming
         the first field that differs."""
+        index = _with_old_defaults(index)
+        if not self.order_matters:
+            # Both orders give these edits bitwise: a journal of either one continues.
+            index["transform_order"] = self.transform_order
         self.journal.verify(self.header(), self.loaded.fingerprint, index)
+
+    @property
+    def order_matters(self) -> bool:
+        """Whether ``transform_order`` changes the edits: MEMIT's schedule over several
+        layers, with something to apply to each layer's ΔW that the next layer would see."""
+        if len(self.layers) < 2 or is_gradient_method(self.method):
+            return False
+        restrained = restrains(self.method) and edits_restrained(self.method)
+        return self.transform is not None or finalizes(self.method) or restrained
 
     def _replay_or_reset(self, index: dict[str, Any]) -> None:
         try:
@@ -706,10 +772,65 @@ class EditSession:
             self.batches.append(applied)
             self.entries.append(entry)
 
+    @property
+    def evaluates_restrained(self) -> bool:
+        """Whether the model is evaluated with other weights than it edits: a restraining
+        method that edits the raw sum (PRUNE's default, as the authors' code does)."""
+        return restrains(self.method) and not edits_restrained(self.method)
+
+    @contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """Within the block the model has the weights it is evaluated with: for PRUNE
+        editing the raw sum, W0 + SPHERE(restrain(Σ ΔW)); otherwise the live ones. On
+        leaving, the live weights come back bitwise."""
+        if not self.evaluates_restrained or not self.batches:
+            yield
+            return
+        live = snapshot_weights(self.layout, self.layers)
+        try:
+            weights = {
+                layer: restrained_weight(self.method, self.transform, self.states[layer])
+                for layer in self.layers
+            }
+            set_weights(self.layout, weights)
+            yield
+        finally:
+            restore_weights(self.layout, live)
+
     def export(self, directory: str | Path) -> None:
-        """Save the edited model as an ordinary checkpoint (``save_pretrained``)."""
-        self.loaded.model.save_pretrained(directory, safe_serialization=True)
+        """Save the edited model as an ordinary checkpoint (``save_pretrained``), with the
+        weights it is evaluated with (:meth:`evaluation_weights`)."""
+        with self.evaluation_weights():
+            self.loaded.model.save_pretrained(directory, safe_serialization=True)
         self.loaded.tokenizer.save_pretrained(directory)
+
+
+def _add_dense(layout: Any, layer: int, delta: torch.Tensor) -> None:
+    """Add ``delta`` (out, in) to the layer's weight as it is, for the layers after it to
+    read; the schedule's end puts the weight back before the transformed update."""
+    weight = layout.mlp_out(layer).weight
+    with torch.no_grad():
+        weight.add_(layout.to_storage_layout(delta).to(weight.device, weight.dtype))
+
+
+def restrained_weight(
+    method: Any, transform: SphereProjection | None, state: LayerState
+) -> torch.Tensor:
+    """W0 + SPHERE(restrain(Σ ΔW)) of a layer (out, in), float64: the weight a restraining
+    method's model is evaluated with, the projection taking its basis from W0."""
+    assert state.accumulated is not None
+    wanted = method.restrain(state.accumulated, state)
+    if transform is not None:
+        wanted = transform(wanted, current=state.pre_edit, pre_edit=state.pre_edit)
+    return state.pre_edit.double() + wanted
+
+
+def set_weights(layout: Any, weights: dict[int, torch.Tensor]) -> None:
+    """Write each layer's weight (out, in) into the model, in its dtype and layout."""
+    for layer, value in weights.items():
+        weight = layout.mlp_out(layer).weight
+        with torch.no_grad():
+            weight.copy_(layout.to_storage_layout(value).to(weight.device, weight.dtype))
 
 
 @contextmanager
@@ -720,6 +841,17 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         yield
     finally:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _with_old_defaults(index: dict[str, Any]) -> dict[str, Any]:
+    """``index`` with the settings older journals lack set to what those journals did:
+    the transforms inside the schedule, PRUNE editing its restrained model."""
+    index = dict(index)
+    index.setdefault("transform_order", "inside")
+    method = index.get("method")
+    if isinstance(method, dict) and method.get("method") == "prune":
+        index["method"] = {**method, "edit_restrained": method.get("edit_restrained", True)}
+    return index
 
 
 def _record(batch: BatchResult) -> dict[str, Any]:

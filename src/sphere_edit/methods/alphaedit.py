@@ -46,6 +46,8 @@ def nullspace_projector(second_moment: torch.Tensor, threshold: float) -> torch.
 @dataclass(frozen=True)
 class AlphaEdit:
     name: ClassVar[str] = "alphaedit"
+    # AlphaEdit's code projects each layer's update before the next layer is read.
+    transform_order: ClassVar[str] = "inside"
     nullspace_threshold: float = 2e-2
     l2: float = 10.0
 

@@ -20,6 +20,12 @@ the helpers at the bottom of this module):
 - ``needs_statistics = False``: the method does not use C0 (FT), so no corpus is read.
 - ``restrain(accumulated, state) -> Tensor``: the model carries W0 + restrain(Σ ΔW) rather
   than W0 + Σ ΔW; the session keeps the raw sum Σ ΔW in ``LayerState.accumulated`` (PRUNE).
+- ``edit_restrained``: with ``restrain``, whether the next batch edits the restrained model
+  (True) or the raw sum, the restrained one being only evaluated (False, PRUNE's default).
+- ``finalize(delta, state) -> Tensor``: a last step on a layer's ΔW, placed by the schedule
+  like the SPHERE projection (RECT's sparsification).
+- ``transform_order = "inside" | "after"``: the method's default place of the SPHERE
+  projection and ``finalize`` in MEMIT's schedule (``EditSession``); "inside" if undeclared.
 """
 
 from __future__ import annotations
@@ -130,3 +136,15 @@ def needs_statistics(method: object) -> bool:
 
 def restrains(method: object) -> bool:
     return callable(getattr(method, "restrain", None))
+
+
+def finalizes(method: object) -> bool:
+    return callable(getattr(method, "finalize", None))
+
+
+def edits_restrained(method: object) -> bool:
+    return bool(getattr(method, "edit_restrained", True))
+
+
+def default_transform_order(method: object) -> str:
+    return str(getattr(method, "transform_order", "inside"))

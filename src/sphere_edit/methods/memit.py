@@ -24,6 +24,8 @@ MOM2_WEIGHT = Option(
 @dataclass(frozen=True)
 class MEMIT:
     name: ClassVar[str] = "memit"
+    # The authors' MEMIT runs its schedule with the dense updates and projects afterwards.
+    transform_order: ClassVar[str] = "after"
     mom2_weight: float = 15000.0
 
     def __post_init__(self) -> None:

@@ -8,6 +8,10 @@ of every batch so far and W0 the weight before the first edit. With Δ = U diag(
 
 (b = ``log_base``, e by default), which is continuous at σ_max and grows only
 logarithmically beyond it; smaller singular values are left as they are.
+
+Which model the next batch edits is ``edit_restrained``: False (the authors' PRUNE, the
+default) keeps W0 + Δ live and evaluates (and exports) W0 + restrain(Δ); True edits the
+restrained model itself.
 """
 
 from __future__ import annotations
@@ -40,14 +44,23 @@ def restrain_singular_values(
         Option(
             "log_base", float, math.e, "base of the logarithm restraining σ", low=1, low_open=True
         ),
+        Option(
+            "edit_restrained",
+            bool,
+            False,
+            "edit the restrained model (true) or the raw sum, evaluating the restrained one",
+        ),
     ),
     inherits=("memit",),
 )
 @dataclass(frozen=True)
 class PRUNE:
     name: ClassVar[str] = "prune"
+    # The authors' PRUNE runs MEMIT's schedule with the dense updates.
+    transform_order: ClassVar[str] = "after"
     mom2_weight: float = 15000.0
     log_base: float = math.e
+    edit_restrained: bool = False
 
     def __post_init__(self) -> None:
         if not self.log_base > 1:

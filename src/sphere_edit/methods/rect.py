@@ -1,8 +1,9 @@
 """RECT: MEMIT's update, sparsified to the entries with the largest relative change.
 
-After ΔW is solved as MEMIT does, only the ``keep_fraction`` of its entries with the
-largest |ΔW_ij / W_ij| are kept (counted over the whole matrix) and the rest are set to
-zero, W being the layer's weight just before this update. An entry whose weight is
+After ΔW is solved as MEMIT does (``update``), ``finalize`` keeps only the
+``keep_fraction`` of its entries with the largest |ΔW_ij / W_ij| (counted over the whole
+matrix) and sets the rest to zero, W being the layer's weight just before this update;
+the session's schedule decides when (``transform_order``). An entry whose weight is
 exactly zero has an infinite relative change when ΔW_ij ≠ 0 (it ranks first) and none
 when ΔW_ij = 0 too (it ranks last), so the ratio is never NaN.
 """
@@ -49,6 +50,8 @@ def keep_largest(delta: torch.Tensor, score: torch.Tensor, fraction: float) -> t
 @dataclass(frozen=True)
 class RECT:
     name: ClassVar[str] = "rect"
+    # The authors' RECT sparsifies when the deltas of the dense schedule are added.
+    transform_order: ClassVar[str] = "after"
     keep_fraction: float = 0.4
     mom2_weight: float = 15000.0
 
@@ -61,7 +64,12 @@ class RECT:
     def update(
         self, keys: torch.Tensor, residuals: torch.Tensor, state: LayerState
     ) -> torch.Tensor:
-        delta = MEMIT(mom2_weight=self.mom2_weight).update(keys, residuals, state)
+        """MEMIT's dense ΔW; :meth:`finalize` sparsifies it where the schedule says."""
+        return MEMIT(mom2_weight=self.mom2_weight).update(keys, residuals, state)
+
+    def finalize(self, delta: torch.Tensor, state: LayerState) -> torch.Tensor:
+        """``delta`` with only the ``keep_fraction`` of entries of largest |ΔW / W| kept, W
+        being the layer's weight before this batch's update of it."""
         score = relative_change(delta, state.current_weight().double())
         return keep_largest(delta, score, self.keep_fraction)
 

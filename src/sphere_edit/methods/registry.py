@@ -25,7 +25,7 @@ class MethodOptionError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a method: ``kind`` is ``float`` or ``int``; the value must lie in
+    """One option of a method: ``kind`` is ``float``, ``int`` or ``bool``; the value must lie in
     the range from ``low`` to ``high`` (each bound exclusive when its ``*_open`` flag is
     set; ``None``: unbounded); ``nullable`` allows ``None`` (e.g. FT's unconstrained
     ``epsilon``)."""
@@ -42,6 +42,8 @@ class Option:
 
     def range_text(self) -> str:
         """The valid values, e.g. ``a number in (0, 1]``."""
+        if self.kind is bool:
+            return "true or false"
         what = "an integer" if self.kind is int else "a number"
         if self.low is None and self.high is None:
             text = what
@@ -58,6 +60,13 @@ class Option:
         """``value`` unchanged if it is valid, else a one-line :class:`MethodOptionError`."""
         if value is None and self.nullable:
             return value
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise MethodOptionError(
+                f"method option {self.name!r} of {method} must be true or false, "
+                f"got {value!r}; set it with --option {self.name}=true"
+            )
         # bool is an int subclass, but true/false is never a meaningful number here.
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
         if self.kind is int:

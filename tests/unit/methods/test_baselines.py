@@ -230,7 +230,8 @@ def test_rect_keeps_the_stated_fraction_with_the_largest_relative_change(fractio
     state = _state(torch.zeros_like(weight), c0)
     state.weight = weight  # what the session sets: the weight before this update
     full = MEMIT(mom2_weight=2.0).update(keys, residuals, state)
-    sparse = RECT(keep_fraction=fraction, mom2_weight=2.0).update(keys, residuals, state)
+    rect = RECT(keep_fraction=fraction, mom2_weight=2.0)
+    sparse = rect.finalize(rect.update(keys, residuals, state), state)
     kept = sparse != 0
     assert int(kept.sum()) == round(fraction * weight.numel())
     assert torch.equal(sparse[kept], full[kept])
@@ -253,7 +254,8 @@ def test_rect_zero_weights_rank_first_when_changed_and_last_when_not():
     residuals = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     # MEMIT's update here is a constant 1/(λ+3) everywhere: the two zero weights it
     # would change get an infinite relative change and are kept before the rest.
-    sparse = RECT(keep_fraction=2 / 6, mom2_weight=1.0).update(keys, residuals, state)
+    rect = RECT(keep_fraction=2 / 6, mom2_weight=1.0)
+    sparse = rect.finalize(rect.update(keys, residuals, state), state)
     assert torch.equal(sparse != 0, weight == 0)
 
 
@@ -309,7 +311,7 @@ def test_prune_model_carries_w0_plus_the_restrained_sum(tiny_tokenizer, tmp_path
     layers = [1, 2]
     moments = _moments(loaded, layers, tmp_path)
     w0 = {layer: loaded.layout.read_weight(layer).detach().double().clone() for layer in layers}
-    method = PRUNE(mom2_weight=0.01)
+    method = PRUNE(mom2_weight=0.01, edit_restrained=True)
     sphere = SphereProjection(eta=0.5, alpha=0.8)
     session = EditSession(
         loaded, method, layers, moments, transform=sphere, target=TARGET, templates=TEMPLATES
@@ -349,7 +351,7 @@ ALL_METHODS = {
     "ft": lambda: FT(lr=1e-2, steps=2),
     "rome": lambda: ROME(),
     "rect": lambda: RECT(mom2_weight=1.0),
-    "prune": lambda: PRUNE(mom2_weight=1.0),
+    "prune": lambda: PRUNE(mom2_weight=1.0, edit_restrained=True),
 }
 
 
