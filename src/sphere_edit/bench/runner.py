@@ -789,19 +789,31 @@ def _headline(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _editable_modules(loaded: LoadedModel, layer: int) -> list[torch.nn.Module]:
+    """Every module of ``layer`` some method may change: the MLP output projection and,
+    where the family has them, the gate and up projections (UltraEdit)."""
+    layout, found = loaded.layout, []
+    for name in ("mlp_out", "gate", "up"):
+        try:
+            found.append(layout.module(layer, name))
+        except ValueError:  # the family has no such module (an ungated MLP's gate)
+            continue
+    return found
+
+
 def _snapshot(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    """Every parameter any method may change: the MLP output projections of all layers."""
-    layout = loaded.layout
+    """Every parameter any method may change, in every layer."""
     return {
-        name: param.detach().clone()
-        for i in range(layout.num_layers)
-        for name, param in layout.mlp_out(i).named_parameters(prefix=f"layer{i}")
+        f"layer{i}.{m}.{name}": param.detach().clone()
+        for i in range(loaded.layout.num_layers)
+        for m, module in enumerate(_editable_modules(loaded, i))
+        for name, param in module.named_parameters()
     }
 
 
 def _restore(loaded: LoadedModel, base: dict[str, torch.Tensor]) -> None:
-    layout = loaded.layout
     with torch.no_grad():
-        for i in range(layout.num_layers):
-            for name, param in layout.mlp_out(i).named_parameters(prefix=f"layer{i}"):
-                param.copy_(base[name])
+        for i in range(loaded.layout.num_layers):
+            for m, module in enumerate(_editable_modules(loaded, i)):
+                for name, param in module.named_parameters():
+                    param.copy_(base[f"layer{i}.{m}.{name}"])
