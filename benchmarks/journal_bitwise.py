@@ -18,7 +18,9 @@ edit state (``state_after``) of every journal. Compare two commits with::
 
 ``--transform-order inside`` runs every method with the transforms inside MEMIT's
 schedule and PRUNE editing its restrained model (what the package did before either was
-an option), to compare with commits from before them.
+an option), to compare with commits from before them. ``--old-recipes`` adds the old
+statistics and template recipes too (``--stats-pieces 256 --template-tokens 10``): every
+default the fidelity issue changed, set back, so any commit since 29a451e compares.
 """
 
 from __future__ import annotations
@@ -81,7 +83,15 @@ def main() -> None:
         choices=("inside", "after"),
         help="pass --transform-order to every command (inside: also PRUNE's old semantics)",
     )
+    parser.add_argument(
+        "--old-recipes",
+        action="store_true",
+        help="--transform-order inside, --stats-pieces 256 and --template-tokens 10",
+    )
     args = parser.parse_args()
+    if args.old_recipes:
+        args.transform_order = "inside"
+        FORCED.extend(["--stats-pieces", "256", "--template-tokens", "10"])
     if args.transform_order:
         FORCED.extend(["--transform-order", args.transform_order])
     with tempfile.TemporaryDirectory() as tmp:
