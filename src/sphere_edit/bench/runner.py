@@ -41,6 +41,7 @@ from ..common.heap import release_free_memory
 from ..common.progress import Progress
 from ..common.settings import first_difference
 from ..editing.build import MethodSpec, build_session
+from ..editing.presets import load_preset_file
 from ..editing.session import EditSession
 from ..editing.vstar import VStarResult
 from ..evaluation.data import CaseSet, EditCase, load_cases
@@ -85,6 +86,8 @@ class BenchConfig:
     eval_batch_size: int = 64
     # v* memory cap (VStarConfig.positions_per_pass): None the default, 0 no cap.
     positions_per_pass: int | None = None
+    # A preset file (--preset); None: the model's shipped preset.
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -403,6 +406,7 @@ class Benchmark:
         session = build_session(
             loaded,
             spec,
+            preset=load_preset_file(c.preset) if c.preset else None,
             layers=list(c.layers) if c.layers else None,
             corpus=c.corpus,
             stats_tokens=c.stats_tokens,

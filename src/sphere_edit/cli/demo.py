@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..editing.build import build_session
+from ..editing.presets import Preset
 from ..editing.requests import EditRequest
 from ..evaluation.scoring import compare_targets, greedy_completion
 from ..model.loading import LoadedModel
@@ -51,6 +52,7 @@ def run_demo(
     stats_tokens: int | None = None,
     run_dir: str | None = None,
     console: Console | None = None,
+    preset: Preset | None = None,
 ) -> list[dict]:
     console = console or Console()
     model, tok = loaded.model, loaded.tokenizer
@@ -64,6 +66,7 @@ def run_demo(
     session = build_session(
         loaded,
         method,
+        preset=preset,
         corpus=corpus,
         stats_tokens=stats_tokens,
         run_dir=run_dir,

@@ -139,7 +139,7 @@ def build_session(
         run_dir=run_dir,
         extra_header={
             "method_spec": str(spec),
-            "preset": preset.name,
+            **preset.header(),
             **corpus_header,
         },
     )
