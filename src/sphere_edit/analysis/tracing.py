@@ -249,9 +249,9 @@ def traced_probs(
                 continue
             stack.enter_context(edit_output(module, _restorer(state.to(device), where.to(device))))
         if resume is not None and resume.first > 0:
-            layers = list(get_module(model, ModelLayout.of(model).spec.layers))
+            container = get_module(model, ModelLayout.of(model).spec.layers)
             stack.enter_context(
-                skipped_layers(layers[: resume.first], resume.output, resume.hidden.to(device))
+                skipped_layers(container, resume.first, resume.output, resume.hidden.to(device))
             )
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
     return logits.float().softmax(-1)[:, tokens.target].cpu()

@@ -474,12 +474,14 @@ def stats(
     tokens: Annotated[int | None, typer.Option(min=1000, hidden=True)] = None,  # old name
     preset: PresetOpt = None,
 ) -> None:
-    """Precompute (and cache) the key statistics C0 = E\\[k kᵀ] of the edited layers."""
+    """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
     from ..editing.build import parse_layers
     from ..editing.presets import describe_choice, preset_for
     from ..editing.stats import layer_second_moments, load_corpus, stats_cache_path, weights_dtype
+    from ..editing.stats_dist import rank_device
 
-    loaded = _load(model, device)
+    # Under torchrun every rank takes its own GPU and a shard of the corpus.
+    loaded = _load(model, rank_device(device))
     chosen_preset = _preset_file(preset, loaded)
     if chosen_preset is None:
         chosen_preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)

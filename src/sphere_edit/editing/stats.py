@@ -17,7 +17,6 @@ from transformers import PreTrainedTokenizerBase
 
 from ..common.fileio import (
     RecordsError,
-    file_lock,
     read_located_records,
     sha256_file,
     tensor_sha256,
@@ -26,6 +25,7 @@ from ..common.fileio import (
 from ..model.arch import ModelLayout
 from ..model.hooks import capture, run_until_stopped
 from ..model.loading import LoadedModel, cache_dir
+from . import stats_dist
 from .sampling import sample_corpus
 from .text import pad_id_of
 
@@ -77,6 +77,8 @@ def load_corpus(
                 f"from the model itself (seed {seed})"
             ),
         )
+    if source.startswith(stats_dist.HF_PREFIX):
+        return stats_dist.load_hf_stream(source)
     path = Path(source)
     if path.exists():
         return _load_corpus_file(path)
@@ -178,10 +180,13 @@ def collect_second_moments(
     tokens_per_pass: int = 4096,
     progress: bool = True,
     bf16: bool = False,
+    checkpoint: stats_dist.Checkpoint | None = None,
 ) -> dict[int, SecondMoment]:
     """E[k kᵀ] of the keys of ``layers`` over ``corpus``; each forward pass stops after
     the last of them. Pieces are sorted by length so padding is small. ``bf16`` runs the
-    forward under bfloat16 autocast (the accumulation stays float64)."""
+    forward under bfloat16 autocast (the accumulation stays float64). Under torchrun each
+    rank runs its share of the passes and the sums are all-reduced; a ``checkpoint`` saves
+    and resumes partial sums (:mod:`.stats_dist`)."""
     layout = ModelLayout.of(model)
     device = next(model.parameters()).device
     pieces = sorted(_token_pieces(tokenizer, corpus.texts, max_tokens, seq_len), key=len)
@@ -205,7 +210,9 @@ def collect_second_moments(
     bar = tqdm(
         total=sum(len(p) for p in pieces), unit="tok", desc="key statistics", disable=not progress
     )
-    for ids, mask in packed_batches(pieces, tokens_per_pass, pad):
+    plan = f"{seq_len}:{tokens_per_pass}:{len(pieces)}"
+    batches = packed_batches(pieces, tokens_per_pass, pad)
+    for ids, mask in stats_dist.shard(batches, moments, checkpoint, plan):
         ids, mask = ids.to(device), mask.to(device)
         with ExitStack() as stack:
             seen = {layer: stack.enter_context(capture(layout.mlp_out(layer))) for layer in layers}
@@ -291,7 +298,8 @@ def layer_second_moments(
         "dtype": dtype,
     }
     lock = stats_cache_path(loaded.fingerprint, corpus.fingerprint, 0, max_tokens, dtype)
-    with file_lock(lock.parent / f".{max_tokens}tok-{dtype}.lock"):
+    device = next(loaded.model.parameters()).device
+    with stats_dist.cache_lock(lock.parent / f".{max_tokens}tok-{dtype}.lock", device):
         return _cached_second_moments(loaded, layers, corpus, expected, max_tokens, progress, bf16)
 
 
@@ -323,6 +331,13 @@ def _cached_second_moments(
             max_tokens=max_tokens,
             progress=progress,
             bf16=bf16,
+            checkpoint=stats_dist.checkpoint_for(
+                stats_cache_path(
+                    loaded.fingerprint, corpus.fingerprint, missing[0], max_tokens, dtype
+                ),
+                expected,
+                missing,
+            ),
         )
         for layer, moment in fresh.items():
             path = stats_cache_path(
@@ -334,7 +349,8 @@ def _cached_second_moments(
                 "count": str(moment.count),
                 "sha256": tensor_sha256(moment.total),
             }
-            write_tensors(path, {"total": moment.total}, metadata=meta)
+            if stats_dist.is_writer():
+                write_tensors(path, {"total": moment.total}, metadata=meta)
             found[layer] = moment
     return {layer: found[layer] for layer in layers}
 

@@ -355,9 +355,16 @@ def test_help_shows_the_formula_and_no_bool_metavar_on_flags():
     for flag in ("--bf16", "--resume"):
         line = next(line for line in edit_help.splitlines() if flag in line)
         assert "<bool>" not in line
+    lines = edit_help.splitlines()
     for option in ("--stats-tokens", "--eta", "--alpha", "--lr", "--steps"):
-        line = next(line for line in edit_help.splitlines() if f" {option} " in line)
-        assert "Default" in line, line
+        start = next(i for i, line in enumerate(lines) if f" {option} " in line)
+        # The option's help runs on until the next option's line.
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("-")),
+            len(lines),
+        )
+        block = " ".join(lines[start:end])
+        assert "Default" in block or "default" in block, block
 
 
 @pytest.mark.parametrize("name", ["--stats-tokens", "--tokens"])
