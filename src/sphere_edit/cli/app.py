@@ -1002,8 +1002,12 @@ def preset(
         int, typer.Option(min=1, help="Candidate windows: the traced one, then shifted ±2, ±4.")
     ] = 3,
     dataset: Annotated[
-        str, typer.Option(help="Cases of the sweep: counterfact or a local file.")
-    ] = "counterfact",
+        Path | None,
+        typer.Option(
+            help="CounterFact cases of the sweep. Default: "
+            "$SPHERE_EDIT_DATA/counterfact/train.json."
+        ),
+    ] = None,
     cases: Annotated[
         int, typer.Option(min=1, help="Cases edited in one batch per candidate.")
     ] = 24,
@@ -1037,6 +1041,9 @@ def preset(
         raise ValueError(f"--out: {out} is a folder; give a file name such as my-model.json")
     facts_path = facts or default_facts_path()
     records = load_facts(facts_path)
+    from ..evaluation.data import data_root
+
+    dataset = dataset or data_root() / "counterfact" / "train.json"
     case_set = load_cases(dataset, limit=cases, offset=offset)
     if len(case_set) < cases:
         raise ValueError(f"--cases: {dataset} gives {len(case_set)} cases from offset {offset}")
