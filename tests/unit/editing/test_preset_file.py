@@ -242,3 +242,18 @@ def test_cli_prints_the_yaml_mapping(tmp_path, tiny_tokenizer):
     result = CliRunner().invoke(app, ["energy", "--model", str(folder), "--preset", str(too_deep)])
     assert result.exit_code == 2
     assert "layers: layer 4 is out of range" in result.output
+
+
+def test_a_benchmark_edits_with_the_preset_file(tmp_path, tiny_tokenizer):
+    from sphere_edit.bench.runner import Benchmark
+    from tests.unit.bench.test_runner import _config
+
+    path = _write(tmp_path / "p.json", {"layers": [2, 3], "memit": {"mom2_weight": 50}})
+    loaded = tiny_loaded(tiny_tokenizer, "llama")
+    run_dir = tmp_path / "run"
+    config = _config(methods=("memit",), preset=str(path))
+    Benchmark(config, run_dir, log=lambda _: None, progress=False, loaded=loaded).run()
+    header = json.loads((run_dir / "memit" / "journal" / "session.json").read_text())
+    assert header["layers"] == [2, 3]
+    assert header["method"]["mom2_weight"] == 50
+    assert header["preset_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
