@@ -486,8 +486,9 @@ def stats(
     if chosen_preset is None:
         chosen_preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
         console.print(describe_choice(chosen_preset))
-    preset_layers = list(chosen_preset.layers)
-    chosen = parse_layers(layers, loaded.layout.num_layers) if layers else preset_layers
+    chosen = (
+        parse_layers(layers, loaded.layout.num_layers) if layers else list(chosen_preset.layers)
+    )
     source = load_corpus(corpus, loaded)
     console.print(f"statistics: {source.description}")
     n_tokens = stats_tokens or tokens or chosen_preset.stats_tokens
