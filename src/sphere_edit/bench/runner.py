@@ -42,6 +42,7 @@ from ..common.heap import release_free_memory
 from ..common.progress import Progress
 from ..common.settings import first_difference
 from ..editing.build import MethodSpec, build_session
+from ..editing.presets import load_preset_file
 from ..editing.sampling import parse_template_tokens
 from ..editing.session import EditSession
 from ..editing.stats import StatsRecipe
@@ -108,6 +109,8 @@ class BenchConfig:
     general_tasks: tuple[str, ...] | None = None  # None: every general-abilities task
     # Where MEMIT's schedule applies SPHERE and RECT's mask: None each method's default.
     transform_order: str | None = None
+    # A preset file (--preset); None: the model's shipped preset.
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -463,6 +466,7 @@ class Benchmark:
         session = build_session(
             loaded,
             spec,
+            preset=load_preset_file(c.preset) if c.preset else None,
             layers=list(c.layers) if c.layers else None,
             corpus=c.corpus,
             stats_tokens=c.stats_tokens,

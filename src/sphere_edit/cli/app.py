@@ -124,6 +124,11 @@ PrecisionOpt = Annotated[
                  "native bf16 and it measures at least 2x fp32), fp32 or bf16. Solves, "
                  "statistics and the projection stay float32/float64."),
 ]  # fmt: skip
+PresetOpt = Annotated[
+    Path | None,
+    typer.Option(help="Preset file: JSON like the shipped presets, or an EasyEdit hparams "
+                 ".yaml. Default: the model's shipped preset."),
+]  # fmt: skip
 PositionsOpt = Annotated[
     int | None,
     typer.Option(min=0, help="Cap on rows × tail positions per v* pass (peak memory); 0: no cap."),
@@ -184,6 +189,21 @@ def _load(model: str, device: str = "cpu"):
         return load_model(model, device=where)
 
 
+def _preset_file(path: Path | None, loaded: Any) -> Any:
+    """The ``--preset`` file checked against the model, its EasyEdit mapping printed;
+    ``None`` without ``--preset``."""
+    if path is None:
+        return None
+    from ..editing.presets import check_preset_layers, load_preset_file
+
+    preset = load_preset_file(path)
+    for line in preset.mapping:
+        console.print(f"  {line}")
+    check_preset_layers(preset, loaded.layout.num_layers)
+    console.print(f"preset: {preset.name} (file {path})")
+    return preset
+
+
 @app.command()
 @friendly
 def demo(
@@ -197,16 +217,22 @@ def demo(
     template_tokens: TemplateTokensOpt = None,
     out: Annotated[Path | None, typer.Option(help="Write the journal here.")] = None,
     precision: PrecisionOpt = "auto",
+    preset: PresetOpt = None,
 ) -> None:
     """Edit a dozen facts in three batches and show completions and HE before and after."""
     from .demo import run_demo
 
     _check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
     _check_precision(precision)
+    if preset is not None:
+        from ..editing.presets import load_preset_file
+
+        load_preset_file(preset)  # a bad file fails before the model loads
     loaded = _load(model, device)
     chosen = _announce_precision(precision, loaded)
     run_demo(
         loaded, method, corpus=corpus, stats_tokens=stats_tokens,
+        preset=_preset_file(preset, loaded),
         run_dir=str(out) if out else None, console=Console(),  # the demo's text is markup
         recipe={"stats_pieces": stats_pieces, "stats_samples": stats_samples,
                 "template_tokens": template_tokens},
@@ -325,6 +351,7 @@ def edit(
         typer.Option(help="Continue an interrupted run in --out after its last journaled batch."),
     ] = False,
     he_warning: HeWarningOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Apply edit requests sequentially in batches, journaling every batch."""
     from ..common.fileio import atomic_dir
@@ -352,6 +379,10 @@ def edit(
     _check_precision(precision)
     if export is not None:
         _check_export(export)
+    if preset is not None:
+        from ..editing.presets import load_preset_file
+
+        load_preset_file(preset)  # a bad file fails before the model loads
     all_requests = load_requests(requests)
     batches = [all_requests[i : i + batch_size] for i in range(0, len(all_requests), batch_size)]
     for b, batch in enumerate(batches):
@@ -373,7 +404,7 @@ def edit(
         precision = _recorded_precision(out) or precision
     chosen = _announce_precision(precision, loaded)
     session = build_session(
-        loaded, spec,
+        loaded, spec, preset=_preset_file(preset, loaded),
         layers=parse_layers(layers, loaded.layout.num_layers) if layers else None,
         corpus=corpus, stats_tokens=stats_tokens, eta=eta, alpha=alpha, basis=basis or "current",
         target_overrides=overrides, method_overrides=method_overrides, run_dir=out,
@@ -654,6 +685,7 @@ def stats(
     stats_pieces: StatsPiecesOpt = None,
     stats_samples: StatsSamplesOpt = None,
     tokens: Annotated[int | None, typer.Option(min=1000, hidden=True)] = None,  # old name
+    preset: PresetOpt = None,
 ) -> None:
     """Precompute (and cache) the key statistics C0 = E[k kᵀ] of the edited layers."""
     from ..editing.build import parse_layers
@@ -671,15 +703,19 @@ def stats(
 
     # Under torchrun every rank takes its own GPU and a shard of the corpus.
     loaded = _load(model, rank_device(device))
-    preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
-    console.print(describe_choice(preset))
-    chosen = parse_layers(layers, loaded.layout.num_layers) if layers else list(preset.layers)
+    chosen_preset = _preset_file(preset, loaded)
+    if chosen_preset is None:
+        chosen_preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
+        console.print(describe_choice(chosen_preset))
+    chosen = (
+        parse_layers(layers, loaded.layout.num_layers) if layers else list(chosen_preset.layers)
+    )
     source = load_corpus(corpus, loaded)
     console.print(f"statistics: {source.description}")
     recipe = StatsRecipe.parse(
-        preset.stats_pieces if stats_pieces is None else stats_pieces, stats_samples
+        chosen_preset.stats_pieces if stats_pieces is None else stats_pieces, stats_samples
     )
-    n_tokens = None if stats_samples else stats_tokens or tokens or preset.stats_tokens
+    n_tokens = None if stats_samples else stats_tokens or tokens or chosen_preset.stats_tokens
     start = time.perf_counter()
     moments = layer_second_moments(loaded, chosen, source, max_tokens=n_tokens, recipe=recipe)
     elapsed = time.perf_counter() - start
@@ -700,6 +736,7 @@ def energy(
     layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
     run: Annotated[Path | None, typer.Option(help="An edit run: its HE journal.")] = None,
     s: Annotated[float, typer.Option(min=0.0, help="Riesz exponent; 0 = log energy.")] = 1.0,
+    preset: PresetOpt = None,
 ) -> None:
     """Print the hyperspherical energy of a model's layers, or the HE series of a run."""
     if run is not None:
@@ -729,10 +766,12 @@ def energy(
 
     loaded = _load(model, device)
     n = loaded.layout.num_layers
-    preset = preset_for(loaded.name, n, loaded.model.config)
-    if not layers:
-        console.print(describe_choice(preset))
-    chosen = parse_layers(layers, n) if layers else list(preset.layers)
+    chosen_preset = _preset_file(preset, loaded) if not layers else None
+    if chosen_preset is None:
+        chosen_preset = preset_for(loaded.name, n, loaded.model.config)
+        if not layers:
+            console.print(describe_choice(chosen_preset))
+    chosen = parse_layers(layers, n) if layers else list(chosen_preset.layers)
     table = Table(title=f"Hyperspherical energy (s={s}) of {loaded.name}")
     table.add_column("layer")
     table.add_column("module")
@@ -993,6 +1032,7 @@ def bench(
     general_tasks: Annotated[
         str | None, typer.Option(help="General-abilities tasks, e.g. gsm8k. Default: all.")
     ] = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Sequential editing benchmark: every method from the same base model on the same cases."""
     from ..bench.runner import BenchConfig, Benchmark
@@ -1014,6 +1054,7 @@ def bench(
         stats_tokens=stats_tokens, fluency_cases=fluency_cases, general_every=general_every,
         general_data=general_data, general_items=general_items, skip_invalid=skip_invalid,
         positions_per_pass=positions_per_pass, transform_order=transform_order,
+        preset=str(preset) if preset else None,
         **{k: v for k, v in recipe.items() if v is not None},
     )  # fmt: skip
     config = replace(
@@ -1021,7 +1062,12 @@ def bench(
         general_tasks=tuple(task_list(general_tasks)) if general_tasks else None,
     )  # fmt: skip
     _check_bench_data(config)  # a data error before minutes of model loading
+    if preset is not None:
+        from ..editing.presets import load_preset_file
+
+        load_preset_file(preset)  # a bad file fails before the model loads
     loaded = _load(model, device)
+    _preset_file(preset, loaded)
     if layers:
         config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
     bench_run = Benchmark(
@@ -1259,6 +1305,83 @@ def sweep(
     run_sweep(config, method, axes, out, resume=resume, loaded=loaded, log=console.print)
     console.print((out / TABLE_FILE).read_text())
     console.print(f"wrote {out / TABLE_FILE} and {out / PLOT_FILE}")
+
+
+@app.command()
+@friendly
+def preset(
+    model: Annotated[str, typer.Argument(help="Embedded name, local folder or hub id.")],
+    out: Annotated[Path, typer.Option(help="The preset file to write (JSON).")],
+    facts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Known facts to trace. Default: $SPHERE_EDIT_DATA/knowns/known_1000.json."
+        ),
+    ] = None,
+    n_facts: Annotated[int, typer.Option(min=1, help="Facts traced.")] = 8,
+    samples: Annotated[int, typer.Option(min=1, help="Noise draws per traced fact.")] = 3,
+    min_prob: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Known: top-1 and P(true) above this.")
+    ] = 0.1,
+    window: Annotated[int, typer.Option(min=1, help="Layers per candidate window.")] = 5,
+    windows: Annotated[
+        int, typer.Option(min=1, help="Candidate windows: the traced one, then shifted ±2, ±4.")
+    ] = 3,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(
+            help="CounterFact cases of the sweep. Default: "
+            "$SPHERE_EDIT_DATA/counterfact/train.json."
+        ),
+    ] = None,
+    cases: Annotated[
+        int, typer.Option(min=1, help="Cases edited in one batch per candidate.")
+    ] = 24,
+    offset: Annotated[int, typer.Option(min=0, help="Skip the first records.")] = 0,
+    mom2_weights: Annotated[
+        str, typer.Option(help="MEMIT's λ values, comma-separated.")
+    ] = "1000,5000,15000",
+    corpus: CorpusOpt = None,
+    stats_tokens: Annotated[
+        int, typer.Option(min=1000, help="Corpus tokens for C0 during the sweep.")
+    ] = 30_000,
+    seed: int = 0,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Write a preset for a model from measurements: causal tracing picks a window, a
+    short MEMIT sweep on CounterFact cases picks the window, v* lr and λ."""
+    from ..analysis.preset_search import SearchConfig, search_preset
+    from ..analysis.tracing import default_facts_path, load_facts
+    from ..evaluation.data import load_cases
+
+    try:
+        weights = tuple(float(w) for w in mom2_weights.split(",") if w.strip())
+    except ValueError:
+        raise ValueError(
+            f"--mom2-weights: expected numbers like 1000,5000, got {mom2_weights!r}"
+        ) from None
+    config = SearchConfig(n_facts=n_facts, samples=samples, window=window, windows=windows,
+                          cases=cases, offset=offset, mom2_weights=weights,
+                          stats_tokens=stats_tokens, seed=seed, min_prob=min_prob)  # fmt: skip
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out: {out} is a folder; give a file name such as my-model.json")
+    facts_path = facts or default_facts_path()
+    records = load_facts(facts_path)
+    from ..evaluation.data import data_root
+
+    dataset = dataset or data_root() / "counterfact" / "train.json"
+    case_set = load_cases(dataset, limit=cases, offset=offset)
+    if len(case_set) < cases:
+        raise ValueError(f"--cases: {dataset} gives {len(case_set)} cases from offset {offset}")
+    loaded = _load(model, device)
+    data = search_preset(
+        loaded, records, list(case_set), config, out, corpus=corpus,
+        facts_source=str(facts_path), dataset_source=str(case_set.path), log=console.print,
+    )  # fmt: skip
+    chosen = data["measurements"]["chosen"]
+    console.print(f"chosen: layers {chosen['layers'][0]}-{chosen['layers'][-1]}, v* lr "
+                  f"{chosen['lr']:.3g}, mom2_weight {chosen['mom2_weight']:g}")  # fmt: skip
+    console.print(f"wrote {out}; use it with --preset {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

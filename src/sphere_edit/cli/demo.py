@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..editing.build import build_session
+from ..editing.presets import Preset
 from ..editing.requests import EditRequest
 from ..evaluation.scoring import compare_targets, greedy_completion
 from ..model.loading import LoadedModel
@@ -55,6 +56,7 @@ def run_demo(
     console: Console | None = None,
     recipe: dict[str, Any] | None = None,
     precision: str | None = None,
+    preset: Preset | None = None,
 ) -> list[dict]:
     console = console or Console()
     model, tok = loaded.model, loaded.tokenizer
@@ -68,6 +70,7 @@ def run_demo(
     session = build_session(
         loaded,
         method,
+        preset=preset,
         corpus=corpus,
         stats_tokens=stats_tokens,
         run_dir=run_dir,

@@ -228,7 +228,7 @@ def build_session(
         transform_order=transform_order,
         extra_header={
             "method_spec": str(spec),
-            "preset": preset.name,
+            **preset.header(),
             **corpus_header,
             "template_tokens": templates,
         },
