@@ -19,8 +19,9 @@ edit state (``state_after``) of every journal. Compare two commits with::
 ``--transform-order inside`` runs every method with the transforms inside MEMIT's
 schedule and PRUNE editing its restrained model (what the package did before either was
 an option), to compare with commits from before them. ``--old-recipes`` adds the old
-statistics and template recipes too (``--stats-pieces 256 --template-tokens 10``): every
-default the fidelity issue changed, set back, so any commit since 29a451e compares.
+statistics and template recipes too (``--stats-pieces 256 --template-tokens 10``) and
+``edit --precision fp32`` (its default, auto, picks bf16 on hardware with native bf16):
+every default changed since 29a451e, set back, so any commit since then compares.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ METHODS = "memit,memit+sphere,alphaedit,alphaedit+sphere,rect,rect+sphere,prune,
 ONE_LAYER = ("rome", "rome+sphere", "ft", "ft+sphere")
 # Extra options of every bench and edit command (--transform-order sets them).
 FORCED: list[str] = []
+# Extra options of the edit commands alone (bench has no --precision).
+EDIT_FORCED: list[str] = []
 REQUESTS = [
     {"prompt": "{} is located in", "subject": "Toronto", "target_new": "France"},
     {"prompt": "{} plays the", "subject": "John", "target_new": "guitar"},
@@ -86,12 +89,14 @@ def main() -> None:
     parser.add_argument(
         "--old-recipes",
         action="store_true",
-        help="--transform-order inside, --stats-pieces 256 and --template-tokens 10",
+        help="--transform-order inside, --stats-pieces 256, --template-tokens 10 and, for "
+        "edit, --precision fp32",
     )
     args = parser.parse_args()
     if args.old_recipes:
         args.transform_order = "inside"
         FORCED.extend(["--stats-pieces", "256", "--template-tokens", "10"])
+        EDIT_FORCED.extend(["--precision", "fp32"])  # auto picks bf16 on bf16 hardware
     if args.transform_order:
         FORCED.extend(["--transform-order", args.transform_order])
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +123,7 @@ def main() -> None:
                 digests[f"bench/{folder_of_method.name}"] = journal_digest(journal)
 
         edit_args = ["--requests", str(requests), "--method", "memit+sphere", "--batch-size",
-                     "1", "--layers", "1,2", "--steps", "3", *common]  # fmt: skip
+                     "1", "--layers", "1,2", "--steps", "3", *common, *EDIT_FORCED]  # fmt: skip
         cli("edit", "--out", str(work / "edit"), *edit_args)
         digests["edit/memit_sphere"] = journal_digest(work / "edit")
         cli("edit", "--out", str(work / "resumed"), *edit_args, "--resume")
