@@ -202,7 +202,7 @@ def test_killed_edit_command_resumes_bitwise(env):
         "PYTHONPATH": str(SRC),
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-m", "sphere_edit.cli.app", *_edit_args(env, out)]
+    command = [sys.executable, "-m", "sphere_edit", *_edit_args(env, out)]
     process = subprocess.run(command, env=child_env, capture_output=True, timeout=300)
     assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
     assert len(read_index(out)["batches"]) == 1

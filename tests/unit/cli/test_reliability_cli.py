@@ -19,7 +19,8 @@ import pytest
 from transformers import PreTrainedModel
 from typer.testing import CliRunner
 
-from sphere_edit.cli.app import _check_edit_options, _report_unconverged, app
+from sphere_edit.cli.app import app
+from sphere_edit.cli.editing import _check_edit_options, _report_unconverged
 from sphere_edit.common.fileio import RUN_LOCK, RunLockedError, run_lock
 from sphere_edit.editing.requests import EditRequest
 from sphere_edit.editing.stats import Corpus, CorpusError, collect_second_moments, load_corpus
