@@ -6,7 +6,9 @@ projection, HE, and the evaluation of those cases. Two sides, each in a subproce
 own (a fresh interpreter, the same data and statistics cache):
 
 - ``base``: the code of commit 29a451e (a worktree of it, ``--base-src``), float32;
-- ``new``: this tree's code with ``--precision`` (default auto).
+- ``new``: this tree's code with ``--precision`` (default auto), with the base's statistics
+  and context-template recipes (256-token pieces, 10 new tokens), so that only speed and
+  rounding differ.
 
 Each side writes its journal; the edited models are then rebuilt from the journals and
 scored by this tree's evaluation, so both are scored by the same code. Printed: the CPU's
@@ -70,7 +72,13 @@ def run_side(args: argparse.Namespace) -> None:
     loaded = names["load"](args.model)
     phases["load"] = time.perf_counter() - start
     start = time.perf_counter()
-    extra = {"precision": args.precision} if names["new"] else {}
+    # The new side keeps the base's statistics and template recipes (the fidelity issue's
+    # new defaults change the edits, not the speed), so the two sides edit alike.
+    extra = (
+        {"precision": args.precision, "stats_pieces": "256", "template_tokens": 10}
+        if names["new"]
+        else {}
+    )
     session = names["build"](
         loaded, METHOD, corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
         stats_tokens=args.stats_tokens, run_dir=args.run_dir, progress=False,
