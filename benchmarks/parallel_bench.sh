@@ -37,7 +37,7 @@ start() {  # start METHOD [extra options]: a new run, or resume an interrupted o
     dir=$(run_dir "$method")
     shift
     local where=(--out "$dir")
-    [[ -f "$dir/config.json" ]] && where=(--resume "$dir")
+    [[ -f "$dir/config.json" ]] && where=(--out "$dir" --resume)
     OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads \
         "$exe" bench "${where[@]}" --methods "${method//:/,}" "${ARGS[@]}" "$@" \
         >> "$dir.log" 2>&1 &

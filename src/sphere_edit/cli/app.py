@@ -53,7 +53,16 @@ def _hide_flag_metavars(group: TyperGroup) -> None:
 
 
 def _usage_message(error: usage.ClickException) -> str:
-    """``--batch-size: 0 is not in the range x>=1`` rather than click's sentence."""
+    """``--batch-size: 0 is not in the range x>=1`` rather than click's sentence; the old
+    ``bench --resume RUN`` spelling says what to give now."""
+    ctx = getattr(error, "ctx", None)
+    extra = str(getattr(error, "message", ""))
+    if ctx is not None and ctx.params.get("resume") is True and "extra argument" in extra:
+        given = extra[extra.rfind("(") + 1 : extra.rfind(")")]
+        return (
+            f"--resume takes no value (got {given!r}); give the run directory as --out: "
+            f"--out {given} --resume"
+        )
     param = getattr(error, "param", None)
     if (
         isinstance(error, usage.BadParameter)

@@ -36,11 +36,13 @@ from .app import (
 @friendly
 @locked
 def bench(
-    out: Annotated[Path | None, typer.Option(help="Run directory (must be new or empty).")] = None,
-    resume: Annotated[
-        Path | None,
-        typer.Option(help="Continue the interrupted run in this directory (same options)."),
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory: new or empty, or with --resume a run.")
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the interrupted run in --out (same options), as edit does."),
+    ] = False,
     model: ModelOpt = "smollm2-135m",
     device: DeviceOpt = "cpu",
     methods: Annotated[
@@ -97,12 +99,9 @@ def bench(
     from ..editing.build import parse_layers
     from ..evaluation.general import task_list
 
-    if out is None and resume is None:
-        raise ValueError("--out: give a new run directory (or --resume RUN_DIR)")
-    if out is not None and resume is not None and out.resolve() != resume.resolve():
-        raise ValueError(f"--resume {resume} and --out {out} differ; give one run directory")
-    run_dir = resume if resume is not None else out
-    assert run_dir is not None
+    if out is None:
+        raise ValueError("--out: give the run directory (a new one, or a run with --resume)")
+    run_dir = out
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
     recipe = bench_recipe(stats_pieces, stats_samples, template_tokens)

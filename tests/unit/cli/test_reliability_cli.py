@@ -391,6 +391,10 @@ def test_bench_runs_and_resumes_in_its_locked_directory(tiny):
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert (out / RUN_LOCK).exists() and (out / "summary.json").exists()
-    again = runner.invoke(app, [*args, "--resume", str(out)])
+    again = runner.invoke(app, [*args, "--resume"])
     assert again.exit_code == 0, again.output
     assert "complete" in again.output
+    # The old spelling, a path after --resume, is one line saying what to give now.
+    old = runner.invoke(app, [*args[:1], "--resume", str(out), *args[3:]])
+    assert old.exit_code == 2
+    assert f"--out {out} --resume" in _one_line_error(old)
