@@ -7,7 +7,7 @@ Points (see ``docs/reliability.md``):
 
 - ``vstar``: every Adam step of the v* optimisation (``targets.compute_vstar``);
 - ``layer``: after one layer's update was added to the weights, before the next layer
-  (``EditSession._spread``); the batch is in memory only;
+  (``routes.spread``); the batch is in memory only;
 - ``journal-tensors``: the batch's delta file is written, its JSON and the index are not;
 - ``journal-index``: both batch files are written, the index does not name them yet;
 - ``atomic-rename``: inside every atomic write, after fsync and before the rename (a

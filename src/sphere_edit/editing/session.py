@@ -3,14 +3,15 @@
 The session owns each edited layer's state (C0, the method's derived cache, the keys of
 every earlier edit) and a journal of every applied batch, from which the edited model can
 be saved as deltas, replayed onto the base model, rolled back or exported.
+
+This module holds :class:`EditSession` (its state, :meth:`EditSession.apply`, the journal,
+rollback, resume and export) and :class:`BatchResult`; the routes that compute a batch's
+update live in :mod:`.routes`, whose :class:`NumericalError` is re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -19,13 +20,10 @@ from typing import Any
 
 import torch
 
-from ..common.faults import fault_point
 from ..common.heap import release_free_memory
-from ..common.linalg import IllConditionedWarning
 from ..common.progress import Progress
 from ..methods import EditMethod, GradientMethod, LayerState
 from ..methods.base import (
-    EditContext,
     default_transform_order,
     edits_per_request,
     edits_restrained,
@@ -37,6 +35,7 @@ from ..methods.base import (
 from ..model.loading import LoadedModel
 from ..sphere.energy import hyperspherical_energy
 from ..sphere.projection import SphereProjection
+from . import routes
 from .journal import (
     MLP_OUT,
     AppliedBatch,
@@ -49,36 +48,17 @@ from .journal import (
     restore_weights,
     snapshot_weights,
 )
-from .keys import LowerLayers, key_precision, read_layer, residual_to_mlp_delta
-from .requests import EditRequest, RequestError, validate_batch
+from .requests import EditRequest, validate_batch
+from .routes import NumericalError as NumericalError  # re-exported: apply raises it
+from .routes import _timed
 from .sampling import generate_context_templates
 from .vstar import VStarConfig, VStarResult, compute_vstar
-
-
-class NumericalError(ValueError):
-    """A batch produced NaN or Inf; the model and journal were left as they were."""
-
 
 # Where MEMIT's schedule applies the SPHERE projection and a method's ``finalize`` (RECT's
 # sparsification) to each layer's ΔW: "inside", before the next layer's residual is read
 # (the later layers make up for what was removed), or "after" the whole schedule has run
 # with the dense updates, each layer's weight becoming W_before + T(ΔW_dense).
 TRANSFORM_ORDERS = ("inside", "after")
-
-
-@dataclass
-class _Edit:
-    """What one way of editing a batch produced (see ``EditSession.apply``)."""
-
-    deltas: dict[str, torch.Tensor]
-    keys: dict[int, torch.Tensor]
-    raw: dict[int, torch.Tensor]
-    norms: dict[int, float]
-    loss: list[float]
-    steps: list[int]
-    notes: list[str] = field(default_factory=list)
-    vstar: VStarResult | None = None  # the batch's v*, where one v* served every request
-    method_state: dict[str, torch.Tensor] | None = None  # "<layer>.<module>.<name>"
 
 
 @dataclass
@@ -255,7 +235,7 @@ class EditSession:
         Three routes, by the kind of method: v* for the whole batch and MEMIT's schedule
         over the layers (closed-form methods); the same one request at a time (``per_request``
         methods: ROME); or ΔW from the method's own ``compute`` (gradient methods: FT).
-        Every ΔW then goes through the same SPHERE transform (``_commit``).
+        Every ΔW then goes through the same SPHERE transform (``routes.commit``).
 
         ``precomputed_vstar`` skips the v* optimisation and uses these target vectors
         instead; they must come from :func:`compute_vstar` for the same requests, the
@@ -285,13 +265,13 @@ class EditSession:
         backup = snapshot_weights(self.layout, self.layers, self.modules)
         try:
             if self.modules != MLP_OUT:
-                edit = self._modules_route(requests, timings)
+                edit = routes.modules_route(self, requests, timings)
             elif is_gradient_method(self.method):
-                edit = self._gradient(requests, templates, timings)
+                edit = routes.gradient(self, requests, templates, timings)
             elif edits_per_request(self.method):
-                edit = self._one_by_one(requests, templates, backup, timings)
+                edit = routes.one_by_one(self, requests, templates, backup, timings)
             else:
-                edit = self._batch(requests, templates, precomputed_vstar, timings)
+                edit = routes.closed_form(self, requests, templates, precomputed_vstar, timings)
         except BaseException:
             restore_weights(self.layout, backup)
             raise
@@ -328,250 +308,6 @@ class EditSession:
                 self._rebuild_states()
                 raise
         return batch
-
-    def _batch(
-        self,
-        requests: list[EditRequest],
-        templates: list[str],
-        precomputed: VStarResult | None,
-        timings: dict[str, float],
-    ) -> _Edit:
-        """The closed-form route: v* for every request together, then MEMIT's schedule."""
-        with _timed(timings, "targets"):
-            result = precomputed if precomputed is not None else self._compute_vstar(requests)
-        _require_finite(result.vectors, requests, "target vector")
-        notes: list[str] = []
-        with key_precision(self.target.bf16):  # the key passes run as the v* passes did
-            deltas, keys, raw, norms = self._spread(requests, templates, result, timings, notes)
-        loss, steps = [float(x) for x in result.loss], [int(x) for x in result.steps]
-        return _Edit(deltas, keys, raw, norms, loss, steps, notes, vstar=result)
-
-    def _one_by_one(
-        self,
-        requests: list[EditRequest],
-        templates: list[str],
-        backup: dict[int, torch.Tensor],
-        timings: dict[str, float],
-    ) -> _Edit:
-        """Each request edited on the weights its predecessors left (ROME). The batch is
-        then journaled as one delta per weight, their sum, added once to the weights as
-        they were: exactly what a replay of the journal does."""
-        parts = []
-        for i, request in enumerate(requests):
-            try:
-                parts.append(self._batch([request], templates, None, timings))
-            except RequestError as error:
-                raise error.at(i) from None
-        deltas: dict[str, torch.Tensor] = {}
-        norms: dict[int, float] = {}
-        for layer in self.layers:
-            name = self.states[layer].weight_name
-            total = torch.stack([part.deltas[name].double() for part in parts]).sum(0)
-            norms[layer] = float(total.norm())
-            deltas[name] = total.to(backup[layer].dtype).contiguous()
-        restore_weights(self.layout, backup)
-        add_deltas(self.layout, self.layers, deltas)
-        keys = {layer: torch.cat([part.keys[layer] for part in parts]) for layer in self.layers}
-        loss = [x for part in parts for x in part.loss]
-        steps = [x for part in parts for x in part.steps]
-        notes = [x for part in parts for x in part.notes]
-        return _Edit(deltas, keys, {}, norms, loss, steps, notes)
-
-    def _gradient(
-        self, requests: list[EditRequest], templates: list[str], timings: dict[str, float]
-    ) -> _Edit:
-        """A gradient method computes ΔW itself; the keys are read for the journal."""
-        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
-        deltas, keys, raw, norms = {}, {}, {}, {}
-        loss: list[float] = []
-        steps: list[int] = []
-        notes: list[str] = []
-        for layer in self.layers:
-            with _timed(timings, "keys"):
-                readout = read_layer(
-                    model, tok, layout, layer, layer, requests, templates, bf16=self.target.bf16
-                )
-                _require_finite(readout.keys, requests, f"key at layer {layer}")
-
-            state = self.states[layer]
-            with _timed(timings, "solve"):
-                context = EditContext(model, tok, layout, templates, state)
-                with _solver_notes(notes):
-                    result = self.method.compute(context, requests, layer)  # type: ignore[union-attr]
-            loss, steps = result.loss, [result.steps] * len(requests)
-
-            stored, raw_update, norms[layer] = self._commit(layer, result.delta, timings)
-            deltas[state.weight_name] = stored
-            keys[layer] = readout.keys.cpu().float()
-            if raw_update is not None:
-                raw[layer] = raw_update
-        return _Edit(deltas, keys, raw, norms, loss, steps, notes)
-
-    def _modules_route(self, requests: list[EditRequest], timings: dict[str, float]) -> _Edit:
-        """A method editing other modules than the MLP output (UltraEdit): one gradient
-        pass for every edited (layer, module), then each module's own update, projected
-        with SPHERE on that module's neurons. The method's state after the batch (its
-        normalisers) is journaled with it and taken into the module states by ``_count``."""
-        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
-        sites = [(layer, name) for layer in self.layers for name in self.modules]
-        with _timed(timings, "keys"):
-            keys, gradients, loss = self.method.capture(model, tok, layout, requests, sites)  # type: ignore[union-attr]
-        deltas, norms, method_state = {}, {}, {}
-        notes: list[str] = []
-        for layer, name in sites:
-            state = self.module_states[(layer, name)]
-            # Rows are target tokens, not requests: the module is named instead.
-            for what, values in (("key", keys[layer]), ("gradient", gradients[(layer, name)])):
-                if not bool(torch.isfinite(values).all()):
-                    raise NumericalError(
-                        f"the {what} at {state.weight_name} is NaN or Inf; the batch was "
-                        "rejected and the model left unchanged"
-                    )
-            with _timed(timings, "solve"), _solver_notes(notes):
-                delta, after = self.method.update(  # type: ignore[union-attr]
-                    keys[layer], gradients[(layer, name)], state.cache.get("method_state")
-                )
-            method_state.update({f"{layer}.{name}.{k}": t for k, t in after.items()})
-            deltas[state.weight_name], norm = self._commit_module(state, name, delta, timings)
-            # The norm of the layer's change: of all its modules' updates together.
-            norms[layer] = math.hypot(norms.get(layer, 0.0), norm)
-        keys = {layer: k.float() for layer, k in keys.items()}
-        steps = [1] * len(requests)
-        return _Edit(deltas, keys, {}, norms, loss, steps, notes, method_state=method_state)
-
-    def _commit_module(
-        self, state: LayerState, name: str, delta: torch.Tensor, timings: dict[str, float]
-    ) -> tuple[torch.Tensor, float]:
-        """``_commit`` for module ``name`` of ``state``'s layer: SPHERE with that module's
-        neurons (rows of its (out, in) weight) as the basis, then add it to the weight."""
-        layout, layer = self.layout, state.layer
-        with _timed(timings, "projection"):
-            if self.transform is not None:
-                current = layout.read_module_weight(layer, name).detach().cpu()
-                delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
-        if not bool(torch.isfinite(delta).all()):
-            raise NumericalError(
-                f"the update of {state.weight_name} is not finite; "
-                "the batch was rejected and the model left unchanged"
-            )
-        weight = layout.module(layer, name).weight
-        stored = layout.to_storage_layout(delta).to(weight.device, weight.dtype).contiguous()
-        with torch.no_grad():
-            weight.add_(stored)
-        return stored.clone(), float(delta.norm())
-
-    def _spread(
-        self,
-        requests: list[EditRequest],
-        templates: list[str],
-        result: VStarResult,
-        timings: dict[str, float],
-        notes: list[str],
-    ) -> tuple[
-        dict[str, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, float]
-    ]:
-        """MEMIT's schedule: layer by layer, recompute keys and the remaining residual at
-        the last edited layer, and give this layer its share of it."""
-        model, tok, layout = self.loaded.model, self.loaded.tokenizer, self.layout
-        z_layer = self.layers[-1]
-        deltas, keys, raw, norms = {}, {}, {}, {}
-        after = self.transform_order == "after"
-        dense: dict[int, torch.Tensor] = {}  # "after": each layer's ΔW, kept for the end
-        before: dict[int, torch.Tensor] = {}  # "after": each layer's weight before it
-        # The layers below the window do not change here: run them once for all reads.
-        lower = LowerLayers(first=min(self.layers))
-        bar = Progress("key passes", len(self.layers), enabled=self.progress)
-        for i, layer in enumerate(self.layers):
-            with _timed(timings, "keys"):
-                readout = read_layer(
-                    model, tok, layout, layer, z_layer, requests, templates, lower=lower
-                )
-                _require_finite(readout.keys, requests, f"key at layer {layer}")
-                remaining = (result.vectors - readout.z_out) / (len(self.layers) - i)
-                residuals = residual_to_mlp_delta(layout, layer, readout.mlp_out, remaining)
-                # The closed forms run on the CPU in float64, next to the layer state.
-                layer_keys, residuals = readout.keys.cpu(), residuals.cpu()
-
-            state = self.states[layer]
-            with _timed(timings, "solve"):
-                state.weight = layout.read_weight(layer).detach().cpu()
-                try:
-                    with _solver_notes(notes):
-                        delta = self.method.update(layer_keys, residuals, state)  # type: ignore
-                        if finalizes(self.method) and not after:
-                            delta = self.method.finalize(delta, state)  # type: ignore
-                finally:
-                    state.weight = None
-
-            keys[layer] = layer_keys.float()
-            if after:
-                # The later layers see this layer's dense update, as in the authors' code.
-                before[layer] = snapshot_weights(layout, [layer])[layer]
-                dense[layer] = delta
-                _add_dense(layout, layer, delta)
-            else:
-                stored, raw_update, norms[layer] = self._commit(layer, delta, timings)
-                deltas[state.weight_name] = stored
-                if raw_update is not None:
-                    raw[layer] = raw_update
-            fault_point("layer")
-            bar.update(i + 1, f"layer {layer}")
-        bar.close()
-        for layer in dense:
-            # Back to the weight before the dense update, then the transformed one.
-            restore_weights(layout, {layer: before[layer]})
-            state, delta = self.states[layer], dense[layer]
-            if finalizes(self.method):
-                state.weight = layout.read_weight(layer).detach().cpu()
-                try:
-                    delta = self.method.finalize(delta, state)  # type: ignore[union-attr]
-                finally:
-                    state.weight = None
-            stored, raw_update, norms[layer] = self._commit(layer, delta, timings)
-            deltas[state.weight_name] = stored
-            if raw_update is not None:
-                raw[layer] = raw_update
-        return deltas, keys, raw, norms
-
-    def _commit(
-        self, layer: int, delta: torch.Tensor, timings: dict[str, float]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """Project a method's ΔW (out, in) with SPHERE and add it to the weight; return
-        what was added (storage layout), the raw update when the method restrains the sum
-        of its updates, and the norm of the change.
-
-        For such a method (PRUNE) the weight becomes W0 + SPHERE(restrain(Σ ΔW)), the
-        projection taking its basis from W0, and the change is that minus the weight now;
-        unless the method edits the raw sum (``edit_restrained`` False), when ΔW is added
-        as it is and the restrained weight is only what :meth:`evaluation_weights` shows.
-        """
-        layout, state = self.layout, self.states[layer]
-        raw = None
-        with _timed(timings, "projection"):
-            current = layout.read_weight(layer).detach().cpu()
-            if restrains(self.method):
-                assert state.accumulated is not None
-                raw = delta.double()
-                if edits_restrained(self.method):
-                    wanted = self.method.restrain(state.accumulated + raw, state)  # type: ignore[union-attr]
-                    if self.transform is not None:
-                        wanted = self.transform(
-                            wanted, current=state.pre_edit, pre_edit=state.pre_edit
-                        )
-                    delta = state.pre_edit.double() + wanted - current.double()
-            elif self.transform is not None:
-                delta = self.transform(delta, current=current, pre_edit=state.pre_edit)
-
-        if not bool(torch.isfinite(delta).all()):
-            raise NumericalError(
-                f"the update of layer {layer} is not finite; "
-                "the batch was rejected and the model left unchanged"
-            )
-        weight = layout.mlp_out(layer).weight
-        stored = layout.to_storage_layout(delta).to(weight.device, weight.dtype).contiguous()
-        with torch.no_grad():
-            weight.add_(stored)
-        return stored.clone(), raw, float(delta.norm())
 
     # -- journal ----------------------------------------------------------------------------
 
@@ -805,14 +541,6 @@ class EditSession:
         self.loaded.tokenizer.save_pretrained(directory)
 
 
-def _add_dense(layout: Any, layer: int, delta: torch.Tensor) -> None:
-    """Add ``delta`` (out, in) to the layer's weight as it is, for the layers after it to
-    read; the schedule's end puts the weight back before the transformed update."""
-    weight = layout.mlp_out(layer).weight
-    with torch.no_grad():
-        weight.add_(layout.to_storage_layout(delta).to(weight.device, weight.dtype))
-
-
 def restrained_weight(
     method: Any, transform: SphereProjection | None, state: LayerState
 ) -> torch.Tensor:
@@ -831,16 +559,6 @@ def set_weights(layout: Any, weights: dict[int, torch.Tensor]) -> None:
         weight = layout.mlp_out(layer).weight
         with torch.no_grad():
             weight.copy_(layout.to_storage_layout(value).to(weight.device, weight.dtype))
-
-
-@contextmanager
-def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    """Add the seconds the block takes to ``timings[phase]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
 def _with_old_defaults(index: dict[str, Any]) -> dict[str, Any]:
@@ -879,19 +597,6 @@ def _energy(batch: BatchResult, layers: Sequence[int]) -> dict[str, dict[str, fl
     }
 
 
-@contextmanager
-def _solver_notes(notes: list[str]) -> Iterator[None]:
-    """Collect the solver fallbacks of a method call into ``notes`` (and let them be
-    reported as warnings as usual)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", IllConditionedWarning)
-        yield
-    for warning in caught:
-        if issubclass(warning.category, IllConditionedWarning):
-            notes.append(str(warning.message))
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-
-
 def _edited_modules(method: object, layout: Any) -> tuple[str, ...]:
     """The modules of each layer ``method`` edits: its ``modules_for(layout)``, else its
     ``modules``, else the MLP output projection."""
@@ -912,13 +617,3 @@ def _module_state(layout: Any, layer: int, name: str) -> LayerState:
         second_moment=torch.zeros(0, 0, dtype=torch.float64),
         edited_keys=torch.zeros(d_k, d_k, dtype=torch.float64),
     )
-
-
-def _require_finite(values: torch.Tensor, requests: Sequence[EditRequest], what: str) -> None:
-    bad = (~torch.isfinite(values.reshape(len(requests), -1))).any(dim=1).nonzero().flatten()
-    if len(bad):
-        names = ", ".join(f"{int(i)} ({requests[int(i)].subject!r})" for i in bad[:5])
-        raise NumericalError(
-            f"{what} is NaN or Inf for request(s) {names}; the batch was rejected and the "
-            "model left unchanged"
-        )

@@ -408,14 +408,16 @@ def test_non_finite_values_reject_the_batch_naming_the_request(
 
         monkeypatch.setattr(session_module, "compute_vstar", poisoned)
     else:
-        real = session_module.read_layer
+        import sphere_edit.editing.routes as routes_module
+
+        real = routes_module.read_layer
 
         def poisoned(*args, **kwargs):
             readout = real(*args, **kwargs)
             readout.keys[1, 0] = float("inf")
             return readout
 
-        monkeypatch.setattr(session_module, "read_layer", poisoned)
+        monkeypatch.setattr(routes_module, "read_layer", poisoned)
     batch = [EditRequest.create("{} plays", "Lionel Messi", "hockey"), *BATCHES[1]]
     with pytest.raises(NumericalError, match=r"request\(s\) 1 \('Glenn Gould'\)"):
         session.apply(batch)

@@ -325,7 +325,7 @@ def test_bf16_key_passes_are_close_to_fp32_and_follow_key_precision(models, tiny
 def test_shallow_cache_copy_gives_bitwise_what_a_deep_copy_gives(
     models, tiny_tokenizer, family, monkeypatch
 ):
-    from sphere_edit.editing import vstar
+    from sphere_edit.editing import vstar_passes
 
     model = models[family]
     requests = [*requests_abc(), EditRequest.create("{} is a city in", "Lyon", "Italy")]
@@ -333,13 +333,13 @@ def test_shallow_cache_copy_gives_bitwise_what_a_deep_copy_gives(
     config = VStarConfig(steps=4, lr=0.2, loss_tolerance=0.0)
     shallow = _targets(model, tiny_tokenizer, requests, config, templates=templates)
     seen = []
-    real = vstar._fresh_copy
+    real = vstar_passes._fresh_copy
 
     def deep(cache):
         seen.append(real(cache) is not cache)
         return __import__("copy").deepcopy(cache)
 
-    monkeypatch.setattr(vstar, "_fresh_copy", deep)
+    monkeypatch.setattr(vstar_passes, "_fresh_copy", deep)
     deep_result = _targets(model, tiny_tokenizer, requests, config, templates=templates)
     assert seen and all(seen)
     assert torch.equal(shallow.vectors, deep_result.vectors)
