@@ -17,7 +17,6 @@ from sphere_edit.editing.build import MethodSpec, build_session
 from sphere_edit.methods import LayerState, Option, method_names, register_method
 from sphere_edit.methods.registry import unregister_method
 from sphere_edit.sphere.projection import SphereProjection
-from tests.tiny_models import make_tiny_model
 from tests.unit._helpers import requests_abc, tiny_loaded
 
 runner = CliRunner()
@@ -58,17 +57,6 @@ def toy():
     unregister_method("toy")
     CALLS.clear()
     assert "toy" not in method_names()
-
-
-@pytest.fixture
-def tiny_dir(tmp_path, tiny_tokenizer, monkeypatch):
-    monkeypatch.setenv("SPHERE_EDIT_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "tiny-llama"
-    make_tiny_model("llama", tiny_tokenizer).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(["Paris is the capital of France. Rome is in Italy."] * 40))
-    return folder, corpus
 
 
 GOOD = [
