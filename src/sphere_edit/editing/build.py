@@ -144,7 +144,6 @@ def build_session(
     and key passes; without it they run as the preset and ``target_overrides`` say (float32
     by default), so library results stay bitwise the same on every machine.
 
-
     ``transform_order`` places the SPHERE projection and RECT's sparsification in MEMIT's
     schedule ("inside" or "after"; default: the method's, see ``EditSession``)."""
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
@@ -198,7 +197,6 @@ def build_session(
             for layer in ([] if other_modules else layers)
             for d in [loaded.layout.key_dim(layer)]
         }
-
         corpus_header = {"corpus": None, "corpus_fingerprint": None, "stats_tokens": None}
     transform = None
     if spec.sphere:
