@@ -398,3 +398,22 @@ def test_bench_runs_and_resumes_in_its_locked_directory(tiny):
     old = runner.invoke(app, [*args[:1], "--resume", str(out), *args[3:]])
     assert old.exit_code == 2
     assert f"--out {out} --resume" in _one_line_error(old)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
+def test_a_damaged_batch_request_file_is_named_before_the_model_loads(tiny, damage, monkeypatch):
+    out = tiny.root / "run"
+    assert runner.invoke(app, _edit(tiny, out)).exit_code == 0
+    record = out / "batches" / "000001.json"
+    if damage == "deleted":
+        record.unlink()
+    else:
+        record.write_text("")
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the journal was checked")
+
+    monkeypatch.setattr("sphere_edit.model.loading.load_model", refuse)
+    line = _one_line_error(runner.invoke(app, _edit(tiny, out, "--resume")))
+    assert f"batch 1: its request file {record}" in line
+    assert ("is missing" if damage == "deleted" else "is empty") in line
