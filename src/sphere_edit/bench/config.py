@@ -5,11 +5,18 @@ evaluation depends on. :mod:`.runner` runs a benchmark from them (and re-exports
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+from ..common.settings import first_difference
 from ..editing.build import MethodSpec
 from ..editing.sampling import parse_template_tokens
 from ..editing.stats import StatsRecipe
+from ..evaluation.data import EditCase
+from .rundir import BenchRunDir
 
 # The settings the pre-edit evaluation depends on (a run may reuse another run's pre-edit
 # results when all of them agree, see ``Benchmark(pre_edit_from=...)``).
@@ -120,3 +127,35 @@ def order_seed(case_order: str | None) -> int | None:
             "e.g. shuffle:1"
         )
     return int(seed)
+
+
+def order_cases(cases: list[EditCase], case_order: str | None) -> list[EditCase]:
+    """``cases`` in the configured order: as given, or shuffled by a generator seeded
+    with the order's seed (the same seed gives the same order on every machine)."""
+    seed = order_seed(case_order)
+    if seed is None:
+        return cases
+    shuffled = list(cases)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+LEGACY_RECIPE = {"stats_pieces": "256", "stats_samples": None, "template_tokens": 10}
+
+
+def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
+    """Check that ``config`` is the configuration ``run_dir`` was started with (naming the
+    first field that differs) and return what the run recorded as complete."""
+    layout = BenchRunDir(run_dir)
+    # Runs started before the recipes were recorded used 256-token pieces and 10 tokens.
+    stored = {**LEGACY_RECIPE, **layout.read_config()["config"]}
+    mine = json.loads(json.dumps(asdict(config)))
+    difference = first_difference(stored, mine)
+    if difference is not None:
+        key, theirs, value = difference
+        raise ValueError(
+            f"--resume: {key} differs from {layout.config}: the run was "
+            f"started with {theirs!r}, this command gives {value!r}; "
+            "repeat the original options"
+        )
+    return layout.read_progress()

@@ -23,14 +23,12 @@ the resume section below and ``docs/reliability.md``.
 from __future__ import annotations
 
 import json
-import math
 import platform
-import random
 import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,36 +47,24 @@ from ..editing.vstar import VStarResult
 from ..evaluation.data import CaseSet, EditCase, load_cases
 from ..evaluation.metrics import (
     aggregate,
-    consecutive_difference_fit,
     evaluate_cases,
     evaluate_generation,
     merge_results,
-    spearman,
 )
 from ..model.loading import LoadedModel, load_model
 from ..sphere.warning import EnergyWarning
 from .analysis import case_intervals
-from .config import PRE_EDIT_SETTINGS, order_seed
+from .config import PRE_EDIT_SETTINGS, load_resume_state, order_cases
 from .config import BenchConfig as BenchConfig  # re-exported: the runner's settings
+from .record import HEADLINE_METRICS, MethodRun
 from .rundir import SUMMARY, BenchRunDir, MethodDir
+from .snapshots import restore_edited, snapshot_edited
 
-HEADLINE_METRICS = ("efficacy", "generalization", "specificity")
 # The paper-style table's per-case columns, each stored with its bootstrap interval.
 INTERVAL_KEYS = HEADLINE_METRICS + (
     "rewrite_prob_success", "paraphrase_prob_success", "neighborhood_prob_success",
     "fluency", "consistency",
 )  # fmt: skip
-
-
-def order_cases(cases: list[EditCase], case_order: str | None) -> list[EditCase]:
-    """``cases`` in the configured order: as given, or shuffled by a generator seeded
-    with the order's seed (the same seed gives the same order on every machine)."""
-    seed = order_seed(case_order)
-    if seed is None:
-        return cases
-    shuffled = list(cases)
-    random.Random(seed).shuffle(shuffled)
-    return shuffled
 
 
 def environment(loaded: LoadedModel) -> dict[str, Any]:
@@ -95,53 +81,6 @@ def environment(loaded: LoadedModel) -> dict[str, Any]:
         "device": str(next(loaded.model.parameters()).device),
         "model_fingerprint": loaded.fingerprint,
     }
-
-
-def _finite_or_none(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else float(value)
-
-
-@dataclass
-class MethodRun:
-    """What one method's run records as it goes (everything JSON-ready)."""
-
-    spec: str
-    layers: list[int] = field(default_factory=list)
-    batches: list[dict[str, Any]] = field(default_factory=list)
-    energy: list[dict[str, Any]] = field(default_factory=list)  # edits, layer, energy
-    checkpoints: list[dict[str, Any]] = field(default_factory=list)
-    general: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    warning: EnergyWarning | None = None  # the HE early warning, when configured
-
-    def add_time(self, phase: str, seconds: float) -> None:
-        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
-
-    def mean_energy(self, edits: int) -> float:
-        values = [row["energy"] for row in self.energy if row["edits"] == edits]
-        return sum(values) / len(values)
-
-    def correlations(self) -> dict[str, Any]:
-        """Spearman ρ between mean HE and each headline metric across checkpoints, and the
-        linear fit of their consecutive differences."""
-        he = [self.mean_energy(c["edits"]) for c in self.checkpoints]
-        result: dict[str, Any] = {"n_points": len(he), "energy": "mean over edited layers"}
-        for metric in HEADLINE_METRICS:
-            series = [c["metrics"].get(metric) for c in self.checkpoints]
-            if len(he) < 3 or any(v is None for v in series):
-                result[metric] = {"spearman": None, "reason": "needs 3 or more checkpoints"}
-                continue
-            fit = consecutive_difference_fit(he, series)
-            result[metric] = {
-                "spearman": _finite_or_none(spearman(he, series)),
-                "difference_fit": {
-                    "slope": _finite_or_none(fit.slope),
-                    "intercept": _finite_or_none(fit.intercept),
-                    "r": _finite_or_none(fit.r),
-                    "n": fit.n,
-                },
-            }
-        return result
 
 
 class Benchmark:
@@ -267,7 +206,7 @@ class Benchmark:
         }
         self.layout.write_summary(summary)
 
-        base = _snapshot(loaded)
+        base = snapshot_edited(loaded)
         for spec in c.methods:
             stored = self._stored_method(spec) if resuming else None
             if stored is not None:
@@ -278,7 +217,7 @@ class Benchmark:
             try:
                 summary["methods"][spec] = self._run_method(loaded, spec, cases)
             finally:
-                _restore(loaded, base)
+                restore_edited(loaded, base)
             self._mark(method=(spec, "complete"))
             summary["wall_seconds"] = time.perf_counter() - started
             self.layout.write_summary(summary)
@@ -401,8 +340,7 @@ class Benchmark:
                 self._first_targets[key] = (spec, result.vstar)
             fault_point("bench-record")
             done = begin + len(batch_cases)
-            _add_batch(
-                record,
+            record.add_batch(
                 done,
                 result.index,
                 result.energy_before,
@@ -579,8 +517,7 @@ class Benchmark:
             batch = session.journal.record(entry)
             done = begin + len(expected[begin // c.batch_size])
             energy = entry["energy"]
-            _add_batch(
-                record,
+            record.add_batch(
                 done,
                 entry["index"],
                 {int(k): v["before"] for k, v in energy.items()},
@@ -620,66 +557,6 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
 
 
-LEGACY_RECIPE = {"stats_pieces": "256", "stats_samples": None, "template_tokens": 10}
-
-
-def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
-    """Check that ``config`` is the configuration ``run_dir`` was started with (naming the
-    first field that differs) and return what the run recorded as complete."""
-    layout = BenchRunDir(run_dir)
-    # Runs started before the recipes were recorded used 256-token pieces and 10 tokens.
-    stored = {**LEGACY_RECIPE, **layout.read_config()["config"]}
-    mine = json.loads(json.dumps(asdict(config)))
-    difference = first_difference(stored, mine)
-    if difference is not None:
-        key, theirs, value = difference
-        raise ValueError(
-            f"--resume: {key} differs from {layout.config}: the run was "
-            f"started with {theirs!r}, this command gives {value!r}; "
-            "repeat the original options"
-        )
-    return layout.read_progress()
-
-
-def _add_batch(
-    record: MethodRun,
-    done: int,
-    index: int,
-    energy_before: dict[int, float],
-    energy_after: dict[int, float],
-    update_norms: dict[int, float],
-    timings: dict[str, float],
-    target_loss: list[float],
-    target_steps: list[int],
-    warnings: list[str],
-) -> None:
-    """One batch into the record: the same row whether the batch was just applied or is
-    rebuilt from the journal on resume."""
-    for phase, seconds in timings.items():
-        record.add_time(phase, seconds)
-    for layer, energy in energy_after.items():
-        record.energy.append({"edits": done, "layer": layer, "energy": energy})
-    record.batches.append(
-        {
-            "batch": index,
-            "edits": done,
-            "energy_before": energy_before,
-            "energy_after": energy_after,
-            "energy_change": {k: energy_after[k] - energy_before[k] for k in energy_after},
-            "update_norms": update_norms,
-            "timings": timings,
-            "target_loss_mean": sum(target_loss) / len(target_loss),
-            "target_steps_mean": sum(target_steps) / len(target_steps),
-            "warnings": warnings,
-        }
-    )
-    if record.warning is not None:
-        alarms = record.warning.update(record.batches[-1]["energy_change"])
-        record.batches[-1]["he_warnings"] = [
-            {**alarm.to_dict(), "message": alarm.message()} for alarm in alarms
-        ]
-
-
 def _headline(metrics: dict[str, Any]) -> str:
     parts = []
     for name in HEADLINE_METRICS + ("fluency",):
@@ -687,33 +564,3 @@ def _headline(metrics: dict[str, Any]) -> str:
         if value is not None:
             parts.append(f"{name[:4]} {value:.3f}")
     return ", ".join(parts)
-
-
-def _editable_modules(loaded: LoadedModel, layer: int) -> list[torch.nn.Module]:
-    """Every module of ``layer`` some method may change: the MLP output projection and,
-    where the family has them, the gate and up projections (UltraEdit)."""
-    layout, found = loaded.layout, []
-    for name in ("mlp_out", "gate", "up"):
-        try:
-            found.append(layout.module(layer, name))
-        except ValueError:  # the family has no such module (an ungated MLP's gate)
-            continue
-    return found
-
-
-def _snapshot(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    """Every parameter any method may change, in every layer."""
-    return {
-        f"layer{i}.{m}.{name}": param.detach().clone()
-        for i in range(loaded.layout.num_layers)
-        for m, module in enumerate(_editable_modules(loaded, i))
-        for name, param in module.named_parameters()
-    }
-
-
-def _restore(loaded: LoadedModel, base: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for i in range(loaded.layout.num_layers):
-            for m, module in enumerate(_editable_modules(loaded, i)):
-                for name, param in module.named_parameters():
-                    param.copy_(base[f"layer{i}.{m}.{name}"])

@@ -29,7 +29,7 @@ from ..common.linalg import IllConditionedWarning
 from ..common.progress import Progress
 from ..methods import LayerState
 from ..methods.base import EditContext, edits_restrained, finalizes, restrains
-from .journal import add_deltas, restore_weights, snapshot_weights
+from .journal import MLP_OUT, add_deltas, restore_weights, snapshot_weights
 from .keys import LowerLayers, key_precision, read_layer, residual_to_mlp_delta
 from .requests import EditRequest, RequestError
 from .vstar import VStarResult
@@ -358,3 +358,25 @@ def _require_finite(values: torch.Tensor, requests: Sequence[EditRequest], what:
             f"{what} is NaN or Inf for request(s) {names}; the batch was rejected and the "
             "model left unchanged"
         )
+
+
+def edited_modules(method: object, layout: Any) -> tuple[str, ...]:
+    """The modules of each layer ``method`` edits: its ``modules_for(layout)``, else its
+    ``modules``, else the MLP output projection."""
+    if callable(getattr(method, "modules_for", None)):
+        return tuple(method.modules_for(layout))  # type: ignore[attr-defined]
+    return tuple(getattr(method, "modules", MLP_OUT))
+
+
+def module_state(layout: Any, layer: int, name: str) -> LayerState:
+    """The state of module ``name`` of ``layer``: no corpus statistics (a zero
+    placeholder, as for the methods that read none), the keys of earlier edits."""
+    weight = layout.read_module_weight(layer, name).detach()
+    d_k = weight.shape[1]
+    return LayerState(
+        layer=layer,
+        weight_name=layout.module_weight_name(layer, name),
+        pre_edit=weight.clone().cpu(),
+        second_moment=torch.zeros(0, 0, dtype=torch.float64),
+        edited_keys=torch.zeros(d_k, d_k, dtype=torch.float64),
+    )

@@ -106,7 +106,7 @@ class EditSession:
     ) -> None:
         layout = loaded.layout
         # The modules of each layer the method edits (UltraEdit: gate and up projections).
-        modules = _edited_modules(method, layout)
+        modules = routes.edited_modules(method, layout)
         if transform_order is None:
             transform_order = default_transform_order(method)
         if transform_order not in TRANSFORM_ORDERS:
@@ -163,7 +163,7 @@ class EditSession:
             )
         # The state of each edited (layer, module) of a method that edits other modules.
         self.module_states: dict[tuple[int, str], LayerState] = {
-            (layer, name): _module_state(layout, layer, name)
+            (layer, name): routes.module_state(layout, layer, name)
             for layer in self.layers
             for name in (modules if modules != MLP_OUT else ())
         }
@@ -595,25 +595,3 @@ def _energy(batch: BatchResult, layers: Sequence[int]) -> dict[str, dict[str, fl
         }
         for layer in layers
     }
-
-
-def _edited_modules(method: object, layout: Any) -> tuple[str, ...]:
-    """The modules of each layer ``method`` edits: its ``modules_for(layout)``, else its
-    ``modules``, else the MLP output projection."""
-    if callable(getattr(method, "modules_for", None)):
-        return tuple(method.modules_for(layout))  # type: ignore[attr-defined]
-    return tuple(getattr(method, "modules", MLP_OUT))
-
-
-def _module_state(layout: Any, layer: int, name: str) -> LayerState:
-    """The state of module ``name`` of ``layer``: no corpus statistics (a zero
-    placeholder, as for the methods that read none), the keys of earlier edits."""
-    weight = layout.read_module_weight(layer, name).detach()
-    d_k = weight.shape[1]
-    return LayerState(
-        layer=layer,
-        weight_name=layout.module_weight_name(layer, name),
-        pre_edit=weight.clone().cpu(),
-        second_moment=torch.zeros(0, 0, dtype=torch.float64),
-        edited_keys=torch.zeros(d_k, d_k, dtype=torch.float64),
-    )

@@ -30,8 +30,9 @@ from sphere_edit.bench.analysis import (
     pooled_fit,
     warning_evaluation,
 )
+from sphere_edit.bench.config import order_cases, order_seed
 from sphere_edit.bench.report import build_report, interval_table, spread_table, warning_table
-from sphere_edit.bench.runner import BenchConfig, Benchmark, order_cases, order_seed
+from sphere_edit.bench.runner import BenchConfig, Benchmark
 from sphere_edit.cli.app import app
 from sphere_edit.model.loading import LoadedModel
 from sphere_edit.sphere.warning import EnergyWarning
