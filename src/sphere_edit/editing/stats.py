@@ -39,6 +39,9 @@ class Corpus:
     texts: list[str]
     fingerprint: str
     description: str
+    # Text sampled from the model (no corpus given): its size is the recipe's, said in the
+    # description, so a smaller-than-asked warning would only repeat it.
+    sampled: bool = False
 
 
 class CorpusError(ValueError):
@@ -170,6 +173,7 @@ def load_corpus(
                 f"no corpus given: {sample_texts} texts of {sample_tokens} tokens sampled "
                 f"from the model itself (seed {seed})"
             ),
+            sampled=True,
         )
     if source.startswith(stats_dist.HF_PREFIX):
         return stats_dist.load_hf_stream(source)
@@ -344,6 +348,7 @@ def collect_second_moments(
     if (
         max_tokens is not None
         and recipe.samples is None
+        and not corpus.sampled
         and available * SMALL_CORPUS_SHARE < max_tokens
     ):
         log.warning(

@@ -344,6 +344,11 @@ def test_a_corpus_far_smaller_than_asked_warns_with_both_numbers(tiny_tokenizer,
             model, tiny_tokenizer, [1], corpus, max_tokens=2 * available, progress=False
         )
     assert "far fewer" not in caplog.text
+    # Text sampled from the model (no corpus given) is as large as its recipe says.
+    sampled = Corpus(texts=[text], fingerprint="s", description="sampled", sampled=True)
+    with caplog.at_level(logging.WARNING, logger="sphere_edit.editing.stats"):
+        collect_second_moments(model, tiny_tokenizer, [1], sampled, max_tokens=1000, progress=False)
+    assert "far fewer" not in caplog.text
 
 
 # -- 12: help ------------------------------------------------------------------------------
