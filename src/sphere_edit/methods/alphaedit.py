@@ -51,12 +51,6 @@ class AlphaEdit:
     nullspace_threshold: float = 2e-2
     l2: float = 10.0
 
-    def __post_init__(self) -> None:
-        if self.nullspace_threshold <= 0:
-            raise ValueError("alphaedit nullspace_threshold must be positive")
-        if self.l2 < 0:
-            raise ValueError(f"alphaedit l2 must be >= 0, got {self.l2}")
-
     def projector(self, state: LayerState) -> torch.Tensor:
         cached = state.cache.get("alphaedit_projector")
         if cached is None or cached[0] != self.nullspace_threshold:

@@ -47,14 +47,6 @@ class FT:
     lr: float = 5e-4
     steps: int = 25
 
-    def __post_init__(self) -> None:
-        if self.epsilon is not None and not self.epsilon > 0:
-            raise ValueError(f"ft epsilon must be positive or None, got {self.epsilon}")
-        if not self.lr > 0:
-            raise ValueError(f"ft lr must be positive, got {self.lr}")
-        if self.steps < 1:
-            raise ValueError(f"ft steps must be at least 1, got {self.steps}")
-
     def compute(
         self, context: EditContext, requests: Sequence[EditRequest], layer: int
     ) -> GradientResult:

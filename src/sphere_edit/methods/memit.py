@@ -28,10 +28,6 @@ class MEMIT:
     transform_order: ClassVar[str] = "after"
     mom2_weight: float = 15000.0
 
-    def __post_init__(self) -> None:
-        if self.mom2_weight < 0:
-            raise ValueError(f"memit mom2_weight must be >= 0, got {self.mom2_weight}")
-
     def update(
         self, keys: torch.Tensor, residuals: torch.Tensor, state: LayerState
     ) -> torch.Tensor:

@@ -62,12 +62,6 @@ class PRUNE:
     log_base: float = math.e
     edit_restrained: bool = False
 
-    def __post_init__(self) -> None:
-        if not self.log_base > 1:
-            raise ValueError(f"prune log_base must be > 1, got {self.log_base}")
-        if self.mom2_weight < 0:
-            raise ValueError(f"prune mom2_weight must be >= 0, got {self.mom2_weight}")
-
     def update(
         self, keys: torch.Tensor, residuals: torch.Tensor, state: LayerState
     ) -> torch.Tensor:

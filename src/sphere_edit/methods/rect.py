@@ -55,12 +55,6 @@ class RECT:
     keep_fraction: float = 0.4
     mom2_weight: float = 15000.0
 
-    def __post_init__(self) -> None:
-        if not 0 < self.keep_fraction <= 1:
-            raise ValueError(f"rect keep_fraction must be in (0, 1], got {self.keep_fraction}")
-        if self.mom2_weight < 0:
-            raise ValueError(f"rect mom2_weight must be >= 0, got {self.mom2_weight}")
-
     def update(
         self, keys: torch.Tensor, residuals: torch.Tensor, state: LayerState
     ) -> torch.Tensor:

@@ -11,6 +11,7 @@ imported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -161,6 +162,7 @@ def register_method(
                 raise ValueError(
                     f"method {name}: declared options {declared} differ from the fields {fields}"
                 )
+            _check_on_construction(cls, name, tuple(options))
         _REGISTRY[name] = MethodInfo(
             name=name, factory=cls, options=tuple(options), help=help, inherits=inherits,
             sphere_alpha=sphere_alpha, sphere_alpha_key=sphere_alpha_key,
@@ -168,6 +170,20 @@ def register_method(
         return cls
 
     return decorate
+
+
+def _check_on_construction(cls: type, name: str, options: tuple[Option, ...]) -> None:
+    """Check every declared option whenever the class is constructed, also directly in
+    Python: the ranges are written once, in the declaration, not again in the class."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        for option in options:
+            option.check(name, getattr(self, option.name))
+
+    cls.__init__ = checked_init  # type: ignore[misc]
 
 
 def unregister_method(name: str) -> None:

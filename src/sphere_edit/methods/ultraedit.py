@@ -123,12 +123,6 @@ class UltraEdit:
     lr: float = 1.0
     ridge: float = 1.0
 
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"ultraedit lr must be positive, got {self.lr}")
-        if not self.ridge > 0:
-            raise ValueError(f"ultraedit ridge must be positive, got {self.ridge}")
-
     def modules_for(self, layout: ModelLayout) -> tuple[str, ...]:
         """The gate and up projections; the up projection alone where the MLP has no gate
         (GPT-2, GPT-J: their one input projection)."""
