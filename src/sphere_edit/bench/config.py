@@ -88,9 +88,7 @@ class BenchConfig:
             raise ValueError(f"fluency_cases: must be >= 0, got {self.fluency_cases}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("methods: a method is listed twice")
-        if self.stats_tokens is not None and self.stats_samples is not None:
-            raise ValueError("stats_samples: give either stats_tokens or stats_samples, not both")
-        StatsRecipe.parse(self.stats_pieces, self.stats_samples)
+        StatsRecipe.parse(self.stats_pieces, self.stats_samples, self.stats_tokens)
         parse_template_tokens(self.template_tokens)
         order_seed(self.case_order)
         if self.he_warning is not None and not self.he_warning > 0:

@@ -276,12 +276,11 @@ def check_stats_options(
     from ..editing.sampling import parse_template_tokens
     from ..editing.stats import StatsRecipe
 
-    if stats_tokens is not None and stats_samples is not None:
-        raise ValueError("--stats-samples: give either --stats-tokens or --stats-samples, not both")
     try:
-        StatsRecipe.parse(stats_pieces, stats_samples)
+        StatsRecipe.parse(stats_pieces, stats_samples, stats_tokens)
     except ValueError as error:
-        raise ValueError(f"--stats-pieces: {str(error).split(': ', 1)[-1]}") from None
+        field, _, reason = str(error).partition(": ")  # "stats_pieces: ..." -> --stats-pieces
+        raise ValueError(f"--{field.replace('_', '-')}: {reason}") from None
     if template_tokens is not None:
         try:
             parse_template_tokens(template_tokens)

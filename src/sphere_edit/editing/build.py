@@ -17,7 +17,7 @@ from ..sphere.variants import EnergyBudget, SphereVariant
 from .presets import Preset, describe_choice, preset_for
 from .sampling import parse_template_tokens
 from .session import EditSession
-from .stats import Corpus, StatsRecipe, StatsRecipeError, layer_second_moments, load_corpus
+from .stats import Corpus, StatsRecipe, layer_second_moments, load_corpus
 from .vstar import VStarConfig
 
 # The spec suffixes after the method's name, and the SPHERE variant each selects.
@@ -162,12 +162,8 @@ def build_session(
         layers = method.default_layers(loaded.layout.num_layers)  # type: ignore[union-attr]
     else:
         layers = list(preset.layers)
-    if stats_tokens is not None and stats_samples is not None:
-        raise StatsRecipeError(
-            "stats_samples: give either a token count (stats_tokens) or a sample count, not both"
-        )
     recipe = StatsRecipe.parse(
-        preset.stats_pieces if stats_pieces is None else stats_pieces, stats_samples
+        preset.stats_pieces if stats_pieces is None else stats_pieces, stats_samples, stats_tokens
     )
     templates = parse_template_tokens(
         preset.template_tokens if template_tokens is None else template_tokens

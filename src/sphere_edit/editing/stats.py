@@ -84,9 +84,17 @@ class StatsRecipe:
             raise StatsRecipeError(f"stats max_len: must be at least 1, got {self.max_len}")
 
     @classmethod
-    def parse(cls, pieces: str | int | None = None, samples: int | None = None) -> StatsRecipe:
+    def parse(
+        cls, pieces: str | int | None = None, samples: int | None = None, tokens: int | None = None
+    ) -> StatsRecipe:
         """``pieces`` as the CLI and presets give it: ``"whole"`` (or ``None``) or a piece
-        length such as ``"256"``."""
+        length such as ``"256"``; ``samples`` and a token count ``tokens`` exclude each
+        other (the statistics' size is one or the other)."""
+        if tokens is not None and samples is not None:
+            raise StatsRecipeError(
+                "stats_samples: give either a token count (stats_tokens) or a sample count, "
+                "not both"
+            )
         if pieces is None or str(pieces).strip().lower() == "whole":
             return cls(samples=samples)
         try:
