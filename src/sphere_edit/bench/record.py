@@ -29,7 +29,6 @@ class MethodRun:
     general: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     warning: EnergyWarning | None = None  # the HE early warning, when configured
-    vstar_shared_with: str | None = None  # the method whose batch-1 v* was reused
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds

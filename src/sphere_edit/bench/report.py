@@ -4,11 +4,13 @@ benchmark run directories, and the same table for the terminal."""
 from __future__ import annotations
 
 import html
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..editing.build import MethodSpec
 from .figures import img_tag
 from .plots import plot_figures, read_run
 from .rundir import BenchRunDir
@@ -246,13 +248,7 @@ def _run_section(run_dir: Path) -> str:
         + "</p>"
     )
     rows = []
-    # Recorded by the runner when it reused another method's batch-1 v* (not in runs
-    # written before it was recorded: those show their times only).
-    owners = {
-        spec: data["summary"]["vstar_shared_with"]
-        for spec, data in run["methods"].items()
-        if (data["summary"] or {}).get("vstar_shared_with")
-    }
+    owners = shared_vstar(run)
     for spec, data in run["methods"].items():
         method = data["summary"]
         if method:
@@ -291,6 +287,33 @@ def _run_section(run_dir: Path) -> str:
         if summary is not None:
             parts.append(geometry_html(summary, title=f"Weight geometry: {spec}"))
     return "\n".join(parts)
+
+
+def shared_vstar(run: dict[str, Any]) -> dict[str, str]:
+    """Methods whose v* of batch 1 was computed by an earlier method of the run (method →
+    that method): the benchmark shares it between closed-form methods whose sessions
+    have equal v* keys (last edited layer, context templates, target settings)."""
+    from ..methods import make_method
+    from ..methods.base import edits_per_request, is_gradient_method
+
+    owners: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for spec, data in run["methods"].items():
+        header = (data["summary"] or {}).get("session")
+        if not header:
+            continue
+        try:
+            method = make_method(MethodSpec.parse(spec).method)
+        except ValueError:
+            continue
+        if is_gradient_method(method) or edits_per_request(method):
+            continue
+        key = json.dumps([header["layers"][-1], header["templates"], header["target"]])
+        if key in first:
+            owners[spec] = first[key]
+        else:
+            first[key] = spec
+    return owners
 
 
 def _phase(timings: dict[str, float], phase: str, owner: str | None, n_batches: int) -> str:

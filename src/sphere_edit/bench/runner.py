@@ -336,9 +336,7 @@ class Benchmark:
             requests = [case.request for case in batch_cases]
             key, shared = self._shared_targets(spec, session, begin)
             result = session.apply(requests, precomputed_vstar=shared)
-            if shared is not None:
-                record.vstar_shared_with = self._first_targets[key][0]  # type: ignore[index]
-            elif key is not None and result.vstar is not None:
+            if key is not None and shared is None and result.vstar is not None:
                 self._first_targets[key] = (spec, result.vstar)
             fault_point("bench-record")
             done = begin + len(batch_cases)
@@ -388,8 +386,6 @@ class Benchmark:
             "timings": record.timings,
             "wall_seconds": time.perf_counter() - started,
             "session": session.header(),
-            # The method whose batch-1 v* this one reused (None: it computed its own).
-            "vstar_shared_with": record.vstar_shared_with,
         }
         out.write_summary(summary)
         self.log(f"{spec}: {_headline(summary['final']['metrics'])}")
