@@ -4,7 +4,6 @@ benchmark run directories, and the same table for the terminal."""
 from __future__ import annotations
 
 import html
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -293,6 +292,7 @@ def shared_vstar(run: dict[str, Any]) -> dict[str, str]:
     """Methods whose v* of batch 1 was computed by an earlier method of the run (method →
     that method): the benchmark shares it between closed-form methods whose sessions
     have equal v* keys (last edited layer, context templates, target settings)."""
+    from ..editing.session import vstar_key
     from ..methods import make_method
     from ..methods.base import edits_per_request, is_gradient_method
 
@@ -308,7 +308,7 @@ def shared_vstar(run: dict[str, Any]) -> dict[str, str]:
             continue
         if is_gradient_method(method) or edits_per_request(method):
             continue
-        key = json.dumps([header["layers"][-1], header["templates"], header["target"]])
+        key = vstar_key(header["layers"][-1], header["templates"], header["target"])
         if key in first:
             owners[spec] = first[key]
         else:

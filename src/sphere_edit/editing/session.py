@@ -192,7 +192,7 @@ class EditSession:
     def vstar_key(self) -> str:
         """What v* depends on besides the requests and the weights: sessions with equal
         keys on the same weights compute the same targets."""
-        return json.dumps([self.layers[-1], self.context_templates(), asdict(self.target)])
+        return vstar_key(self.layers[-1], self.context_templates(), asdict(self.target))
 
     def _compute_vstar(self, requests: list[EditRequest]) -> VStarResult:
         """v* for ``requests`` (validated by :meth:`apply`) on the weights the model has
@@ -595,3 +595,9 @@ def _energy(batch: BatchResult, layers: Sequence[int]) -> dict[str, dict[str, fl
         }
         for layer in layers
     }
+
+
+def vstar_key(z_layer: int, templates: Sequence[str], target: dict[str, Any]) -> str:
+    """The v* key of a session editing up to ``z_layer`` with these context templates and
+    v* settings (``asdict(VStarConfig)``, as the journal header holds them)."""
+    return json.dumps([z_layer, list(templates), target])
