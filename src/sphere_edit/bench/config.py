@@ -65,6 +65,9 @@ class BenchConfig:
     transform_order: str | None = None
     # A preset file (--preset); None: the model's shipped preset.
     preset: str | None = None
+    # The v* and key passes' arithmetic, resolved ("fp32" or "bf16", never "auto"): a run
+    # resumed on another machine continues in the precision it began with.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -93,6 +96,11 @@ class BenchConfig:
         order_seed(self.case_order)
         if self.he_warning is not None and not self.he_warning > 0:
             raise ValueError(f"he_warning: must be positive, got {self.he_warning}; e.g. 5")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(
+                f"precision: must be 'fp32' or 'bf16' (auto is resolved before), "
+                f"got {self.precision!r}"
+            )
         if self.transform_order not in (None, "inside", "after"):
             raise ValueError(
                 f"transform_order: must be 'inside' or 'after', got {self.transform_order!r}"
@@ -138,14 +146,16 @@ def order_cases(cases: list[EditCase], case_order: str | None) -> list[EditCase]
     return shuffled
 
 
-LEGACY_RECIPE = {"stats_pieces": "256", "stats_samples": None, "template_tokens": 10}
+# Runs started before these were recorded: 256-token pieces, 10 tokens, float32 passes.
+LEGACY_RECIPE = {
+    "stats_pieces": "256", "stats_samples": None, "template_tokens": 10, "precision": "fp32",
+}  # fmt: skip
 
 
 def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
     """Check that ``config`` is the configuration ``run_dir`` was started with (naming the
     first field that differs) and return what the run recorded as complete."""
     layout = BenchRunDir(run_dir)
-    # Runs started before the recipes were recorded used 256-token pieces and 10 tokens.
     stored = {**LEGACY_RECIPE, **layout.read_config()["config"]}
     mine = json.loads(json.dumps(asdict(config)))
     difference = first_difference(stored, mine)

@@ -318,6 +318,7 @@ class Benchmark:
             progress=self.progress,
             log=self.log,
             transform_order=c.transform_order or self._journal_order(out),
+            precision=c.precision,
         )
         record = MethodRun(spec=spec, layers=list(session.layers))
         if c.he_warning is not None:

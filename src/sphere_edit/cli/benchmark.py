@@ -15,6 +15,7 @@ from .app import (
     HeWarningOpt,
     ModelOpt,
     PositionsOpt,
+    PrecisionOpt,
     PresetOpt,
     StatsPiecesOpt,
     StatsSamplesOpt,
@@ -22,7 +23,9 @@ from .app import (
     TemplateTokensOpt,
     TransformOrderOpt,
     app,
+    announce_precision,
     bench_recipe,
+    check_precision,
     check_stats_options,
     console,
     friendly,
@@ -93,6 +96,7 @@ def bench(
         str | None, typer.Option(help="General-abilities tasks, e.g. gsm8k. Default: all.")
     ] = None,
     preset: PresetOpt = None,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Sequential editing benchmark: every method from the same base model on the same cases."""
     from ..bench.runner import BenchConfig, Benchmark
@@ -104,6 +108,7 @@ def bench(
     run_dir = out
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
+    check_precision(precision)
     recipe = bench_recipe(stats_pieces, stats_samples, template_tokens)
     config = BenchConfig(
         model=model, methods=names, dataset=dataset, n_edits=n_edits, batch_size=batch_size,
@@ -125,6 +130,9 @@ def bench(
         load_preset_file(preset)  # a bad file fails before the model loads
     loaded = load_for_command(model, device)
     preset_file(preset, loaded)
+    if resume and precision == "auto":
+        precision = _recorded_precision(run_dir) or precision
+    config = replace(config, precision=announce_precision(precision, loaded))
     if layers:
         config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
     bench_run = Benchmark(
@@ -168,6 +176,18 @@ def _check_bench_data(config: Any) -> None:
             f"--n-edits: {config.dataset} gives {len(case_set)} valid cases from offset "
             f"{config.offset}, fewer than {config.n_edits}; lower --n-edits or --offset"
         )
+
+
+def _recorded_precision(run_dir: Path) -> str | None:
+    """The precision a bench run was started with, so that ``--resume`` with the default
+    auto continues it as it began on any machine (runs from before it was recorded: fp32)."""
+    from ..bench.config import LEGACY_RECIPE
+    from ..bench.rundir import BenchRunDir
+
+    layout = BenchRunDir(run_dir)
+    if not layout.config.exists():
+        return None
+    return layout.read_config()["config"].get("precision", LEGACY_RECIPE["precision"])
 
 
 def _print_table(run_dirs: list[Path]) -> None:

@@ -46,6 +46,7 @@ def _config(**overrides) -> BenchConfig:
         ({"methods": ()}, "methods"),
         ({"methods": ("memit", "memit")}, "methods"),
         ({"general_every": 5, "batch_size": 2, "checkpoint_every": 2}, "general_every"),
+        ({"precision": "auto"}, "precision"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
@@ -275,6 +276,23 @@ def test_positions_per_pass_reaches_the_session(finished_run, tmp_path, option, 
               pre_edit_from=source).run()  # fmt: skip
     header = json.loads((run_dir / "memit" / "journal" / "session.json").read_text())
     assert header["target"]["positions_per_pass"] == recorded
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_reaches_the_session(finished_run, tmp_path, precision):
+    """The configured (resolved) precision is the v* and key passes' arithmetic, recorded
+    in the journal header, from which a resumed run takes it."""
+    source, _, loaded, _ = finished_run
+    run_dir = tmp_path / "run"
+    config = _config(methods=("memit",), precision=precision, n_edits=1)
+    Benchmark(config, run_dir, log=lambda _: None, progress=False, loaded=loaded,
+              pre_edit_from=None).run()  # fmt: skip
+    header = json.loads((run_dir / "memit" / "journal" / "session.json").read_text())
+    assert header["target"]["bf16"] is (precision == "bf16")
+    from sphere_edit.cli.benchmark import _recorded_precision
+
+    assert _recorded_precision(run_dir) == precision
+    assert _recorded_precision(tmp_path / "nothing") is None
 
 
 def test_plugin_table_pairs_each_method_with_its_sphere_variant(finished_run, tmp_path):
