@@ -13,15 +13,15 @@ deviations (M2) of the concatenated features [k, g] over every batch so far (Cha
 parallel update of Welford's statistics); each batch is standardised with the statistics
 that include it: k̂ = (k − μ_k) / σ_k, ĝ = (g − μ_g) / σ_g, σ² = M2 / count + ε.
 
-Each row's pseudo-value is v̂ = −lr ‖k̂‖² ĝ, and the update in standardised space solves
-the ridge problem (K̂ᵀK̂ + λI) ΔŴᵀ = K̂ᵀV̂, with K̂ (n, in) the keys, V̂ (n, out) the
-pseudo-values and ΔŴ (out, in).
-
-Back to the module's output space: V̂ is a (scaled) standardised gradient, so output unit
-o of ΔŴ is in units of 1/σ_g,o. Undoing the standardisation of the gradient multiplies
-row o of ΔŴ by σ_g,o: ΔW = diag(σ_g) ΔŴ. The mean μ_g is not added back (a shift common
-to every row would be a bias, which the weight cannot carry), and the key standardisation
-is not undone: ΔW is added to the weight and so applied to the raw keys, as UltraEdit does.
+Each row's pseudo-value is v̂ = −lr ‖k̂‖² ĝ, and the module's update solves the ridge
+problem over the raw keys, (KᵀK + λI) ΔWᵀ = KᵀV̂, with K (n, in) the keys as the module
+sees them, V̂ (n, out) the pseudo-values and ΔW (out, in): so ΔW k ≈ v̂ at every key
+(where λ is small against ‖k‖²), the output moves by the scaled, standardised negative
+gradient. This is the authors' code (``predict_param_shifts`` of their
+``editor/ultraedit.py``: the standardised keys enter only the coefficients); their paper's
+description and this package's first reading solved over the standardised keys K̂ and
+rescaled row o of ΔW by σ_g,o, which is ``standardised_solve=True``: ΔW is then solved
+for standardised keys but acts on raw ones.
 
 The session journals each module's normaliser after every batch (the method state of
 :meth:`UltraEdit.update`), so that a resumed or rolled-back session continues from
@@ -109,6 +109,9 @@ def ridge_update(keys: torch.Tensor, values: torch.Tensor, ridge: float) -> torc
     options=(
         Option("lr", float, 1.0, "scale of the pseudo-values -lr |k|^2 g", low=0, low_open=True),
         Option("ridge", float, 1.0, "ridge weight λ of the solve", low=0, low_open=True),
+        Option("standardised_solve", bool, False,
+               "solve over the standardised keys and rescale by σ_g (the first reading; "
+               "default: the authors' code, raw keys, no rescale)"),
     ),
 )
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class UltraEdit:
     modules: ClassVar[tuple[str, ...]] = ("gate", "up")
     lr: float = 1.0
     ridge: float = 1.0
+    standardised_solve: bool = False
 
     def modules_for(self, layout: ModelLayout) -> tuple[str, ...]:
         """The gate and up projections; the up projection alone where the MLP has no gate
@@ -198,6 +202,8 @@ class UltraEdit:
         standard = normaliser.standardise(features)
         k_hat, g_hat = standard[:, :d_in], standard[:, d_in:]
         values = -self.lr * (k_hat**2).sum(1, keepdim=True) * g_hat
+        if not self.standardised_solve:
+            return ridge_update(keys.double(), values, self.ridge), normaliser.tensors()
         delta = ridge_update(k_hat, values, self.ridge)
         delta = delta * normaliser.std[d_in:].unsqueeze(1)
         return delta, normaliser.tensors()

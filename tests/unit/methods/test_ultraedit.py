@@ -36,7 +36,7 @@ INPUT_PROJECTIONS = {
     "qwen2": ("mlp.gate_proj", "mlp.up_proj"),
     "gemma3_text": ("mlp.gate_proj", "mlp.up_proj"),
 }
-LR = 1.0  # large enough for one batch to move a tiny random model visibly
+LR = 0.1  # moves a tiny random model visibly; at 0.3 and above the multi-token target overshoots
 TEMPLATES = ["{}"]
 
 
@@ -80,9 +80,13 @@ def test_normaliser_running_statistics_equal_the_statistics_of_everything_seen()
         torch.testing.assert_close(normaliser.variance, variance, rtol=0, atol=1e-12)
 
 
-def test_update_solves_its_normal_equations_in_standardised_space():
+@pytest.mark.parametrize("standardised_solve", [False, True])
+def test_update_solves_its_normal_equations(standardised_solve):
+    """The authors' code solves over the raw keys; the first reading over the standardised
+    keys, then rescales by σ_g. Both from the definition, with the normaliser's statistics
+    of both batches."""
     generator = torch.Generator().manual_seed(1)
-    method = UltraEdit(lr=0.3, ridge=2.0)
+    method = UltraEdit(lr=0.3, ridge=2.0, standardised_solve=standardised_solve)
     d_in, d_out = 6, 4
     first_keys = torch.randn(5, d_in, generator=generator, dtype=torch.float64)
     first_grads = torch.randn(5, d_out, generator=generator, dtype=torch.float64)
@@ -99,10 +103,14 @@ def test_update_solves_its_normal_equations_in_standardised_space():
     standard = (torch.cat([keys, grads], 1) - mean) / std
     k_hat, g_hat = standard[:, :d_in], standard[:, d_in:]
     values = -0.3 * (k_hat**2).sum(1, keepdim=True) * g_hat
-    # ΔW = diag(σ_g) ΔŴ, and ΔŴ solves (K̂ᵀK̂ + λI) ΔŴᵀ = K̂ᵀV̂.
-    standardised_delta = delta / std[d_in:].unsqueeze(1)
-    lhs = (k_hat.T @ k_hat + 2.0 * torch.eye(d_in, dtype=torch.float64)) @ standardised_delta.T
-    torch.testing.assert_close(lhs, k_hat.T @ values, rtol=1e-10, atol=1e-12)
+    eye = torch.eye(d_in, dtype=torch.float64)
+    if standardised_solve:  # ΔW = diag(σ_g) ΔŴ, and ΔŴ solves (K̂ᵀK̂ + λI) ΔŴᵀ = K̂ᵀV̂
+        standardised_delta = delta / std[d_in:].unsqueeze(1)
+        lhs = (k_hat.T @ k_hat + 2.0 * eye) @ standardised_delta.T
+        torch.testing.assert_close(lhs, k_hat.T @ values, rtol=1e-10, atol=1e-12)
+    else:  # (KᵀK + λI) ΔWᵀ = KᵀV̂ over the raw keys
+        lhs = (keys.T @ keys + 2.0 * eye) @ delta.T
+        torch.testing.assert_close(lhs, keys.T @ values, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(after["mean"], mean, rtol=0, atol=1e-12)
 
 
