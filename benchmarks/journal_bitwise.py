@@ -20,7 +20,7 @@ edit state (``state_after``) of every journal. Compare two commits with::
 schedule and PRUNE editing its restrained model (what the package did before either was
 an option), to compare with commits from before them. ``--old-recipes`` adds the old
 statistics and template recipes too (``--stats-pieces 256 --template-tokens 10``) and
-``edit --precision fp32`` (its default, auto, picks bf16 on hardware with native bf16):
+``--precision fp32`` (the default, auto, picks bf16 on hardware with native bf16):
 every default changed since 29a451e, set back, so any commit since then compares.
 """
 
@@ -42,8 +42,9 @@ METHODS = "memit,memit+sphere,alphaedit,alphaedit+sphere,rect,rect+sphere,prune,
 ONE_LAYER = ("rome", "rome+sphere", "ft", "ft+sphere")
 # Extra options of every bench and edit command (--transform-order sets them).
 FORCED: list[str] = []
-# Extra options of the edit commands alone (bench has no --precision).
+# Extra options of the edit commands alone, and of the bench command alone.
 EDIT_FORCED: list[str] = []
+BENCH_FORCED: list[str] = []
 REQUESTS = [
     {"prompt": "{} is located in", "subject": "Toronto", "target_new": "France"},
     {"prompt": "{} plays the", "subject": "John", "target_new": "guitar"},
@@ -89,14 +90,15 @@ def main() -> None:
     parser.add_argument(
         "--old-recipes",
         action="store_true",
-        help="--transform-order inside, --stats-pieces 256, --template-tokens 10 and, for "
-        "edit, --precision fp32",
+        help="--transform-order inside, --stats-pieces 256, --template-tokens 10 and "
+        "--precision fp32",
     )
     args = parser.parse_args()
     if args.old_recipes:
         args.transform_order = "inside"
         FORCED.extend(["--stats-pieces", "256", "--template-tokens", "10"])
         EDIT_FORCED.extend(["--precision", "fp32"])  # auto picks bf16 on bf16 hardware
+        BENCH_FORCED.extend(["--precision", "fp32"])
     if args.transform_order:
         FORCED.extend(["--transform-order", args.transform_order])
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +118,8 @@ def main() -> None:
         bench = work / "bench"
         cli("bench", "--out", str(bench), "--methods", METHODS, "--n-edits", "3",
             "--batch-size", "1", "--layers", "1,2",
-            "--dataset", str(ROOT / "tests/fixtures/counterfact_rome.json"), *common)  # fmt: skip
+            "--dataset", str(ROOT / "tests/fixtures/counterfact_rome.json"), *common,
+            *BENCH_FORCED)  # fmt: skip
         for folder_of_method in sorted(bench.iterdir()):
             journal = folder_of_method / "journal"
             if (journal / "session.json").exists():

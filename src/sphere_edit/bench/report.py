@@ -247,7 +247,7 @@ def _run_section(run_dir: Path) -> str:
         + "</p>"
     )
     rows = []
-    owners = shared_vstar(run)
+    owners = shared_vstar(run, run_dir)
     for spec, data in run["methods"].items():
         method = data["summary"]
         if method:
@@ -288,10 +288,13 @@ def _run_section(run_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def shared_vstar(run: dict[str, Any]) -> dict[str, str]:
+def shared_vstar(run: dict[str, Any], run_dir: Path | None = None) -> dict[str, str]:
     """Methods whose v* of batch 1 was computed by an earlier method of the run (method →
     that method): the benchmark shares it between closed-form methods whose sessions
-    have equal v* keys (last edited layer, context templates, target settings)."""
+    have equal v* keys (last edited layer, context templates, target settings), within
+    one process. Where ``run_dir``'s journal records whether batch 1 took its v* from
+    outside (``vstar_given``), that decides: a method resumed in a new process computed
+    its own. Journals from before the record: the v* keys alone."""
     from ..editing.session import vstar_key
     from ..methods import make_method
     from ..methods.base import edits_per_request, is_gradient_method
@@ -309,11 +312,29 @@ def shared_vstar(run: dict[str, Any]) -> dict[str, str]:
         if is_gradient_method(method) or edits_per_request(method):
             continue
         key = vstar_key(header["layers"][-1], header["templates"], header["target"])
-        if key in first:
+        given = None if run_dir is None else _vstar_given(run_dir, spec)
+        if key in first and given is not False:
             owners[spec] = first[key]
-        else:
+        elif key not in first:
             first[key] = spec
     return owners
+
+
+def _vstar_given(run_dir: Path, spec: str) -> bool | None:
+    """Whether the journal of ``spec`` in ``run_dir`` says batch 1 took its v* from
+    another method; None where the journal is missing or from before the record."""
+    from ..editing.journal import Journal
+
+    journal = Journal(BenchRunDir(run_dir).method(spec).journal)
+    try:
+        index = journal.index()
+        if not index.get("batches"):
+            return None
+        record = journal.record(index["batches"][0])
+    except (OSError, ValueError):
+        return None
+    given = record.get("vstar_given")
+    return given if isinstance(given, bool) else None
 
 
 def _phase(timings: dict[str, float], phase: str, owner: str | None, n_batches: int) -> str:

@@ -76,6 +76,9 @@ class BatchResult:
     # The v* of the whole batch (closed-form methods; None for ROME and FT): what
     # ``precomputed_vstar`` takes, e.g. to give another method the same first batch.
     vstar: VStarResult | None = None
+    # Whether the v* came in as ``precomputed_vstar`` (journaled, so that a report of a
+    # resumed run knows which of its methods computed their own first batch's v*).
+    vstar_given: bool = False
 
     @property
     def energy_change(self) -> dict[int, float]:
@@ -293,6 +296,7 @@ class EditSession:
             update_norms=edit.norms,
             warnings=edit.notes,
             vstar=edit.vstar,
+            vstar_given=precomputed_vstar is not None,
         )
         # What the journal holds besides the tensors, kept so that save() writes it too.
         self.batches[-1] = self.batches[-1]._replace(
@@ -582,6 +586,8 @@ def _record(batch: BatchResult) -> dict[str, Any]:
         "timings": batch.timings,
         "update_norms": {str(k): v for k, v in batch.update_norms.items()},
         "warnings": batch.warnings,
+        # Absent in journals from before the field: there a report derives it.
+        "vstar_given": batch.vstar_given,
     }
 
 

@@ -109,9 +109,13 @@ def ridge_update(keys: torch.Tensor, values: torch.Tensor, ridge: float) -> torc
     options=(
         Option("lr", float, 1.0, "scale of the pseudo-values -lr |k|^2 g", low=0, low_open=True),
         Option("ridge", float, 1.0, "ridge weight λ of the solve", low=0, low_open=True),
-        Option("standardised_solve", bool, False,
-               "solve over the standardised keys and rescale by σ_g (the first reading; "
-               "default: the authors' code, raw keys, no rescale)"),
+        Option(
+            "standardised_solve",
+            bool,
+            False,
+            "solve over the standardised keys and rescale by σ_g (the first reading; "
+            "default: the authors' code, raw keys, no rescale)",
+        ),
     ),
 )
 @dataclass(frozen=True)

@@ -88,6 +88,31 @@ def test_a_shared_vstar_is_named_instead_of_its_time(tiny_run):
     assert page.count("v* shared with") == 2  # that cell and the note explaining it
 
 
+def test_the_journal_decides_whether_batch_one_took_a_shared_vstar(tiny_run, tmp_path):
+    """A method resumed in a new process computed its own v* of batch 1: its journal
+    says so, and the report must not name an owner; a journal from before the record
+    falls back to the v* keys."""
+    from sphere_edit.bench.plots import read_run
+    from sphere_edit.bench.report import shared_vstar
+    from sphere_edit.bench.rundir import BenchRunDir
+    from sphere_edit.editing.journal import Journal
+
+    run_dir, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    journal = Journal(BenchRunDir(copy).method("alphaedit").journal)
+    entry = journal.index()["batches"][0]
+    path = journal.run_dir / entry["requests_file"]
+    record = json.loads(path.read_text())
+    assert record["vstar_given"] is True
+    run = read_run(copy)
+    assert shared_vstar(run, copy) == {"alphaedit": "memit"}
+    path.write_text(json.dumps({**record, "vstar_given": False}))
+    assert shared_vstar(run, copy) == {}
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "vstar_given"}))
+    assert shared_vstar(run, copy) == {"alphaedit": "memit"}
+
+
 def test_dashes_say_why(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     # The fixture has no reference snippets: consistency cannot be measured.
