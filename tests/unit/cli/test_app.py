@@ -51,6 +51,8 @@ def test_edit_run_writes_a_journal_and_energy_reads_it(tiny_dir, tmp_path):
         (["--batch-size", "0"], "batch-size"),
         (["--device", "tpu"], "--device: 'tpu'"),
         (["--device", "cuda:99"], "--device: 'cuda:99'"),
+        (["--device", "cpu", "--device-map", "auto"], "--device and --device-map both"),
+        (["--device-map", "nowhere.json"], "--device-map: 'nowhere.json' is neither auto"),
     ],
 )
 def test_bad_options_give_one_line_errors(tiny_dir, tmp_path, extra, message):
