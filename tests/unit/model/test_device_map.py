@@ -27,6 +27,7 @@ from tests.unit._helpers import (
     assert_weights_equal,
     decoder_layer,
     mlp_out_module,
+    module_at,
     requests_abc,
     tiny_loaded,
     weights_copy,
@@ -35,21 +36,27 @@ from tests.unit._helpers import (
 LAYERS = [1, 2]
 TARGET = VStarConfig(steps=3)
 TEMPLATES = ["{}", "The day. {}"]
+# The decoder-layer list of each family, written out here (not read from sphere_edit).
+LAYER_LISTS = {"llama": "model.layers", "gpt2": "transformer.h", "gemma3_text": "model.layers"}
+FAMILIES = list(LAYER_LISTS)
 
 
 def _block_map(model: torch.nn.Module, device: str = "cpu") -> dict[str, str]:
-    """Each decoder layer and each other module of the decoder an entry of its own, so that
+    """Each decoder layer and each other module beside them an entry of its own, so that
     ``dispatch_model`` hooks every one of them, as a map over several GPUs does."""
-    decoder = model.model
-    names = [f"model.{name}" for name, _ in decoder.named_children() if name != "layers"]
-    names += [f"model.layers.{i}" for i in range(len(decoder.layers))]
-    return dict.fromkeys([*names, "lm_head"], device)
+    layers = LAYER_LISTS[model.config.model_type]
+    parent, _, own = layers.rpartition(".")
+    beside = [f"{parent}.{name}" for name, _ in module_at(model, parent).named_children()]
+    top = [name for name, _ in model.named_children() if name != parent]
+    count = len(module_at(model, layers))
+    names = [n for n in beside if n != layers] + [f"{layers}.{i}" for i in range(count)]
+    return dict.fromkeys([*names, *top], device)
 
 
-def _pair(tokenizer) -> tuple[LoadedModel, LoadedModel]:
-    """The same tiny llama twice: as loaded, and dispatched over :func:`_block_map`."""
-    plain = tiny_loaded(tokenizer)
-    mapped = tiny_loaded(tokenizer)
+def _pair(tokenizer, family: str = "llama") -> tuple[LoadedModel, LoadedModel]:
+    """The same tiny model twice: as loaded, and dispatched over :func:`_block_map`."""
+    plain = tiny_loaded(tokenizer, family)
+    mapped = tiny_loaded(tokenizer, family)
     return plain, place(mapped, _block_map(mapped.model))
 
 
@@ -85,15 +92,16 @@ def test_the_statistics_pass_gives_the_same_moments(tiny_tokenizer, tmp_path):
     _assert_same({str(k): v for k, v in ours.items()}, {str(k): v for k, v in theirs.items()})
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(
     ("method", "layers", "sphere"),
     [("memit", LAYERS, False), ("alphaedit", LAYERS, True), ("rome", [1], False)],
 )
 def test_a_batch_gives_the_same_deltas_under_the_map(
-    tiny_tokenizer, tmp_path, method, layers, sphere
+    tiny_tokenizer, tmp_path, family, method, layers, sphere
 ):
     deltas, keys = [], []
-    for loaded in _pair(tiny_tokenizer):
+    for loaded in _pair(tiny_tokenizer, family):
         session = EditSession(
             loaded, make_method(method), layers, _moments(loaded, tmp_path, layers),
             transform=SphereProjection() if sphere else None,
@@ -106,9 +114,10 @@ def test_a_batch_gives_the_same_deltas_under_the_map(
     _assert_same(*keys)
 
 
-def test_ultraedit_with_sphere_gives_the_same_deltas_under_the_map(tiny_tokenizer):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ultraedit_with_sphere_gives_the_same_deltas_under_the_map(tiny_tokenizer, family):
     deltas, states = [], []
-    for loaded in _pair(tiny_tokenizer):
+    for loaded in _pair(tiny_tokenizer, family):
         method = make_method("ultraedit", lr=0.1)
         layers = method.default_layers(loaded.layout.num_layers)  # type: ignore[union-attr]
         session = EditSession(
@@ -148,8 +157,9 @@ def test_rollback_under_the_map_restores_the_weights_bitwise(tiny_tokenizer, tmp
     assert_weights_equal(mapped, base)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("route", ["cached", "reference"])
-def test_vstar_under_the_map_equals_vstar_without_it(tiny_tokenizer, route):
+def test_vstar_under_the_map_equals_vstar_without_it(tiny_tokenizer, family, route):
     """The cached route runs the layers up to v*'s through stand-ins (``skipped_layers``)
     in place of the hooked layers; both routes give what they give without the map."""
     config = VStarConfig(steps=4, route=route)
@@ -157,7 +167,7 @@ def test_vstar_under_the_map_equals_vstar_without_it(tiny_tokenizer, route):
         compute_vstar(
             loaded.model, loaded.tokenizer, loaded.layout, 2, requests_abc(), TEMPLATES, config
         )
-        for loaded in _pair(tiny_tokenizer)
+        for loaded in _pair(tiny_tokenizer, family)
     ]
     assert torch.equal(results[0].vectors, results[1].vectors)
     assert torch.equal(results[0].init, results[1].init)
