@@ -30,6 +30,7 @@ import torch
 
 from ..editing.presets import Preset, model_identity, preset_to_data
 from ..model.loading import LoadedModel
+from ..model.placement import input_device
 
 # SmolLM2-135M's preset, the reference of the lr rule: v* lr, Adam steps, and the mean
 # norm of the hidden state after its last edited layer (11) at the last subject token of
@@ -95,7 +96,7 @@ def subject_last_states(
     """The hidden state after decoder layer ``layer`` at the last subject token of each
     ``(prompt, subject)`` (the prompt holds ``{}``), as rows."""
     tokenizer, model = loaded.tokenizer, loaded.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = []
     for prompt, subject in prompts:
         head = prompt.partition("{}")[0] + subject

@@ -38,6 +38,7 @@ from ..editing.text import encode, pad_id_of, pad_left, target_token_ids
 from ..model.arch import ModelLayout, get_module
 from ..model.hooks import capture, edit_output, skipped_layers
 from ..model.loading import LoadedModel
+from ..model.placement import input_device, module_device
 
 DATA_ENV = "SPHERE_EDIT_DATA"
 KNOWNS_FILE = Path("knowns") / "known_1000.json"
@@ -184,7 +185,7 @@ def embedding_noise_std(model: nn.Module) -> float:
     """Standard deviation of the input embedding module's outputs over the vocabulary."""
     embed = model.get_input_embeddings()
     vocab = embed.weight.shape[0]
-    device = embed.weight.device
+    device = module_device(embed)
     total, squares, count = 0.0, 0.0, 0
     with torch.inference_mode():
         for begin in range(0, vocab, 8192):
@@ -231,7 +232,7 @@ def traced_probs(
     ``restore[m]`` ``(rows, T)`` (bool, or None for none) says where the output of
     ``modules[m]`` is replaced by the clean one, ``clean[m]`` ``(T, dim)``.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = torch.tensor(tokens.ids, device=device).unsqueeze(0).expand(rows, -1)
     start, stop = tokens.subject
     with ExitStack() as stack, torch.inference_mode():
@@ -247,7 +248,9 @@ def traced_probs(
         for module, state, where in zip(modules, clean, restore, strict=True):
             if where is None or not bool(where.any()):
                 continue
-            stack.enter_context(edit_output(module, _restorer(state.to(device), where.to(device))))
+            # The restorer runs on the module's output, on the module's device.
+            at = module_device(module)
+            stack.enter_context(edit_output(module, _restorer(state.to(at), where.to(at))))
         if resume is not None and resume.first > 0:
             container = get_module(model, ModelLayout.of(model).spec.layers)
             stack.enter_context(
@@ -302,7 +305,7 @@ class Tracer:
         facts were checked to find them."""
         kept: list[FactTokens] = []
         checked = 0
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         limit = self.config.n_facts or len(facts)
         for begin in range(0, len(facts), batch):
             chunk = [fact_tokens(self.tokenizer, f) for f in facts[begin : begin + batch]]

@@ -52,6 +52,7 @@ from ..evaluation.metrics import (
     merge_results,
 )
 from ..model.loading import LoadedModel, load_model
+from ..model.placement import input_device
 from ..sphere.warning import EnergyWarning
 from .analysis import case_intervals
 from .config import PRE_EDIT_SETTINGS, load_resume_state, order_cases
@@ -78,7 +79,9 @@ def environment(loaded: LoadedModel) -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
-        "device": str(next(loaded.model.parameters()).device),
+        "device": str(input_device(loaded.model)),
+        # Where each module was put, for a model spread over devices (--device-map).
+        **({"device_map": loaded.device_map} if loaded.device_map is not None else {}),
         "model_fingerprint": loaded.fingerprint,
     }
 

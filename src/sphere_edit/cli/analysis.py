@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .app import (
     CorpusOpt,
+    DeviceMapOpt,
     DeviceOpt,
     ModelOpt,
     PresetOpt,
@@ -32,7 +33,8 @@ from .app import (
 @friendly
 def stats(
     model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
     corpus: CorpusOpt = None,
     stats_tokens: StatsTokensOpt = None,
@@ -56,7 +58,7 @@ def stats(
     check_stats_options(stats_tokens or tokens, stats_pieces, stats_samples)
 
     # Under torchrun every rank takes its own GPU and a shard of the corpus.
-    loaded = load_for_command(model, rank_device(device))
+    loaded = load_for_command(model, rank_device(device), device_map)
     chosen_preset = preset_file(preset, loaded)
     if chosen_preset is None:
         chosen_preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
@@ -86,7 +88,8 @@ def stats(
 @friendly
 def energy(
     model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     layers: Annotated[str | None, typer.Option(help="Default: the preset's layers.")] = None,
     run: Annotated[Path | None, typer.Option(help="An edit run: its HE journal.")] = None,
     s: Annotated[float, typer.Option(min=0.0, help="Riesz exponent; 0 = log energy.")] = 1.0,
@@ -118,7 +121,7 @@ def energy(
     from ..editing.presets import describe_choice, preset_for
     from ..sphere.energy import hyperspherical_energy
 
-    loaded = load_for_command(model, device)
+    loaded = load_for_command(model, device, device_map)
     n = loaded.layout.num_layers
     chosen_preset = preset_file(preset, loaded) if not layers else None
     if chosen_preset is None:
@@ -219,7 +222,8 @@ def general(
             "--model", "-m", help="For a run directory: base model, if not the one recorded."
         ),
     ] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -257,18 +261,20 @@ def general(
     if edits is not None:
         _general_curve(
             Path(model_or_run_dir), _parse_counts(edits, "--edits"), model=model,
-            device=device, data_dir=data_dir, n_items=n_items, tasks=chosen,
+            device=device, device_map=device_map, data_dir=data_dir, n_items=n_items, tasks=chosen,
             batch_size=batch_size, out=out, details=details, plot=plot,
         )  # fmt: skip
         return
     if kind == "edit":
         with console.status(f"loading the edited model of {model_or_run_dir}"):
-            loaded, index = load_run_model(model_or_run_dir, model=model, device=device)
+            loaded, index = load_run_model(
+                model_or_run_dir, model=model, device=device, device_map=device_map
+            )
         label = f"{model_or_run_dir} ({len(index['batches'])} batches on {loaded.name})"
     else:
         if model is not None:
             raise ValueError("--model is for a run directory; give the model as the argument")
-        loaded = load_for_command(model_or_run_dir, device)
+        loaded = load_for_command(model_or_run_dir, device, device_map)
         label = loaded.name
     result = evaluate_general(
         loaded.model, loaded.tokenizer, data_dir, n_items=n_items, tasks=chosen,
@@ -352,7 +358,8 @@ def trace(
         float, typer.Option(min=0.0, help="Noise std in embedding-output stds.")
     ] = 3.0,
     seed: int = 0,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Causal tracing of the MLP states (ROME) on known facts: heatmaps, the indirect
     effect per layer at the last subject token, and a suggested window of layers."""
@@ -362,7 +369,7 @@ def trace(
                          min_prob=min_prob, seed=seed, n_facts=n_facts)  # fmt: skip
     facts_path = facts or default_facts_path()
     records = load_facts(facts_path)
-    loaded = load_for_command(model, device)
+    loaded = load_for_command(model, device, device_map)
     result = run_trace(loaded, records, config, out, facts_source=str(facts_path))
     counts = result["counts"]
     console.print(f"known facts: {counts['facts_known']} of {counts['facts_checked']} checked "
@@ -420,7 +427,8 @@ def preset(
         int, typer.Option(min=1000, help="Corpus tokens for C0 during the sweep.")
     ] = 30_000,
     seed: int = 0,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Write a preset for a model from measurements: causal tracing picks a window, a
     short MEMIT sweep on CounterFact cases picks the window, v* lr and λ."""
@@ -447,7 +455,7 @@ def preset(
     case_set = load_cases(dataset, limit=cases, offset=offset)
     if len(case_set) < cases:
         raise ValueError(f"--cases: {dataset} gives {len(case_set)} cases from offset {offset}")
-    loaded = load_for_command(model, device)
+    loaded = load_for_command(model, device, device_map)
     data = search_preset(
         loaded, records, list(case_set), config, out, corpus=corpus,
         facts_source=str(facts_path), dataset_source=str(case_set.path), log=console.print,

@@ -99,9 +99,16 @@ CorpusOpt = Annotated[
 
 
 DeviceOpt = Annotated[
-    str,
+    str | None,
     typer.Option(help="Where the model runs: cpu, cuda, cuda:N, or auto (a GPU when there "
-                 "is one). The closed-form solves stay on the CPU in float64."),
+                 "is one). The closed-form solves stay on the CPU in float64. Default: cpu."),
+]  # fmt: skip
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(help="Spread the model over several devices (accelerate): auto (fill the "
+                 "GPUs in order, then the CPU), balanced (an equal share per GPU), or a JSON "
+                 "file of module -> device (cpu, cuda:N or N). Not with --device; the edited "
+                 "modules must sit on a GPU or, without GPUs, the CPU (never offloaded)."),
 ]  # fmt: skip
 StatsTokensOpt = Annotated[
     int | None,
@@ -185,10 +192,17 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def load_for_command(model: str, device: str = "cpu"):
+def load_for_command(model: str, device: str | None = None, device_map: str | None = None):
+    from ..model.device_map import describe_device_map
     from ..model.loading import load_model, resolve_device
 
-    where = resolve_device(device)  # a bad --device fails before the model loads
+    if device_map is not None:  # load_model refuses --device with it
+        with console.status(Text(f"loading {model} with --device-map {device_map}")):
+            loaded = load_model(model, device=device, device_map=device_map)
+        assert loaded.device_map is not None
+        console.print(f"device map: {describe_device_map(loaded.device_map)}", highlight=False)
+        return loaded
+    where = resolve_device(device or "cpu")  # a bad --device fails before the model loads
     with console.status(Text(f"loading {model} on {where}")):  # a str would be markup
         return load_model(model, device=where)
 
@@ -221,8 +235,9 @@ def check_precision(precision: str) -> None:
 def announce_precision(precision: str, loaded: Any) -> str:
     """Resolve --precision for the model's device and print the choice once."""
     from ..common.precision import describe, resolve_precision
+    from ..model.placement import input_device
 
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)
     chosen = resolve_precision(precision, device)
     console.print(describe(chosen, device, requested=precision), highlight=False)
     return chosen

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .app import (
     CorpusOpt,
+    DeviceMapOpt,
     DeviceOpt,
     HeWarningOpt,
     ModelOpt,
@@ -47,7 +48,8 @@ def bench(
         typer.Option(help="Continue the interrupted run in --out (same options), as edit does."),
     ] = False,
     model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     methods: Annotated[
         str, typer.Option(help="Comma-separated, e.g. memit,alphaedit,alphaedit+sphere.")
     ] = "memit,alphaedit,alphaedit+sphere",
@@ -128,7 +130,7 @@ def bench(
         from ..editing.presets import load_preset_file
 
         load_preset_file(preset)  # a bad file fails before the model loads
-    loaded = load_for_command(model, device)
+    loaded = load_for_command(model, device, device_map)
     preset_file(preset, loaded)
     if resume and precision == "auto":
         precision = _recorded_precision(run_dir) or precision
@@ -303,7 +305,8 @@ def sweep(
     ],
     resume: Annotated[bool, typer.Option(help="Skip finished points, continue the rest.")] = False,
     model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     dataset: Annotated[
         str, typer.Option(help="counterfact, multi_counterfact, zsre, or a local file.")
     ] = "counterfact",
@@ -325,7 +328,7 @@ def sweep(
         stats_tokens=stats_tokens,
     )  # fmt: skip
     _check_bench_data(config)
-    loaded = load_for_command(model, device)
+    loaded = load_for_command(model, device, device_map)
     run_sweep(config, method, axes, out, resume=resume, loaded=loaded, log=console.print)
     console.print((out / TABLE_FILE).read_text())
     console.print(f"wrote {out / TABLE_FILE} and {out / PLOT_FILE}")

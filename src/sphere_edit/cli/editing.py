@@ -16,6 +16,7 @@ from ..methods.registry import get_method, options_help
 from .app import (
     METHOD_HELP,
     CorpusOpt,
+    DeviceMapOpt,
     DeviceOpt,
     HeWarningOpt,
     ModelOpt,
@@ -44,7 +45,8 @@ from .app import (
 @friendly
 def demo(
     model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
     corpus: CorpusOpt = None,
     stats_tokens: StatsTokensOpt = None,
@@ -64,7 +66,7 @@ def demo(
         from ..editing.presets import load_preset_file
 
         load_preset_file(preset)  # a bad file fails before the model loads
-    loaded = load_for_command(model, device)
+    loaded = load_for_command(model, device, device_map)
     chosen = announce_precision(precision, loaded)
     run_demo(
         loaded, method, corpus=corpus, stats_tokens=stats_tokens,
@@ -83,7 +85,8 @@ def edit(
     requests: Annotated[Path, typer.Option(help="JSON list or JSONL of edit requests.")],
     out: Annotated[Path, typer.Option(help="Run directory for the journal and deltas.")],
     model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = ("alphaedit+sphere"),
     batch_size: Annotated[int, typer.Option(min=1)] = 100,
     layers: Annotated[
@@ -170,7 +173,7 @@ def edit(
             raise ValueError(f"batch {b + 1}: {error}") from None
     if resume:
         _check_resumed_batches(out, batches)
-    loaded = load_for_command(model, device)
+    loaded = load_for_command(model, device, device_map)
     check_targets(loaded.tokenizer, all_requests)
     if resume:
         _check_resume_header(out, loaded, corpus, stats_tokens)

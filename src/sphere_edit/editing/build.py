@@ -12,9 +12,11 @@ from ..common.precision import resolve_precision
 from ..methods import get_method, make_method
 from ..methods.base import edits_single_layer, needs_statistics
 from ..model.loading import LoadedModel
+from ..model.placement import input_device, require_resident
 from ..sphere.projection import SphereProjection
 from ..sphere.variants import EnergyBudget, SphereVariant
 from .presets import Preset, describe_choice, preset_for
+from .routes import edited_modules
 from .sampling import parse_template_tokens
 from .session import EditSession
 from .stats import Corpus, StatsRecipe, layer_second_moments, load_corpus
@@ -162,6 +164,8 @@ def build_session(
         layers = method.default_layers(loaded.layout.num_layers)  # type: ignore[union-attr]
     else:
         layers = list(preset.layers)
+    # An offloaded edited module is refused before the statistics pass, not after it.
+    require_resident(loaded.layout, layers, edited_modules(method, loaded.layout))
     recipe = StatsRecipe.parse(
         preset.stats_pieces if stats_pieces is None else stats_pieces, stats_samples, stats_tokens
     )
@@ -208,7 +212,7 @@ def build_session(
             method, transform = sphere_variant(method, transform, spec, layers[-1]), None
     target = replace(VStarConfig(), **{**preset.target, **(target_overrides or {})})
     if precision is not None:
-        chosen = resolve_precision(precision, next(loaded.model.parameters()).device)
+        chosen = resolve_precision(precision, input_device(loaded.model))
         target = replace(target, bf16=chosen == "bf16")
     session = EditSession(
         loaded,

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..model.arch import ModelLayout, get_module
 from ..model.hooks import capture, run_until_stopped, skipped_layers
+from ..model.placement import index_on, input_device, module_device
 from .requests import EditRequest
 from .text import SubjectPrompt, encode_subject_prompts
 
@@ -78,14 +79,15 @@ def read_layer(
     """One pass over every (request, template) prompt, stopped after ``max(layer, z_layer)``.
 
     Template 0 must be the bare prompt ``"{}"``; the MLP output and layer output are read
-    there, the keys are averaged over all templates. With ``lower``, the layers below
+    there, the keys are averaged over all templates; the readouts are on the device of
+    the model's inputs, where the v* are. With ``lower``, the layers below
     ``lower.first`` run on the first call only (same requests and templates every call).
     ``bf16`` runs the passes under bfloat16 autocast (default: as :func:`key_precision`
     says, else float32).
     """
     if templates[0] != "{}":
         raise ValueError("the first context template must be the bare prompt '{}'")
-    device = next(model.parameters()).device
+    device = input_device(model)
     bf16 = _BF16.get() if bf16 is None else bf16
     prompts = [SubjectPrompt.build(r, context=c) for r in requests for c in templates]
     n_t = len(templates)
@@ -115,9 +117,10 @@ def read_layer(
             run_until_stopped(lambda batch=batch: model(**batch.model_inputs()))
         if lower is not None and kept is not None:
             lower.outputs.append((kept.raw_output, kept.output))
-        keys.append(mlp.input[rows, batch.lookup].float())
-        mlp_outs.append(mlp.output[rows, batch.lookup].float())
-        z_outs.append(z.output[rows, batch.lookup].float())
+        # Each capture is on its module's device (under a device map, not the inputs').
+        keys.append(index_on(mlp.input, rows, batch.lookup).float().to(device))
+        mlp_outs.append(index_on(mlp.output, rows, batch.lookup).float().to(device))
+        z_outs.append(index_on(z.output, rows, batch.lookup).float().to(device))
     all_keys = torch.cat(keys).view(len(requests), n_t, -1)
     weights = template_weights(n_t).to(all_keys)
     return LayerReadout(
@@ -148,14 +151,17 @@ def residual_to_mlp_delta(
     if norm is None:
         return residual_delta
     with torch.no_grad():
-        m = mlp_out.double()
+        # The norm is called directly, outside its layer's forward: its inputs must be on
+        # its device (a device map may put the layer elsewhere than the readouts).
+        where = module_device(norm)
+        m = mlp_out.to(where).double()
         dtype = next(norm.parameters()).dtype
-        ones = torch.ones(1, m.shape[-1], dtype=dtype, device=m.device)
+        ones = torch.ones(1, m.shape[-1], dtype=dtype, device=where)
         gain = norm(ones).double().expand_as(m)
-        y = norm(mlp_out.to(dtype)).double()
+        y = norm(mlp_out.to(where, dtype)).double()
         scale = m.pow(2).mean(-1, keepdim=True).sqrt()
-        unit = _closest_unit_rms(gain, y + residual_delta.double(), m / scale)
-        return (unit * scale - m).to(residual_delta.dtype)
+        unit = _closest_unit_rms(gain, y + residual_delta.to(where).double(), m / scale)
+        return (unit * scale - m).to(residual_delta.device, residual_delta.dtype)
 
 
 def _closest_unit_rms(

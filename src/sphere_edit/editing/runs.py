@@ -55,9 +55,14 @@ def apply_run(
 
 
 def load_run_model(
-    run_dir: str | Path, *, model: str | LoadedModel | None = None, device: str = "cpu"
+    run_dir: str | Path,
+    *,
+    model: str | LoadedModel | None = None,
+    device: str | None = None,
+    device_map: str | None = None,
 ) -> tuple[LoadedModel, dict[str, Any]]:
-    """Load the run's base model onto ``device`` (``model`` overrides the name in the
+    """Load the run's base model onto ``device`` or over ``device_map`` (as
+    :func:`~sphere_edit.model.loading.load_model`; ``model`` overrides the name in the
     journal: a folder or hub id, or an already loaded unedited model) and apply the run
     to it: the model the run is evaluated with (for PRUNE editing the raw sum, the
     restrained weights, :func:`evaluated_weights`)."""
@@ -68,7 +73,7 @@ def load_run_model(
     else:
         from ..model.loading import load_model
 
-        loaded = load_model(model or index["model"], device=device)
+        loaded = load_model(model or index["model"], device=device, device_map=device_map)
     base = _journal.snapshot_weights(loaded.layout, index["layers"])
     replayed = journal.replay(loaded, index)
     if evaluates_restrained(index) and replayed:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..model.placement import input_device
 from .text import encode, pad_id_of, pad_left
 
 CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -32,7 +33,7 @@ def sample_continuations(
 ) -> list[str]:
     """Top-k sampling from ``starts`` with a private generator (no global RNG use);
     ``new_tokens`` is one count for all starts or one per start."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ def decode_tokens(
     """Extend every row by up to ``new_tokens`` tokens chosen by ``pick(logits) -> ids``,
     in one left-padded batch with explicit positions and the key/value cache. With
     ``stop_at_eos`` a row ends at the end-of-sequence token (not included)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = pad_left(rows, [0] * len(rows), pad_id_of(tokenizer), device)
     mask, step_ids, step_pos = batch.attention_mask, batch.input_ids, batch.position_ids
     cache_arg = cache_argument(model)

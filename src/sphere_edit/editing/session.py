@@ -33,6 +33,7 @@ from ..methods.base import (
     restrains,
 )
 from ..model.loading import LoadedModel
+from ..model.placement import require_resident
 from ..sphere.energy import hyperspherical_energy
 from ..sphere.projection import SphereProjection
 from . import routes
@@ -131,6 +132,7 @@ class EditSession:
                 raise ValueError(f"layer {layer} is out of range: the model has layers 0..{last}")
             if modules == MLP_OUT and layer not in second_moments:
                 raise ValueError(f"second_moments has no entry for layer {layer}")
+        require_resident(layout, layers, modules)
         self.loaded = loaded
         self.layout = layout
         self.method = method

@@ -27,6 +27,7 @@ from ..common.fileio import (
 from ..model.arch import ModelLayout
 from ..model.hooks import capture, run_until_stopped
 from ..model.loading import LoadedModel, cache_dir
+from ..model.placement import index_on, input_device
 from . import stats_dist
 from .sampling import sample_corpus
 from .text import pad_id_of
@@ -347,7 +348,7 @@ def collect_second_moments(
     rank runs its share of the passes and the sums are all-reduced; a ``checkpoint`` saves
     and resumes partial sums (:mod:`.stats_dist`)."""
     layout = ModelLayout.of(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pieces, cut = recipe_sequences(model, tokenizer, corpus, recipe, max_tokens)
     if not pieces:
         shortest = 1 if recipe.piece_tokens is None else 2
@@ -386,7 +387,7 @@ def collect_second_moments(
             run_until_stopped(lambda ids=ids, mask=mask: model(input_ids=ids, attention_mask=mask))
         real = mask.bool()
         for layer in layers:
-            keys = seen[layer].input[real].float()
+            keys = index_on(seen[layer].input, real).float()
             add_gram(moments[layer].total, keys)
             moments[layer].count += keys.shape[0]
         bar.update(int(real.sum()))
@@ -478,7 +479,7 @@ def layer_second_moments(
         **recipe.describe(max_len),
     }
     lock = stats_cache_path(loaded.fingerprint, corpus.fingerprint, 0, max_tokens, dtype, recipe)
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)
     with stats_dist.cache_lock(
         lock.parent / f".{recipe.size_tag(max_tokens)}-{dtype}{recipe.cache_suffix()}.lock", device
     ):

@@ -56,7 +56,7 @@ def world() -> World:
     return World(rank=int(os.environ.get("RANK", "0")), size=int(os.environ["WORLD_SIZE"]))
 
 
-def rank_device(device: str) -> str:
+def rank_device(device: str | None) -> str | None:
     """``device`` for this rank: each ``torchrun`` rank takes its own GPU (``LOCAL_RANK``)."""
     wants_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if wants_gpu and "LOCAL_RANK" in os.environ:

@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from ..common.faults import fault_point
 from ..model.arch import ModelLayout
 from ..model.hooks import frozen_parameters
+from ..model.placement import input_device
 from .requests import EditRequest
 from .text import pad_id_of
 from .vstar_passes import KL_TEMPLATE as KL_TEMPLATE  # re-exported: the "is a" prompt
@@ -186,7 +187,9 @@ def compute_vstar(
     ``on_step(step, converged, n)``, when given, is called after each optimisation step
     (1-based) with how many of the ``n`` requests have converged (progress display).
     """
-    device = next(model.parameters()).device
+    # The optimiser's tensors sit with the inputs, where the logits (so the loss) come
+    # back; the routes move delta to the layer it is added at.
+    device = input_device(model)
     n = len(requests)
     layers = [layout.layer(i) for i in range(z_layer + 1)]
     # A request's rows share one tail (the context templates only add a prefix), and a

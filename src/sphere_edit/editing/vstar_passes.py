@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..model.hooks import capture, edit_input, edit_output, run_until_stopped, skipped_layers
+from ..model.placement import index_on
 from .requests import EditRequest, RequestError
 from .text import SubjectPrompt, encode, last_token_index, target_token_ids
 
@@ -173,10 +174,10 @@ class _ReferencePass(_Pass):
         rows_index = torch.arange(len(self.rows.ids), device=self.device)
 
         def add(output: torch.Tensor) -> torch.Tensor:
-            on_init(output[rows_index, self.lookup])
-            return output.index_put(
-                (rows_index, self.lookup), delta_rows.to(output.dtype), accumulate=True
-            )
+            # The layer's output is on its own device, delta and the positions on the inputs'.
+            at = (rows_index.to(output.device), self.lookup.to(output.device))
+            on_init(output[at].to(self.device))
+            return output.index_put(at, delta_rows.to(output.device, output.dtype), accumulate=True)
 
         with edit_output(self.hidden, add):
             logits = self.model(**self.inputs, logits_to_keep=self.keep).logits
@@ -275,9 +276,9 @@ class _CachedPass(_Pass):
 
     def _forward(self, delta_rows, on_init):
         def add(output: torch.Tensor) -> torch.Tensor:
-            on_init(output[:, 0])
+            on_init(output[:, 0].to(self.device))
             shifted = output.clone()
-            shifted[:, 0] = output[:, 0] + delta_rows.to(output.dtype)
+            shifted[:, 0] = output[:, 0] + delta_rows.to(output.device, output.dtype)
             return shifted
 
         n_rw, t = self.rewrite_cols.shape
@@ -288,7 +289,7 @@ class _CachedPass(_Pass):
         def only_needed(hidden: torch.Tensor) -> torch.Tensor:
             # The unembedding is the widest matrix of the model: run it only where the
             # loss reads it (every target position and each "is a" row's subject token).
-            return hidden[rows, cols].unsqueeze(0)
+            return index_on(hidden, rows, cols).unsqueeze(0)
 
         # The layer delta is added to is skipped, so its output is shifted here.
         with (

@@ -26,6 +26,7 @@ from ..common.progress import Progress
 from ..editing.sampling import decode_tokens
 from ..editing.text import PromptBatch, encode, pad_id_of, pad_left, target_token_ids
 from ..model.hooks import edit_input
+from ..model.placement import index_on, input_device
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def _score_rows(
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 def length_batches(rows: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
@@ -232,7 +233,7 @@ def logits_at(
         return logits[flat // width, flat % width - (width - keep)]
     unique, back = torch.unique(flat, return_inverse=True)
     at_rows, at_cols = (unique // width).to(device), (unique % width).to(device)
-    with edit_input(unembed, lambda hidden: hidden[at_rows, at_cols].unsqueeze(0)):
+    with edit_input(unembed, lambda hidden: index_on(hidden, at_rows, at_cols).unsqueeze(0)):
         return model(**batch.model_inputs(), use_cache=False).logits[0][back.to(device)]
 
 

@@ -18,6 +18,7 @@ import torch
 from ..editing.requests import EditRequest, RequestError
 from ..editing.text import encode, pad_id_of, pad_left, target_token_ids
 from ..model.hooks import frozen_parameters
+from ..model.placement import input_device
 from .base import EditContext, GradientResult
 from .registry import Option, register_method
 
@@ -53,7 +54,7 @@ class FT:
         model, layout = context.model, context.layout
         weight = layout.mlp_out(layer).weight
         start = weight.detach().clone()
-        batch = _TeacherForcing(context.tokenizer, requests, weight.device)
+        batch = _TeacherForcing(context.tokenizer, requests, input_device(model))
         try:
             with frozen_parameters(model):
                 weight.requires_grad_(True)

@@ -40,6 +40,7 @@ from ..common.linalg import solve
 from ..editing.requests import EditRequest
 from ..model.arch import ModelLayout
 from ..model.hooks import frozen_parameters
+from ..model.placement import index_on, input_device
 from .ft import _TeacherForcing
 from .registry import Option, register_method
 
@@ -155,7 +156,7 @@ class UltraEdit:
         """One teacher-forced pass: the keys per layer (n_tokens, in; the modules of a
         layer share their input), the gradients per (layer, module) (n_tokens, out), both
         float64 on the CPU and in the same token order, and each request's NLL."""
-        batch = _TeacherForcing(tokenizer, requests, next(model.parameters()).device)
+        batch = _TeacherForcing(tokenizer, requests, input_device(model))
         inputs: dict[tuple[int, str], torch.Tensor] = {}
         outputs: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -182,7 +183,8 @@ class UltraEdit:
         picked = batch.mask.bool()
 
         def gather(values: torch.Tensor) -> torch.Tensor:
-            return values[rows, batch.cols][picked].detach().double().cpu()
+            # A capture is on its module's device, the positions on the inputs'.
+            return index_on(index_on(values, rows, batch.cols), picked).detach().double().cpu()
 
         keys = {layer: gather(inputs[(layer, name)]) for layer, name in sites}
         gradients = {site: gather(grad) for site, grad in zip(sites, grads, strict=True)}

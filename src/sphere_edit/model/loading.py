@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from ..common.fileio import file_lock, sha256_file
 from .arch import ModelLayout
+from .device_map import DeviceMap, DeviceMapSpec, read_device_map
 
 DEFAULT_MODEL = "smollm2-135m"
 CHECK_PROMPT = "The capital of France is the city of"
@@ -86,6 +87,9 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     _fingerprint: str | None = field(default=None, repr=False)
+    # Where each module was put (``--device-map``, resolved: "auto" as the map it chose);
+    # None for a model on one device.
+    device_map: DeviceMap | None = None
 
     def __post_init__(self) -> None:
         # Hash now: computed lazily, the first read could come after an edit (e.g. an
@@ -156,12 +160,20 @@ def resolve_device(spec: str | torch.device) -> torch.device:
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    device_map: DeviceMapSpec = None,
 ) -> LoadedModel:
     """Load an embedded model by short name, a local folder, or a Hugging Face hub id,
-    onto ``device`` (see :func:`resolve_device`)."""
-    device = resolve_device(device)
+    onto ``device`` (see :func:`resolve_device`; the CPU by default) or spread over the
+    devices ``device_map`` names (see :mod:`.device_map`; not both). A bad map is refused
+    before the weights load."""
+    if device is not None and device_map is not None:
+        raise ValueError(
+            "--device and --device-map both say where the model runs; give one of them"
+        )
+    chosen_map = read_device_map(device_map)
+    where = resolve_device("cpu" if device is None else device)
     if name_or_path in EMBEDDED_MODELS:
         folder = ensure_converted(name_or_path)
         verify_converted(folder)
@@ -177,6 +189,8 @@ def load_model(
         _check_hub_id(name_or_path)
     source = str(folder) if folder is not None else name_or_path
     try:
+        if chosen_map is not None:
+            chosen_map = _planned_map(source, chosen_map, dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as error:
@@ -185,9 +199,56 @@ def load_model(
             f"cannot load model {name_or_path!r}: {error}. Give an embedded model "
             f"({embedded}), a local folder, or a hub id reachable from here."
         ) from None
-    model.to(device).eval()
-    ModelLayout.of(model)  # fail early on an unsupported family
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+    if chosen_map is None:
+        model.to(where).eval()
+        ModelLayout.of(model)  # fail early on an unsupported family
+        return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+    return place(
+        LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name_or_path), chosen_map
+    )
+
+
+def _planned_map(source: str, chosen: str | DeviceMap, dtype: torch.dtype) -> DeviceMap:
+    """The map for the model at ``source``, checked (or, for auto and balanced, inferred)
+    on its empty skeleton: the config alone, no weights read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from .device_map import check_device_map, infer_device_map
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=dtype)
+    ModelLayout.of(skeleton)  # an unsupported family fails before the weights load
+    if isinstance(chosen, str):
+        return infer_device_map(chosen, skeleton, dtype)
+    check_device_map(chosen, skeleton)
+    return chosen
+
+
+def place(loaded: LoadedModel, device_map: DeviceMapSpec) -> LoadedModel:
+    """``loaded`` (its model on the CPU, whole) spread over the devices ``device_map``
+    names, with accelerate's hooks; the fingerprint is taken first, from the weights as
+    loaded, since an offloaded module's weights are not in the model afterwards."""
+    from .device_map import check_device_map, dispatch, infer_device_map
+
+    chosen = read_device_map(device_map)
+    if chosen is None:
+        return loaded
+    dtype = next(loaded.model.parameters()).dtype
+    if isinstance(chosen, str):
+        chosen = infer_device_map(chosen, loaded.model, dtype)
+    else:
+        check_device_map(chosen, loaded.model)
+    ModelLayout.of(loaded.model)
+    fingerprint = loaded.fingerprint
+    dispatch(loaded.model, chosen)
+    return LoadedModel(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        name=loaded.name,
+        _fingerprint=fingerprint,
+        device_map=chosen,
+    )
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

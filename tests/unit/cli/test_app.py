@@ -51,6 +51,8 @@ def test_edit_run_writes_a_journal_and_energy_reads_it(tiny_dir, tmp_path):
         (["--batch-size", "0"], "batch-size"),
         (["--device", "tpu"], "--device: 'tpu'"),
         (["--device", "cuda:99"], "--device: 'cuda:99'"),
+        (["--device", "cpu", "--device-map", "auto"], "--device and --device-map both"),
+        (["--device-map", "nowhere.json"], "--device-map: 'nowhere.json' is neither auto"),
     ],
 )
 def test_bad_options_give_one_line_errors(tiny_dir, tmp_path, extra, message):
@@ -76,3 +78,25 @@ def test_bad_request_file_names_the_record_and_field(tiny_dir, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "request 1" in result.output and "target_new" in result.output
+
+
+def test_edit_over_a_device_map_file_journals_what_a_run_without_it_does(tiny_dir, tmp_path):
+    folder, corpus = tiny_dir
+    entries = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"]
+    entries += [f"model.layers.{i}" for i in range(4)]
+    device_map = tmp_path / "map.json"
+    device_map.write_text(json.dumps(dict.fromkeys(entries, "cpu")))
+    journals = []
+    for name, extra in (("plain", []), ("mapped", ["--device-map", str(device_map)])):
+        out = tmp_path / name
+        args = [
+            "edit", "--model", str(folder), "--requests", str(_requests(tmp_path, GOOD)),
+            "--out", str(out), "--method", "memit", "--batch-size", "2", "--layers", "1,2",
+            "--corpus", str(corpus), "--stats-tokens", "1000", "--steps", "2", *extra,
+        ]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        journals.append(json.loads((out / "session.json").read_text())["batches"])
+    assert "device map: 8 modules: cpu ×8" in result.output
+    assert all(b["delta_sha256"] for b in journals[0])
+    assert [b["delta_sha256"] for b in journals[0]] == [b["delta_sha256"] for b in journals[1]]

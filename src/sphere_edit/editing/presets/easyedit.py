@@ -55,7 +55,7 @@ IGNORED_FIELDS = {
     "lm_head_module": "module paths come from the architecture table",
     "stats_dir": "statistics are cached by model and corpus fingerprint",
     "device": "give --device",
-    "model_parallel": "one device per run",
+    "model_parallel": "give --device-map",
     "batch_size": "give --batch-size",
     "max_length": "prompts are not truncated",
     "v_loss_layer": "the v* loss is read at the model's output (EasyEdit: the last layer)",

@@ -26,7 +26,8 @@ def general_curve(
     edits: Sequence[int],
     *,
     model: Any = None,
-    device: str = "cpu",
+    device: str | None = None,
+    device_map: str | None = None,
     data_dir: str | Path | None = None,
     n_items: int = DEFAULT_N_ITEMS,
     tasks: str | Sequence[str] = TASKS,
@@ -46,8 +47,8 @@ def general_curve(
     With ``out`` the curve is written atomically after every point, and the points
     ``out`` already holds for the same run, items and tasks are kept and not measured
     again, so an interrupted job goes on where it stopped. ``model`` is the base model as in
-    :func:`.geometry.geometry_for_run` (loaded onto ``device`` when it is a name); a passed
-    :class:`.LoadedModel` gets its weights back.
+    :func:`.geometry.geometry_for_run` (loaded onto ``device`` or over ``device_map`` when
+    it is a name); a passed :class:`.LoadedModel` gets its weights back.
     """
     from ...common.fileio import write_json
     from ...editing.journal import Journal, index_modules, restore_weights, snapshot_weights
@@ -78,7 +79,11 @@ def general_curve(
         return curve
     if log and done:
         log(f"{out} already holds the points at {sorted(done)} edits; measuring {todo}")
-    loaded = model if isinstance(model, LoadedModel) else load_model(name, device=device)
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(name, device=device, device_map=device_map)
+    )
     stored = snapshot_weights(loaded.layout, index["layers"], index_modules(index))
     applied = 0
     try:

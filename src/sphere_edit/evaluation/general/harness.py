@@ -10,6 +10,8 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ...model.placement import input_device
+
 
 def lm_eval_evaluate(
     model: nn.Module,
@@ -48,7 +50,7 @@ def lm_eval_evaluate(
         include_path=[str(p) for p in include_path] if include_path else None,
         include_defaults=include_defaults,
     )
-    device = next(model.parameters()).device
+    device = input_device(model)
     lm = HFLM(
         pretrained=model,
         tokenizer=tokenizer,
