@@ -86,6 +86,9 @@ def main() -> None:
     add("--stats-tokens", type=int, default=100_000, help="corpus tokens for AlphaEdit's C0")
     add("--ultraedit-lr", default=None, help="comma-separated lr values (default: its default)")
     add("--no-alphaedit", action="store_true", help="time UltraEdit alone (an lr sweep)")
+    add("--standardised-solve", action="store_true",
+        help="UltraEdit's option standardised_solve=true (the first reading)")
+    add("--corpus", default=None, help="AlphaEdit's C0 text (default: sampled from the model)")
     add("--batch-size", type=int, default=64, help="rows per evaluation pass")
     add("--threads", type=int, default=None, help="torch.set_num_threads")
     add("--out", type=Path)
@@ -107,11 +110,14 @@ def main() -> None:
     lrs = [float(x) for x in args.ultraedit_lr.split(",")] if args.ultraedit_lr else [None]
     for lr in lrs:
         name = "ultraedit" if lr is None else f"ultraedit lr={lr:g}"
-        options = {} if lr is None else {"lr": lr}
+        options: dict[str, Any] = {} if lr is None else {"lr": lr}
+        if args.standardised_solve:
+            options["standardised_solve"] = True
+            name += " standardised"
         result[name] = run_one(loaded, "ultraedit", cases, args, None, **options)
         print(f"{name}: {result[name]}", flush=True)
     if not args.no_alphaedit:
-        corpus = load_corpus(None, loaded, seed=0)
+        corpus = load_corpus(args.corpus, loaded, seed=0)
         # C0 is read (or computed and cached) here, before any clock starts.
         build_session(loaded, "alphaedit", corpus=corpus, stats_tokens=args.stats_tokens,
                       progress=False, log=lambda _: None)  # fmt: skip
