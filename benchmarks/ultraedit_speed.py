@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from _output import DATA_HELP, data_folder, print_and_save  # benchmarks/, the script's folder
 
-from sphere_edit.editing.build import build_session
+from sphere_edit.editing.build import build_session, parse_layers
 from sphere_edit.editing.journal import snapshot_weights
 from sphere_edit.editing.presets import preset_for
 from sphere_edit.editing.stats import load_corpus
@@ -57,9 +57,12 @@ def run_one(
     loaded: LoadedModel, spec: str, cases: list, args: argparse.Namespace, corpus: Any, **options
 ) -> dict[str, Any]:
     """One batch of ``cases`` with ``spec``; its seconds and scores; rolled back after."""
+    layers = None
+    if spec.startswith("ultraedit") and args.ultraedit_layers:
+        layers = parse_layers(args.ultraedit_layers, loaded.layout.num_layers)
     session = build_session(
         loaded, spec, corpus=corpus, stats_tokens=args.stats_tokens, method_overrides=options,
-        seed=0, progress=False, log=lambda _: None,
+        seed=0, progress=False, log=lambda _: None, layers=layers,
     )  # fmt: skip
     session.context_templates()  # sampled once per session, not part of a batch's cost
     base = snapshot_weights(loaded.layout, session.layers, session.modules)
@@ -86,8 +89,12 @@ def main() -> None:
     add("--stats-tokens", type=int, default=100_000, help="corpus tokens for AlphaEdit's C0")
     add("--ultraedit-lr", default=None, help="comma-separated lr values (default: its default)")
     add("--no-alphaedit", action="store_true", help="time UltraEdit alone (an lr sweep)")
-    add("--standardised-solve", action="store_true",
-        help="UltraEdit's option standardised_solve=true (the first reading)")
+    add(
+        "--standardised-solve",
+        action="store_true",
+        help="UltraEdit's option standardised_solve=true (the first reading)",
+    )
+    add("--ultraedit-layers", default=None, help="e.g. 8-15 (default: the method's band)")
     add("--corpus", default=None, help="AlphaEdit's C0 text (default: sampled from the model)")
     add("--batch-size", type=int, default=64, help="rows per evaluation pass")
     add("--threads", type=int, default=None, help="torch.set_num_threads")
