@@ -47,7 +47,8 @@ class SearchConfig:
     ``window`` layers per candidate, ``windows`` candidate windows, ``cases`` CounterFact
     cases from ``offset`` in one batch per candidate, ``mom2_weights`` MEMIT's λ values,
     ``stats_tokens`` corpus tokens for C0 during the sweep, ``steps`` v* steps, ``min_prob``
-    the tracer's threshold for a known fact."""
+    the tracer's threshold for a known fact, ``precision`` the trace's and the v* and key
+    passes' arithmetic (resolved: "fp32" or "bf16")."""
 
     n_facts: int = 8
     samples: int = 3
@@ -60,6 +61,7 @@ class SearchConfig:
     steps: int = REFERENCE_STEPS
     seed: int = 0
     min_prob: float = 0.1
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("n_facts", "samples", "window", "windows", "cases", "steps"):
@@ -71,6 +73,8 @@ class SearchConfig:
             raise ValueError("--mom2-weights: give one or more values >= 0, e.g. 1000,5000")
         if self.stats_tokens < 1000:
             raise ValueError("--stats-tokens: must be at least 1000")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision: {self.precision!r} is not fp32 or bf16")
 
 
 def candidate_windows(suggested: Sequence[int], count: int, n_layers: int) -> list[list[int]]:
@@ -156,7 +160,8 @@ def search_preset(
     n_layers = loaded.layout.num_layers
     window = min(config.window, n_layers)
     trace_config = TraceConfig(samples=config.samples, window=window, seed=config.seed,
-                               n_facts=config.n_facts, min_prob=config.min_prob)  # fmt: skip
+                               n_facts=config.n_facts, min_prob=config.min_prob,
+                               bf16=config.precision == "bf16")  # fmt: skip
     started = time.perf_counter()
     trace = run_trace(loaded, facts, trace_config, out.parent / f"{out.stem}-trace",
                       facts_source=facts_source, progress=progress)  # fmt: skip
@@ -184,6 +189,7 @@ def search_preset(
             session = build_session(
                 loaded, "memit", preset=preset, corpus=source, stats_tokens=config.stats_tokens,
                 seed=config.seed, progress=progress, log=lambda _line: None,
+                precision=config.precision,
             )  # fmt: skip
             try:
                 result = session.apply(requests, precomputed_vstar=shared)

@@ -76,7 +76,8 @@ class TraceConfig:
     over the whole vocabulary (for Gemma that includes its sqrt(d) scale) into the noise's.
     ``window`` is the number of consecutive layers restored together in the window variant
     and the width of the suggested layers. A fact is kept when its true first token is the
-    clean run's top-1 next token with probability above ``min_prob``.
+    clean run's top-1 next token with probability above ``min_prob``. ``bf16`` runs the
+    passes under bfloat16 autocast (``--precision``); the probabilities are float32.
     """
 
     samples: int = 10
@@ -86,6 +87,7 @@ class TraceConfig:
     seed: int = 0
     n_facts: int | None = None
     rows_per_pass: int = 256
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -225,6 +227,7 @@ def traced_probs(
     clean: Sequence[torch.Tensor] = (),
     restore: Sequence[torch.Tensor | None] = (),
     resume: _Resume | None = None,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """P(true first token) of ``rows`` runs of one prompt, as a float32 ``(rows,)`` tensor.
 
@@ -236,6 +239,7 @@ def traced_probs(
     ids = torch.tensor(tokens.ids, device=device).unsqueeze(0).expand(rows, -1)
     start, stop = tokens.subject
     with ExitStack() as stack, torch.inference_mode():
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
         if noise is not None:
             added = noise.to(device)
 
@@ -311,7 +315,10 @@ class Tracer:
             chunk = [fact_tokens(self.tokenizer, f) for f in facts[begin : begin + batch]]
             inputs = pad_left([c.ids for c in chunk], [0] * len(chunk),
                               pad_id_of(self.tokenizer), device)  # fmt: skip
-            with torch.inference_mode():
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16),
+            ):
                 logits = self.model(**inputs.model_inputs(), use_cache=False, logits_to_keep=1)
             probs = logits.logits[:, -1].float().softmax(-1)
             for row, tokens in enumerate(chunk):
@@ -327,13 +334,13 @@ class Tracer:
         n, length = self.config.samples, len(tokens.ids)
         with ExitStack() as stack:
             seen = [stack.enter_context(capture(m)) for m in self.mlps]
-            clean_prob = float(traced_probs(self.model, tokens)[0])
+            clean_prob = float(traced_probs(self.model, tokens, bf16=self.config.bf16)[0])
         clean = [s.output[0].detach() for s in seen]
         start, stop = tokens.subject
         noise = subject_noise(n, stop - start, clean[0].shape[-1], self.noise_std, seed)
         with ExitStack() as stack:
             below = [stack.enter_context(capture(layer)) for layer in self.layers]
-            corrupted = traced_probs(self.model, tokens, rows=n, noise=noise)
+            corrupted = traced_probs(self.model, tokens, rows=n, noise=noise, bf16=self.config.bf16)
         outputs = [(b.raw_output, b.output.detach()) for b in below]
         corrupted_prob = float(corrupted.mean())
         effects = {}
@@ -371,6 +378,7 @@ class Tracer:
             probs = traced_probs(
                 self.model, tokens, rows=rows, noise=noise.repeat(len(part), 1, 1),
                 modules=self.mlps, clean=clean, restore=restore, resume=resume,
+                bf16=self.config.bf16,
             )  # fmt: skip
             means.extend(float(x) for x in probs.view(len(part), n).mean(1))
         return means

@@ -5,6 +5,7 @@ measured preset."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,11 +17,14 @@ from .app import (
     DeviceMapOpt,
     DeviceOpt,
     ModelOpt,
+    PrecisionOpt,
     PresetOpt,
     StatsPiecesOpt,
     StatsSamplesOpt,
     StatsTokensOpt,
+    announce_precision,
     app,
+    check_precision,
     check_stats_options,
     console,
     friendly,
@@ -360,16 +364,19 @@ def trace(
     seed: int = 0,
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Causal tracing of the MLP states (ROME) on known facts: heatmaps, the indirect
     effect per layer at the last subject token, and a suggested window of layers."""
     from ..analysis.tracing import TraceConfig, default_facts_path, load_facts, run_trace
 
+    check_precision(precision)
     config = TraceConfig(samples=samples, noise_factor=noise, window=window,
                          min_prob=min_prob, seed=seed, n_facts=n_facts)  # fmt: skip
     facts_path = facts or default_facts_path()
     records = load_facts(facts_path)
     loaded = load_for_command(model, device, device_map)
+    config = replace(config, bf16=announce_precision(precision, loaded) == "bf16")
     result = run_trace(loaded, records, config, out, facts_source=str(facts_path))
     counts = result["counts"]
     console.print(f"known facts: {counts['facts_known']} of {counts['facts_checked']} checked "
@@ -429,6 +436,7 @@ def preset(
     seed: int = 0,
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Write a preset for a model from measurements: causal tracing picks a window, a
     short MEMIT sweep on CounterFact cases picks the window, v* lr and λ."""
@@ -455,7 +463,9 @@ def preset(
     case_set = load_cases(dataset, limit=cases, offset=offset)
     if len(case_set) < cases:
         raise ValueError(f"--cases: {dataset} gives {len(case_set)} cases from offset {offset}")
+    check_precision(precision)
     loaded = load_for_command(model, device, device_map)
+    config = replace(config, precision=announce_precision(precision, loaded))
     data = search_preset(
         loaded, records, list(case_set), config, out, corpus=corpus,
         facts_source=str(facts_path), dataset_source=str(case_set.path), log=console.print,

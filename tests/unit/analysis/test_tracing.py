@@ -239,3 +239,29 @@ def test_cli_writes_the_json_and_the_png(tmp_path, tiny_tokenizer):
     bad = CliRunner().invoke(app, ["trace", str(folder), "--out", str(out), "--facts",
                                    str(facts), "--samples", "0"])  # fmt: skip
     assert bad.exit_code != 0
+
+
+def test_bf16_trace_runs_under_autocast_and_stays_close_to_fp32(tiny_tokenizer):
+    """--precision bf16: every traced pass runs under bfloat16 autocast (a linear layer's
+    output is bf16 inside), and the probabilities stay close to the float32 trace's."""
+    model = make_tiny_model("llama", tiny_tokenizer)
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny")
+    tokens = fact_tokens(tiny_tokenizer, LONG_SUBJECT)
+    seen: list[torch.dtype] = []
+    handle = mlp_out_module(model, 0).register_forward_hook(
+        lambda _m, _a, out: seen.append(out.dtype)
+    )
+    try:
+        traces = {
+            bf16: Tracer(loaded, TraceConfig(samples=2, window=3, min_prob=0.0, bf16=bf16)).trace(
+                tokens, seed=1
+            )
+            for bf16 in (False, True)
+        }
+    finally:
+        handle.remove()
+    assert torch.float32 in seen and torch.bfloat16 in seen
+    assert traces[True].clean_prob == pytest.approx(traces[False].clean_prob, rel=0.05)
+    torch.testing.assert_close(
+        traces[True].effects["window"], traces[False].effects["window"], rtol=0, atol=0.02
+    )
