@@ -159,9 +159,15 @@ def build_session(
         layers = list(layers)
     elif edits_single_layer(method):
         layers = [preset.single_layer(spec.method)]
-    elif callable(getattr(method, "default_layers", None)):
-        # A method with its own band of layers (UltraEdit), not the MEMIT window.
-        layers = method.default_layers(loaded.layout.num_layers)  # type: ignore[union-attr]
+    elif get_method(spec.method).own_band:
+        # A method with its own band of layers (UltraEdit), not the MEMIT window: the
+        # preset's band where it has one, else the method's scaled to the depth.
+        band = preset.band(spec.method)
+        layers = (
+            list(band)
+            if band is not None
+            else method.default_layers(loaded.layout.num_layers)  # type: ignore[union-attr]
+        )
     else:
         layers = list(preset.layers)
     # An offloaded edited module is refused before the statistics pass, not after it.

@@ -111,6 +111,12 @@ class MethodInfo:
         return bool(getattr(self.factory, "single_layer", False))
 
     @property
+    def own_band(self) -> bool:
+        """Whether the method edits a band of layers of its own choosing (UltraEdit: a
+        ``default_layers`` on its class) rather than the preset's MEMIT window."""
+        return callable(getattr(self.factory, "default_layers", None))
+
+    @property
     def option_names(self) -> tuple[str, ...]:
         return tuple(option.name for option in self.options)
 

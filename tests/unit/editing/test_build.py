@@ -10,7 +10,7 @@ import pytest
 from sphere_edit.editing import presets
 from sphere_edit.editing.build import MethodSpec, build_session
 from sphere_edit.editing.presets import model_identity, parse_preset
-from sphere_edit.methods import FT, MethodOptionError
+from sphere_edit.methods import FT, MethodOptionError, UltraEdit
 from tests.unit._helpers import tiny_loaded
 
 
@@ -40,6 +40,22 @@ def test_a_model_matched_by_identity_gets_the_preset(tiny_tokenizer, monkeypatch
     assert session.layers == [1]
     assert (session.transform.eta, session.transform.alpha) == (0.25, 0.6)
     assert session.header()["preset"] == "tiny-test"
+
+
+def test_a_band_method_takes_the_presets_band_else_its_own(tiny_tokenizer, monkeypatch):
+    loaded = tiny_loaded(tiny_tokenizer, "llama")
+    session, _ = _build(loaded, "ultraedit")  # the generic preset: the band scaled to depth
+    assert session.layers == UltraEdit.default_layers(loaded.layout.num_layers)
+    entry = _tiny_preset(loaded.model.config, ultraedit={"lr": 0.25, "layers": [0, 2]})
+    shipped = presets.shipped_presets()
+    monkeypatch.setattr(presets, "shipped_presets", lambda: [*shipped, entry])
+    session, _ = _build(loaded, "ultraedit")
+    assert session.layers == [0, 2]
+    assert session.method == UltraEdit(lr=0.25)
+    session, _ = _build(loaded, "ultraedit", layers=[1])
+    assert session.layers == [1]
+    session, _ = _build(loaded, "memit")  # the MEMIT window is not the band
+    assert session.layers == [1, 2, 3]
 
 
 def test_an_unknown_model_gets_the_generic_preset(tiny_tokenizer):

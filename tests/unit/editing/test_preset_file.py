@@ -68,6 +68,9 @@ def test_a_shipped_preset_written_to_a_file_reads_back_the_same(tmp_path):
         ({"alphaedit": {"nullspace_threshold": 0}}, "alphaedit.nullspace_threshold: must be"),
         ({"memit": {"layer": 3}}, "memit.layer: only a one-layer method"),
         ({"ft": {"layer": "middle"}}, "ft.layer: must be a layer number"),
+        ({"memit": {"layers": [3, 4]}}, "memit.layers: only a method with a band of its own"),
+        ({"ultraedit": {"layers": []}}, "ultraedit.layers: must be a non-empty list"),
+        ({"ultraedit": {"layers": [2, -1]}}, "ultraedit.layers: must be a non-empty list"),
         ({"sphere": {"eta": 1.5}}, "sphere.eta: must be a number in (0, 1]"),
         ({"sphere": {"beta": 1}}, "sphere.beta: no such entry"),
         ({"stats_tokens": True}, "stats_tokens: must be an integer"),
@@ -108,6 +111,10 @@ def test_layers_out_of_range_for_the_model_are_named(tmp_path):
     ok_layers = {"layers": [1], "rome": {"layer": 9}}
     preset = load_preset_file(_write(tmp_path / "q.json", ok_layers))
     with pytest.raises(PresetError, match="q.json: rome.layer: layer 9 is out of range"):
+        check_preset_layers(preset, 4)
+    band = {"layers": [1], "ultraedit": {"layers": [2, 6]}}
+    preset = load_preset_file(_write(tmp_path / "b.json", band))
+    with pytest.raises(PresetError, match="b.json: ultraedit.layers: layer 6 is out of range"):
         check_preset_layers(preset, 4)
 
 

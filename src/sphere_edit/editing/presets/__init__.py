@@ -88,7 +88,15 @@ class Preset:
             options.update({k: v for k, v in section.items() if k in info.option_names})
         options.update(self.section(method))
         options.pop("layer", None)
+        options.pop("layers", None)
         return options
+
+    def band(self, method: str) -> tuple[int, ...] | None:
+        """The layers a method with a band of its own (UltraEdit) edits: its section's
+        ``layers``; None where the section has none (the method then scales its band to
+        the depth)."""
+        layers = self.section(method).get("layers")
+        return None if layers is None else tuple(int(x) for x in layers)
 
     def single_layer(self, method: str) -> int:
         """The layer a one-layer method (ROME, FT) edits: its section's ``layer``, else
@@ -119,7 +127,7 @@ def parse_preset(name: str, data: Mapping[str, Any]) -> Preset:
                 f"{', '.join(known)}; other entries: {', '.join(GENERAL_KEYS)}"
             )
         if key in known:
-            section = {k: v for k, v in data[key].items() if k != "layer"}
+            section = {k: v for k, v in data[key].items() if k not in ("layer", "layers")}
             try:
                 get_method(key).validate(section)
             except ValueError as error:
@@ -323,6 +331,22 @@ def _check_section(where: str, method: str, section: Any) -> None:
                     f"{where}: {method}.layer: must be a layer number >= 0, got {value!r}"
                 )
             continue
+        if key == "layers":
+            if not info.own_band:
+                raise PresetError(
+                    f"{where}: {method}.layers: only a method with a band of its own "
+                    f"(ultraedit) takes 'layers'; {method} edits the preset's layers"
+                )
+            if not (
+                isinstance(value, list)
+                and value
+                and all(_kind_ok(x, int) and x >= 0 for x in value)
+            ):
+                raise PresetError(
+                    f"{where}: {method}.layers: must be a non-empty list of layer numbers "
+                    f">= 0, got {value!r}"
+                )
+            continue
         if key not in declared:
             valid = ", ".join(declared) or "none"
             raise PresetError(
@@ -337,7 +361,8 @@ def _check_section(where: str, method: str, section: Any) -> None:
 
 
 def check_preset_layers(preset: Preset, num_layers: int) -> None:
-    """The preset's layers (and its one-layer methods' ``layer``) must exist in a model
+    """The preset's layers (and its one-layer methods' ``layer``, its band methods'
+    ``layers``) must exist in a model
     of ``num_layers`` layers; a one-line :class:`PresetError` naming the field if not."""
     where = preset.path or f"preset {preset.name}"
     for layer in preset.layers:
@@ -353,6 +378,12 @@ def check_preset_layers(preset: Preset, num_layers: int) -> None:
                 f"{where}: {method}.layer: layer {layer} is out of range; the model has "
                 f"layers 0..{num_layers - 1}"
             )
+        for layer in section.get("layers") or ():
+            if not 0 <= layer < num_layers:
+                raise PresetError(
+                    f"{where}: {method}.layers: layer {layer} is out of range; the model "
+                    f"has layers 0..{num_layers - 1}"
+                )
 
 
 def load_preset_file(path: str | Path) -> Preset:
