@@ -164,9 +164,7 @@ def build_session(
         # preset's band where it has one, else the method's scaled to the depth.
         band = preset.band(spec.method)
         layers = (
-            list(band)
-            if band is not None
-            else method.default_layers(loaded.layout.num_layers)  # type: ignore[union-attr]
+            list(band) if band is not None else method.default_layers(loaded.layout.num_layers)  # type: ignore[union-attr]
         )
     else:
         layers = list(preset.layers)
