@@ -213,8 +213,14 @@ class EditSession:
         return result
 
     def energy(self) -> dict[int, float]:
-        """HE per edited layer; for a method editing other modules, the sum of the HE of
-        the layer's edited modules."""
+        """HE per edited layer of the model as it is evaluated (:meth:`evaluation_weights`:
+        for PRUNE editing the raw sum, the restrained weights, so that HE and the metrics
+        describe one model); for a method editing other modules, the sum of the HE of the
+        layer's edited modules."""
+        with self.evaluation_weights():
+            return self._energy()
+
+    def _energy(self) -> dict[int, float]:
         if self.modules != MLP_OUT:
             read = self.layout.read_module_weight
             return {

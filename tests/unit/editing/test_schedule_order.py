@@ -16,6 +16,7 @@ from sphere_edit.methods import MEMIT, PRUNE, RECT, AlphaEdit
 from sphere_edit.methods.base import LayerState
 from sphere_edit.methods.rect import keep_largest, relative_change
 from sphere_edit.model.loading import LoadedModel
+from sphere_edit.sphere.energy import hyperspherical_energy
 from sphere_edit.sphere.projection import SphereProjection, principal_directions
 from tests.tiny_models import make_tiny_model
 from tests.unit._helpers import THREE_BATCHES, mlp_out_module, requests_abc
@@ -208,6 +209,11 @@ def test_prune_edits_the_raw_sum_and_evaluates_the_restrained_one(tiny_tokenizer
             torch.linalg.svdvals(w0[layer])[0]
         )
     assert restrained_any  # the edits are large enough for the restraint to act
+    # HE is the evaluated model's, not the live one's (MEMIT's).
+    energy = session.energy()
+    for layer in LAYERS:
+        assert energy[layer] == hyperspherical_energy(evaluated[layer])
+    assert energy != memit.energy()
     assert all(torch.equal(v, live[k]) for k, v in _weights(loaded).items())
     # Rebuilt from the journal for evaluation: the restrained weights, bitwise.
     rebuilt, _ = load_run_model(tmp_path / "run", model=_loaded(tiny_tokenizer))
