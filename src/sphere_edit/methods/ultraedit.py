@@ -108,7 +108,7 @@ def ridge_update(keys: torch.Tensor, values: torch.Tensor, ridge: float) -> torc
 @register_method(
     help="one gradient pass per batch, lifelong-normalised ridge update of gate and up",
     options=(
-        Option("lr", float, 1e-3, "scale of the pseudo-values -lr |k|^2 g", low=0, low_open=True),
+        Option("lr", float, 3e-4, "scale of the pseudo-values -lr |k|^2 g", low=0, low_open=True),
         Option("ridge", float, 1.0, "ridge weight λ of the solve", low=0, low_open=True),
         Option(
             "standardised_solve",
@@ -128,7 +128,7 @@ class UltraEdit:
     needs_statistics: ClassVar[bool] = False
     # The modules of each layer it edits (what the session snapshots, journals, projects).
     modules: ClassVar[tuple[str, ...]] = ("gate", "up")
-    lr: float = 1e-3
+    lr: float = 3e-4
     ridge: float = 1.0
     standardised_solve: bool = False
 

@@ -142,7 +142,7 @@ BEFORE = {
     "rect": RECT(keep_fraction=0.4, mom2_weight=1000),
     "prune": PRUNE(mom2_weight=1000, log_base=2.718281828459045),
     # Chosen on SmolLM2 on 2026-12-02 (docs/design.md, UltraEdit); Gemma takes the default.
-    "ultraedit": UltraEdit(lr=1e-3, ridge=1.0),
+    "ultraedit": UltraEdit(lr=3e-4, ridge=1.0),
 }
 
 
