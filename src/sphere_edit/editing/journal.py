@@ -120,6 +120,25 @@ def restore_weights(layout: ModelLayout, stored: Mapping[Any, torch.Tensor]) -> 
             module.weight.copy_(weight)
 
 
+def restrained_weight(method: Any, transform: Any, state: Any) -> torch.Tensor:
+    """W0 + SPHERE(restrain(Σ ΔW)) of a layer (out, in), float64: the weight a restraining
+    method's model is evaluated with (``transform``: the SPHERE projection or None), the
+    projection taking its basis from W0."""
+    assert state.accumulated is not None
+    wanted = method.restrain(state.accumulated, state)
+    if transform is not None:
+        wanted = transform(wanted, current=state.pre_edit, pre_edit=state.pre_edit)
+    return state.pre_edit.double() + wanted
+
+
+def set_weights(layout: Any, weights: dict[int, torch.Tensor]) -> None:
+    """Write each layer's weight (out, in) into the model, in its dtype and layout."""
+    for layer, value in weights.items():
+        weight = layout.mlp_out(layer).weight
+        with torch.no_grad():
+            weight.copy_(layout.to_storage_layout(value).to(weight.device, weight.dtype))
+
+
 def add_deltas(
     layout: ModelLayout,
     layers: Iterable[int],

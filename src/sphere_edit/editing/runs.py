@@ -16,8 +16,7 @@ import torch
 
 from ..model.loading import LoadedModel
 from . import journal as _journal
-from .journal import Journal
-from .session import restrained_weight, set_weights
+from .journal import Journal, restrained_weight, set_weights
 
 
 def is_run_dir(path: str | Path) -> bool:

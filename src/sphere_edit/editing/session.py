@@ -47,6 +47,8 @@ from .journal import (
     chain_fingerprint,
     require_base,
     restore_weights,
+    restrained_weight,
+    set_weights,
     snapshot_weights,
 )
 from .requests import EditRequest, validate_batch
@@ -551,26 +553,6 @@ class EditSession:
         with self.evaluation_weights():
             self.loaded.model.save_pretrained(directory, safe_serialization=True)
         self.loaded.tokenizer.save_pretrained(directory)
-
-
-def restrained_weight(
-    method: Any, transform: SphereProjection | None, state: LayerState
-) -> torch.Tensor:
-    """W0 + SPHERE(restrain(Σ ΔW)) of a layer (out, in), float64: the weight a restraining
-    method's model is evaluated with, the projection taking its basis from W0."""
-    assert state.accumulated is not None
-    wanted = method.restrain(state.accumulated, state)
-    if transform is not None:
-        wanted = transform(wanted, current=state.pre_edit, pre_edit=state.pre_edit)
-    return state.pre_edit.double() + wanted
-
-
-def set_weights(layout: Any, weights: dict[int, torch.Tensor]) -> None:
-    """Write each layer's weight (out, in) into the model, in its dtype and layout."""
-    for layer, value in weights.items():
-        weight = layout.mlp_out(layer).weight
-        with torch.no_grad():
-            weight.copy_(layout.to_storage_layout(value).to(weight.device, weight.dtype))
 
 
 def _with_old_defaults(index: dict[str, Any]) -> dict[str, Any]:
