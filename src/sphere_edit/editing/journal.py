@@ -47,8 +47,10 @@ from ..common.fileio import sha256_file, write_json, write_tensors
 from ..common.settings import first_difference
 
 if TYPE_CHECKING:
+    from ..methods.base import LayerState
     from ..model.arch import ModelLayout
     from ..model.loading import LoadedModel
+    from ..sphere.projection import SphereProjection
 
 INDEX = "session.json"
 FORMAT_VERSION = 1
@@ -120,10 +122,11 @@ def restore_weights(layout: ModelLayout, stored: Mapping[Any, torch.Tensor]) -> 
             module.weight.copy_(weight)
 
 
-def restrained_weight(method: Any, transform: Any, state: Any) -> torch.Tensor:
+def restrained_weight(
+    method: Any, transform: SphereProjection | None, state: LayerState
+) -> torch.Tensor:
     """W0 + SPHERE(restrain(Σ ΔW)) of a layer (out, in), float64: the weight a restraining
-    method's model is evaluated with (``transform``: the SPHERE projection or None), the
-    projection taking its basis from W0."""
+    method's model is evaluated with, the projection taking its basis from W0."""
     assert state.accumulated is not None
     wanted = method.restrain(state.accumulated, state)
     if transform is not None:
@@ -131,7 +134,7 @@ def restrained_weight(method: Any, transform: Any, state: Any) -> torch.Tensor:
     return state.pre_edit.double() + wanted
 
 
-def set_weights(layout: Any, weights: dict[int, torch.Tensor]) -> None:
+def set_weights(layout: ModelLayout, weights: dict[int, torch.Tensor]) -> None:
     """Write each layer's weight (out, in) into the model, in its dtype and layout."""
     for layer, value in weights.items():
         weight = layout.mlp_out(layer).weight

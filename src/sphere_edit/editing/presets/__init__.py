@@ -22,6 +22,9 @@ GENERAL_KEYS = (
     "models", "identity", "layers", "target", "sphere", "stats_tokens", "notes", "measurements",
     "stats_pieces", "template_tokens",
 )  # fmt: skip
+# The entries of a method section that are not method options: a one-layer method's
+# ``layer``, a band method's ``layers``.
+LAYER_KEYS = ("layer", "layers")
 # The entries of a preset's ``sphere`` section, each with its valid range (low, high,
 # whether low is excluded).
 SPHERE_KEYS = {"eta": (0.0, 1.0, True), "alpha_alphaedit": (0.0, 1.0, False),
@@ -87,9 +90,7 @@ class Preset:
             section = self.section(inherited)
             options.update({k: v for k, v in section.items() if k in info.option_names})
         options.update(self.section(method))
-        options.pop("layer", None)
-        options.pop("layers", None)
-        return options
+        return {k: v for k, v in options.items() if k not in LAYER_KEYS}
 
     def band(self, method: str) -> tuple[int, ...] | None:
         """The layers a method with a band of its own (UltraEdit) edits: its section's
@@ -127,7 +128,7 @@ def parse_preset(name: str, data: Mapping[str, Any]) -> Preset:
                 f"{', '.join(known)}; other entries: {', '.join(GENERAL_KEYS)}"
             )
         if key in known:
-            section = {k: v for k, v in data[key].items() if k not in ("layer", "layers")}
+            section = {k: v for k, v in data[key].items() if k not in LAYER_KEYS}
             try:
                 get_method(key).validate(section)
             except ValueError as error:
@@ -261,11 +262,7 @@ def check_preset_data(where: str, data: Any) -> None:
     if "layers" not in data:
         raise PresetError(f"{where}: layers: missing; give the edited layers, e.g. [3, 4, 5]")
     layers = data["layers"]
-    if (
-        not isinstance(layers, list)
-        or not layers
-        or not all(_kind_ok(x, int) and x >= 0 for x in layers)
-    ):
+    if not _is_layer_list(layers):
         raise PresetError(
             f"{where}: layers: must be a non-empty list of layer numbers >= 0, got {layers!r}"
         )
@@ -314,6 +311,13 @@ def check_preset_data(where: str, data: Any) -> None:
         _check_section(where, method, data[method])
 
 
+def _is_layer_list(value: Any) -> bool:
+    """A non-empty list of layer numbers >= 0 (the preset's window, a band's layers)."""
+    return (
+        isinstance(value, list) and bool(value) and all(_kind_ok(x, int) and x >= 0 for x in value)
+    )
+
+
 def _check_section(where: str, method: str, section: Any) -> None:
     info = get_method(method)
     if not isinstance(section, Mapping):
@@ -337,11 +341,7 @@ def _check_section(where: str, method: str, section: Any) -> None:
                     f"{where}: {method}.layers: only a method with a band of its own "
                     f"(ultraedit) takes 'layers'; {method} edits the preset's layers"
                 )
-            if not (
-                isinstance(value, list)
-                and value
-                and all(_kind_ok(x, int) and x >= 0 for x in value)
-            ):
+            if not _is_layer_list(value):
                 raise PresetError(
                     f"{where}: {method}.layers: must be a non-empty list of layer numbers "
                     f">= 0, got {value!r}"
@@ -362,27 +362,20 @@ def _check_section(where: str, method: str, section: Any) -> None:
 
 def check_preset_layers(preset: Preset, num_layers: int) -> None:
     """The preset's layers (and its one-layer methods' ``layer``, its band methods'
-    ``layers``) must exist in a model
-    of ``num_layers`` layers; a one-line :class:`PresetError` naming the field if not."""
+    ``layers``) must exist in a model of ``num_layers`` layers; a one-line
+    :class:`PresetError` naming the field if not."""
     where = preset.path or f"preset {preset.name}"
-    for layer in preset.layers:
-        if not 0 <= layer < num_layers:
-            raise PresetError(
-                f"{where}: layers: layer {layer} is out of range; the model has layers "
-                f"0..{num_layers - 1}"
-            )
+    fields: list[tuple[str, Iterable[int]]] = [("layers", preset.layers)]
     for method, section in preset.methods.items():
-        layer = section.get("layer")
-        if layer is not None and not 0 <= layer < num_layers:
-            raise PresetError(
-                f"{where}: {method}.layer: layer {layer} is out of range; the model has "
-                f"layers 0..{num_layers - 1}"
-            )
-        for layer in section.get("layers") or ():
+        if section.get("layer") is not None:
+            fields.append((f"{method}.layer", [section["layer"]]))
+        fields.append((f"{method}.layers", section.get("layers") or ()))
+    for name, layers in fields:
+        for layer in layers:
             if not 0 <= layer < num_layers:
                 raise PresetError(
-                    f"{where}: {method}.layers: layer {layer} is out of range; the model "
-                    f"has layers 0..{num_layers - 1}"
+                    f"{where}: {name}: layer {layer} is out of range; the model has layers "
+                    f"0..{num_layers - 1}"
                 )
 
 
