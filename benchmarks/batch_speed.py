@@ -8,7 +8,9 @@ own (a fresh interpreter, the same data and statistics cache):
 - ``base``: the code of commit 29a451e (a worktree of it, ``--base-src``), float32;
 - ``new``: this tree's code with ``--precision`` (default auto), with the base's statistics
   and context-template recipes (256-token pieces, 10 new tokens), so that only speed and
-  rounding differ.
+  rounding differ;
+- ``fast`` (only with ``--fast OPTIMIZER:STEPS:LR``): the new side with those v* settings
+  (``VStarConfig.optimizer``, ``steps``, ``lr``), a named option that changes the edits.
 
 Each side writes its journal; the edited models are then rebuilt from the journals and
 scored by this tree's evaluation, so both are scored by the same code. Printed: the CPU's
@@ -16,6 +18,7 @@ bf16 flags, the fp32 and bf16 matmul peaks, the load average at start and end, e
 phase's seconds, the speed-up and the differences of the metrics.
 
     python benchmarks/batch_speed.py --n 100 --out runs/batch_speed.json
+    python benchmarks/batch_speed.py --n 100 --fast adam:13:1.0 --out runs/batch_speed.json
 """
 
 from __future__ import annotations
@@ -74,11 +77,14 @@ def run_side(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     # The new side keeps the base's statistics and template recipes (the fidelity issue's
     # new defaults change the edits, not the speed), so the two sides edit alike.
-    extra = (
+    extra: dict[str, Any] = (
         {"precision": args.precision, "stats_pieces": "256", "template_tokens": 10}
         if names["new"]
         else {}
     )
+    if args.fast:
+        optimizer, steps, lr = args.fast.split(":")
+        extra["target_overrides"] = {"optimizer": optimizer, "steps": int(steps), "lr": float(lr)}
     session = names["build"](
         loaded, METHOD, corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
         stats_tokens=args.stats_tokens, run_dir=args.run_dir, progress=False,
@@ -112,8 +118,8 @@ def side(name: str, src: Path, args: argparse.Namespace, run_dir: Path) -> dict[
     command = [
         sys.executable, __file__, "--side", name, "--n", str(args.n), "--data", str(args.data),
         "--model", args.model, "--stats-tokens", str(args.stats_tokens),
-        "--precision", args.precision if name == "new" else "fp32", "--run-dir", str(run_dir),
-    ]  # fmt: skip
+        "--precision", args.precision if name != "base" else "fp32", "--run-dir", str(run_dir),
+    ] + (["--fast", args.fast] if name == "fast" else [])  # fmt: skip
     print(f"[{time.strftime('%H:%M:%S')}] {name}: PYTHONPATH={src}", flush=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -158,7 +164,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     print(json.dumps(report, indent=2), flush=True)
     sides: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, src in (("base", args.base_src), ("new", REPO / "src")):
+        runs = [("base", args.base_src), ("new", REPO / "src")]
+        if args.fast:
+            runs.append(("fast", REPO / "src"))
+        for name, src in runs:
             run_dir = Path(tmp) / name
             sides[name] = side(name, src, args, run_dir)
             metrics, seconds = score(run_dir, args)
@@ -175,23 +184,45 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     report["metric_difference_new_minus_base"] = {
         m: new["metrics"][m] - base["metrics"][m] for m in METRICS
     }
+    if "fast" in sides:
+        fast = sides["fast"]
+        report["fast_settings"] = args.fast
+        report["speedup_fast"] = base["total_seconds"] / fast["total_seconds"]
+        report["speedup_fast_vstar"] = base["phases"]["targets"] / fast["phases"]["targets"]
+        report["metric_difference_fast_minus_base"] = {
+            m: fast["metrics"][m] - base["metrics"][m] for m in METRICS
+        }
     return report
 
 
 def print_table(report: dict[str, Any]) -> None:
-    base, new = report["sides"]["base"], report["sides"]["new"]
-    print(f"\n{'phase':<34}{'base 29a451e':>14}{'new':>10}{'×':>7}")
+    sides = report["sides"]
+    base = sides["base"]
+    others = [name for name in ("new", "fast") if name in sides]
+    head = "".join(f"{name:>10}{'×':>7}" for name in others)
+    print(f"\n{'phase':<34}{'base 29a451e':>14}{head}")
     for phase in base["phases"]:
-        b, n = base["phases"][phase], new["phases"].get(phase, 0.0)
-        ratio = f"{b / n:.1f}" if n > 0 else ""
-        print(f"{phase:<34}{b:>14.2f}{n:>10.2f}{ratio:>7}")
-    print(f"{'total (counted)':<34}{base['total_seconds']:>14.2f}{new['total_seconds']:>10.2f}"
-          f"{report['speedup']:>7.1f}")  # fmt: skip
-    print(f"{'mean v* steps':<34}{base['mean_steps']:>14.2f}{new['mean_steps']:>10.2f}")
+        b = base["phases"][phase]
+        cells = ""
+        for name in others:
+            n = sides[name]["phases"].get(phase, 0.0)
+            cells += f"{n:>10.2f}" + (f"{b / n:>7.1f}" if n > 0 else f"{'':>7}")
+        print(f"{phase:<34}{b:>14.2f}{cells}")
+    totals = [sides[n]["total_seconds"] for n in others]
+    cells = "".join(f"{t:>10.2f}{base['total_seconds'] / t:>7.1f}" for t in totals)
+    print(f"{'total (counted)':<34}{base['total_seconds']:>14.2f}{cells}")
+    cells = "".join(f"{sides[n]['mean_steps']:>10.2f}{'':>7}" for n in others)
+    print(f"{'mean v* steps':<34}{base['mean_steps']:>14.2f}{cells}")
     for metric in METRICS:
-        b, n = base["metrics"][metric], new["metrics"][metric]
-        print(f"{metric:<34}{b:>14.3f}{n:>10.3f}{n - b:>+7.3f}")
-    print(f"precision of the new side: {'bf16' if new['bf16'] else 'fp32'}")
+        b = base["metrics"][metric]
+        cells = "".join(
+            f"{sides[n]['metrics'][metric]:>10.3f}{sides[n]['metrics'][metric] - b:>+7.3f}"
+            for n in others
+        )
+        print(f"{metric:<34}{b:>14.3f}{cells}")
+    print(f"precision of the new side: {'bf16' if sides['new']['bf16'] else 'fp32'}")
+    if "fast" in sides:
+        print(f"fast side: v* {report['fast_settings']} (optimizer:steps:lr)")
     print(f"load average: start {report['load_average_start']}, end {report['load_average_end']}")
 
 
@@ -205,7 +236,10 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="the new side's: auto, fp32, bf16")
     parser.add_argument("--base-src", type=Path, default=BASE_SRC)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--side", choices=("base", "new"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--fast", help="also run the new code with these v* settings, OPTIMIZER:STEPS:LR"
+    )
+    parser.add_argument("--side", choices=("base", "new", "fast"), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side is not None:

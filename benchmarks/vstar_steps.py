@@ -12,6 +12,10 @@ Printed per optimiser: the mean / median / 90th percentile of both, the mean fin
 and loss, how many requests reached the tolerance, and the seconds.
 
     python benchmarks/vstar_steps.py --n 100 --optimizers adam,adam-warm,adam-adapt
+
+An entry ``name:K`` runs that optimiser with at most K steps (e.g. ``adam-warm:12``), and
+``name:K:LR`` also with learning rate LR, to see whether a schedule reaches the same loss in
+fewer passes.
 """
 
 from __future__ import annotations
@@ -73,7 +77,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--data", type=Path, default=default_data)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--optimizers", default="adam,adam-warm,adam-adapt")
+    parser.add_argument(
+        "--optimizers",
+        default="adam,adam-warm,adam-adapt",
+        help="comma list of name, name:steps or name:steps:lr",
+    )
     parser.add_argument("--precision", default="fp32", help="auto, fp32 or bf16")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -88,18 +96,25 @@ def main() -> None:
     base = replace(VStarConfig(), **preset.target, bf16=precision == "bf16")
     z_layer = max(preset.layers)
     report: dict[str, dict[str, float]] = {}
-    for name in args.optimizers.split(","):
-        config = replace(base, optimizer=name.strip())
+    for entry in args.optimizers.split(","):
+        name, steps, lr = (entry.strip().split(":") + ["", ""])[:3]
+        config = replace(
+            base,
+            optimizer=name,
+            steps=int(steps) if steps else base.steps,
+            lr=float(lr) if lr else base.lr,
+        )
+        label = f"{name}:{config.steps}:{config.lr:g}"
         start = time.perf_counter()
         result = compute_vstar(
             loaded.model, loaded.tokenizer, loaded.layout, z_layer, requests, templates, config
         )
-        report[config.optimizer] = summary(result, config, time.perf_counter() - start)
-        print(f"{config.optimizer}: {json.dumps(report[config.optimizer])}", flush=True)
+        report[label] = summary(result, config, time.perf_counter() - start)
+        print(f"{label}: {json.dumps(report[label])}", flush=True)
     columns = next(iter(report.values())).keys()
-    print(f"\n{'optimizer':<12}" + "".join(f"{c[:14]:>16}" for c in columns))
-    for name, row in report.items():
-        print(f"{name:<12}" + "".join(f"{row[c]:>16.4g}" for c in columns))
+    print(f"\n{'optimizer':<14}" + "".join(f"{c[:14]:>16}" for c in columns))
+    for label, row in report.items():
+        print(f"{label:<14}" + "".join(f"{row[c]:>16.4g}" for c in columns))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"n": args.n, "precision": precision, **report}, indent=2))

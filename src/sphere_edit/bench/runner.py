@@ -42,6 +42,7 @@ from ..common.progress import Progress
 from ..common.settings import first_difference
 from ..editing.build import build_session
 from ..editing.presets import load_preset_file
+from ..editing.requests import RequestError, validate_batch
 from ..editing.session import EditSession
 from ..editing.vstar import VStarResult
 from ..evaluation.data import CaseSet, EditCase, load_cases
@@ -145,6 +146,22 @@ class Benchmark:
             )
         return case_set
 
+    def _check_batches(self, cases: Sequence[EditCase]) -> None:
+        """Every batch's requests, checked before the pre-edit evaluation and any edit: a
+        batch the session would refuse (a duplicate or contradiction inside it) stops the
+        run now, not hours in."""
+        size = self.config.batch_size
+        for begin in range(0, len(cases), size):
+            try:
+                validate_batch([case.request for case in cases[begin : begin + size]])
+            except RequestError as error:
+                raise ValueError(
+                    f"dataset: batch {begin // size + 1} (cases {begin}-"
+                    f"{min(begin + size, len(cases)) - 1} in edit order): {error}; edit the "
+                    "dataset, or choose --n-edits, --offset or --batch-size so that no batch "
+                    "holds both"
+                ) from None
+
     # -- evaluation -------------------------------------------------------------------------
 
     def _evaluate(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict[str, Any]]:
@@ -183,6 +200,7 @@ class Benchmark:
         load_seconds = time.perf_counter() - clock
         case_set = self._cases()
         cases = order_cases(list(case_set), c.case_order)
+        self._check_batches(cases)
         # Checked before the folder is created: a refused source leaves nothing behind.
         borrowed = self._pre_edit_source(loaded) if self.pre_edit_from is not None else None
         if not resuming:

@@ -23,6 +23,7 @@ they run are :mod:`.vstar_passes`'s.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..common.faults import fault_point
 from ..model.arch import ModelLayout
-from ..model.hooks import frozen_parameters
+from ..model.hooks import attention_implementation, frozen_parameters, linear_weights_as
 from ..model.placement import input_device
 from .requests import EditRequest
 from .text import pad_id_of
@@ -42,6 +43,7 @@ from .vstar_passes import _CachedPass as _CachedPass  # re-exported for the test
 
 Route = Literal["cached", "reference"]
 Optimizer = Literal["adam", "adam-warm", "adam-adapt"]
+Attention = Literal["model", "eager"]
 OPTIMIZERS = ("adam", "adam-warm", "adam-adapt")
 # adam-warm: the first step's learning rate over ``lr``; it falls linearly to
 # WARM_FLOOR · lr at the last step.
@@ -83,6 +85,11 @@ class VStarConfig:
       size per request: halved after a step that raised the request's loss, grown by a
       quarter (up to 1) after one that lowered it. The variants are options for
       measurement (``benchmarks/vstar_steps.py``), not MEMIT's method.
+    - ``attention``: the attention implementation of the optimisation steps. ``"model"``
+      (default): the model's own (usually PyTorch's SDPA). ``"eager"``: Hugging Face's
+      plain matmul-softmax attention, the same math with other rounding; on a CPU its
+      backward is much cheaper for the steps' few query positions
+      (``benchmarks/vstar_step_cost.py``). An option until measured at 1,000 edits.
     """
 
     steps: int = 25
@@ -99,6 +106,7 @@ class VStarConfig:
     positions_per_pass: int | None = 256
     route: Route = "cached"
     optimizer: Optimizer = "adam"
+    attention: Attention = "model"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -117,6 +125,8 @@ class VStarConfig:
             raise ValueError(
                 f"target optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
             )
+        if self.attention not in ("model", "eager"):
+            raise ValueError(f"target attention must be 'model' or 'eager', got {self.attention!r}")
 
 
 @dataclass
@@ -214,11 +224,20 @@ def compute_vstar(
     step_size = torch.ones(n, 1, device=device)  # adam-adapt's per-request scale
     previous_loss = torch.full((n,), float("inf"), device=device)
 
-    with frozen_parameters(model):
+    with frozen_parameters(model), ExitStack() as stack:
         unembed = layout.unembed()
         passes = [
             route(model, layers, unembed, rows, pad, device, config.bf16) for rows in all_rows
         ]
+        # Only the steps: the prefix passes above ran with the model as it is. The cached
+        # route's steps run the layers above z_layer and the unembedding; a copy of those
+        # alone bounds the extra memory.
+        if config.bf16:
+            steps_run = [layout.layer(i) for i in range(z_layer + 1, layout.num_layers)]
+            within = None if config.route == "reference" else [*steps_run, unembed]
+            stack.enter_context(linear_weights_as(model, torch.bfloat16, within))
+        if config.attention == "eager":
+            stack.enter_context(attention_implementation(model, "eager"))
         for step in range(config.steps):
             fault_point("vstar")
             delta.grad = torch.zeros_like(delta)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -148,3 +148,56 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextmanager
+def linear_weights_as(
+    model: nn.Module, dtype: torch.dtype, within: Sequence[nn.Module] | None = None
+) -> Iterator[None]:
+    """For the duration, every float32 ``nn.Linear`` weight and bias of ``model`` (only
+    those under the modules ``within``, when given) holds a ``dtype`` copy; the original
+    storage is put back afterwards, so the weights come back bitwise.
+
+    Under bfloat16 autocast a linear casts its float32 weight on every call: autocast
+    caches casts only of parameters that require gradients, and the v* loop freezes them
+    all, so each pass recasts every weight. A weight already in bfloat16 is used as it is,
+    and the cast autocast does is this same rounding, so the outputs are bitwise the same
+    while the casting is done once. A weight an ``nn.Embedding`` shares (a tied
+    unembedding) is left alone: the embeddings would come out in ``dtype``, and with them
+    the rotary tables Hugging Face models build in the embeddings' dtype.
+    """
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    roots = [model] if within is None else list(within)
+    for module in (m for root in roots for m in root.modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        for tensor in (module.weight, module.bias):
+            if tensor is None or tensor.dtype != torch.float32:
+                continue
+            if id(tensor) in originals or id(tensor) in embedded:
+                continue
+            originals[id(tensor)] = (tensor, tensor.data)
+            tensor.data = tensor.data.to(dtype)
+    try:
+        yield
+    finally:
+        for tensor, data in originals.values():
+            tensor.data = data
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Run the model with the Hugging Face attention implementation ``name`` ("eager",
+    "sdpa", ...) for the duration, and put the previous one back afterwards."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if previous is None or previous == name or setter is None:
+        yield
+        return
+    setter(name)
+    try:
+        yield
+    finally:
+        setter(previous)

@@ -335,3 +335,22 @@ def test_first_batch_v_star_is_shared_and_changes_nothing(finished_run, tmp_path
     own = [json.loads(line) for line in (alone / "memit_sphere" / "batches.jsonl").open()]
     assert shared[0]["target_loss_mean"] == own[0]["target_loss_mean"]
     assert shared[0]["timings"]["targets"] < own[0]["timings"]["targets"]
+
+
+def test_a_batch_with_contradicting_requests_is_refused_before_anything_runs(
+    tmp_path, tiny_tokenizer
+):
+    records = json.loads((FIXTURES / "counterfact_rome.json").read_text())[:3]
+    twin = json.loads(json.dumps(records[0]))
+    twin["requested_rewrite"]["target_new"]["str"] = "violin"
+    twin["case_id"] = 9999
+    dataset = tmp_path / "contradicting.json"
+    dataset.write_text(json.dumps([*records[:2], twin]))
+    model = make_tiny_model("llama", tiny_tokenizer, seed=0)
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer, name="tiny-llama")
+    run_dir = tmp_path / "run"
+    config = _config(dataset=str(dataset), batch_size=3, checkpoint_every=3)
+    refused = r"dataset: batch 1 \(cases 0-2 in edit order\).*contradicts"
+    with pytest.raises(ValueError, match=refused):
+        Benchmark(config, run_dir, log=lambda _: None, progress=False, loaded=loaded).run()
+    assert not run_dir.exists()

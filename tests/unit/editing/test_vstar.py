@@ -387,3 +387,39 @@ def test_a_resume_with_another_precision_is_refused_naming_the_target(tmp_path, 
     other = session(bf16=True)
     with pytest.raises(JournalError, match=r"target differs.*'bf16': False"):
         other.resume()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_steps_with_weights_cast_once_equal_autocasts_own_casting(
+    models, tiny_tokenizer, family, monkeypatch
+):
+    import contextlib
+
+    import sphere_edit.editing.vstar as vstar
+
+    config = VStarConfig(steps=3, lr=0.1, loss_tolerance=0.0, bf16=True)
+    cast_once = _targets(models[family], tiny_tokenizer, requests_abc(), config)
+    monkeypatch.setattr(vstar, "linear_weights_as", lambda *_: contextlib.nullcontext())
+    recast = _targets(models[family], tiny_tokenizer, requests_abc(), config)
+    assert torch.equal(cast_once.vectors, recast.vectors)
+    assert torch.equal(cast_once.loss, recast.loss)
+    assert all(p.dtype == torch.float32 for p in models[family].parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_eager_attention_option_is_close_to_sdpa_and_puts_sdpa_back(tiny_tokenizer, family):
+    model = make_tiny_model(family, tiny_tokenizer, seed=0)
+    model.set_attn_implementation("sdpa")
+    config = VStarConfig(steps=3, lr=0.1, loss_tolerance=0.0)
+    sdpa = _targets(model, tiny_tokenizer, requests_abc(), config)
+    eager = _targets(
+        model, tiny_tokenizer, requests_abc(), dataclasses.replace(config, attention="eager")
+    )
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(eager.vectors, sdpa.vectors, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eager.loss, sdpa.loss, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_attention_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="target attention must be 'model' or 'eager'"):
+        VStarConfig(attention="flash")

@@ -94,3 +94,29 @@ def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
         assert (tmp_path / "a.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     finally:
         os.umask(mask)
+
+
+def test_linear_weights_as_casts_for_the_duration_and_puts_the_same_tensors_back():
+    from torch import nn
+
+    from sphere_edit.model.hooks import linear_weights_as
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(7, 4)
+            self.inner = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    copies = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with linear_weights_as(model, torch.bfloat16):
+        assert model.inner.weight.dtype == torch.bfloat16
+        assert model.inner.bias.dtype == torch.bfloat16
+        assert torch.equal(model.inner.weight, copies["inner.weight"].to(torch.bfloat16))
+        assert model.embed.weight.dtype == torch.float32  # shared with an embedding: left
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == before[name]  # the original storage, not a copy
+        assert torch.equal(p, copies[name])
