@@ -157,9 +157,8 @@ class Benchmark:
             except RequestError as error:
                 raise ValueError(
                     f"dataset: batch {begin // size + 1} (cases {begin}-"
-                    f"{min(begin + size, len(cases)) - 1} in edit order): {error}; edit the "
-                    "dataset, or choose --n-edits, --offset or --batch-size so that no batch "
-                    "holds both"
+                    f"{min(begin + size, len(cases)) - 1} in edit order): {error} (in a "
+                    "benchmark: through the dataset, --n-edits, --offset or --batch-size)"
                 ) from None
 
     # -- evaluation -------------------------------------------------------------------------

@@ -45,6 +45,7 @@ Route = Literal["cached", "reference"]
 Optimizer = Literal["adam", "adam-warm", "adam-adapt"]
 Attention = Literal["model", "eager"]
 OPTIMIZERS = ("adam", "adam-warm", "adam-adapt")
+ATTENTIONS = ("model", "eager")
 # adam-warm: the first step's learning rate over ``lr``; it falls linearly to
 # WARM_FLOOR · lr at the last step.
 WARM_FACTOR = 2.0
@@ -125,8 +126,10 @@ class VStarConfig:
             raise ValueError(
                 f"target optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
             )
-        if self.attention not in ("model", "eager"):
-            raise ValueError(f"target attention must be 'model' or 'eager', got {self.attention!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(
+                f"target attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}"
+            )
 
 
 @dataclass

@@ -421,5 +421,5 @@ def test_eager_attention_option_is_close_to_sdpa_and_puts_sdpa_back(tiny_tokeniz
 
 
 def test_unknown_attention_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="target attention must be 'model' or 'eager'"):
+    with pytest.raises(ValueError, match="target attention must be one of model, eager"):
         VStarConfig(attention="flash")
