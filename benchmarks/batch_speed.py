@@ -9,8 +9,9 @@ own (a fresh interpreter, the same data and statistics cache):
 - ``new``: this tree's code with ``--precision`` (default auto), with the base's statistics
   and context-template recipes (256-token pieces, 10 new tokens), so that only speed and
   rounding differ;
-- ``fast`` (only with ``--fast OPTIMIZER:STEPS:LR``): the new side with those v* settings
-  (``VStarConfig.optimizer``, ``steps``, ``lr``), a named option that changes the edits.
+- one more side per ``--fast OPTIMIZER:STEPS:LR[:ATTENTION]`` (repeatable): the new side
+  with those v* settings (``VStarConfig.optimizer``, ``steps``, ``lr``, ``attention``),
+  named options that change the edits.
 
 Each side writes its journal; the edited models are then rebuilt from the journals and
 scored by this tree's evaluation, so both are scored by the same code. Printed: the CPU's
@@ -18,7 +19,7 @@ bf16 flags, the fp32 and bf16 matmul peaks, the load average at start and end, e
 phase's seconds, the speed-up and the differences of the metrics.
 
     python benchmarks/batch_speed.py --n 100 --out runs/batch_speed.json
-    python benchmarks/batch_speed.py --n 100 --fast adam:13:1.0 --out runs/batch_speed.json
+    python benchmarks/batch_speed.py --n 100 --fast adam:25:0.5:eager --fast adam:13:2.0:eager
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ def _imports() -> dict[str, Any]:
     return {"build": build_session, "load": load_model, "request": EditRequest, "new": new}
 
 
+def fast_overrides(settings: str) -> dict[str, Any]:
+    """``OPTIMIZER:STEPS:LR[:ATTENTION]`` as ``VStarConfig`` fields."""
+    fields = settings.split(":")
+    if len(fields) not in (3, 4):
+        raise SystemExit(f"--fast: expected OPTIMIZER:STEPS:LR[:ATTENTION], got {settings!r}")
+    overrides: dict[str, Any] = {"optimizer": fields[0], "steps": int(fields[1])}
+    overrides["lr"] = float(fields[2])
+    if len(fields) == 4:
+        overrides["attention"] = fields[3]
+    return overrides
+
+
 def run_side(args: argparse.Namespace) -> None:
     """Edit the first ``--n`` cases in one batch into ``--run-dir``; print the phases as JSON."""
     names = _imports()
@@ -83,8 +96,7 @@ def run_side(args: argparse.Namespace) -> None:
         else {}
     )
     if args.fast:
-        optimizer, steps, lr = args.fast.split(":")
-        extra["target_overrides"] = {"optimizer": optimizer, "steps": int(steps), "lr": float(lr)}
+        extra["target_overrides"] = fast_overrides(args.fast[0])
     session = names["build"](
         loaded, METHOD, corpus=str(args.data / "corpus" / "wiki_corpus.jsonl"),
         stats_tokens=args.stats_tokens, run_dir=args.run_dir, progress=False,
@@ -119,7 +131,7 @@ def side(name: str, src: Path, args: argparse.Namespace, run_dir: Path) -> dict[
         sys.executable, __file__, "--side", name, "--n", str(args.n), "--data", str(args.data),
         "--model", args.model, "--stats-tokens", str(args.stats_tokens),
         "--precision", args.precision if name != "base" else "fp32", "--run-dir", str(run_dir),
-    ] + (["--fast", args.fast] if name == "fast" else [])  # fmt: skip
+    ] + (["--fast", name] if name not in ("base", "new") else [])  # fmt: skip
     print(f"[{time.strftime('%H:%M:%S')}] {name}: PYTHONPATH={src}", flush=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -165,8 +177,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     sides: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = [("base", args.base_src), ("new", REPO / "src")]
-        if args.fast:
-            runs.append(("fast", REPO / "src"))
+        runs += [(settings, REPO / "src") for settings in args.fast or []]
         for name, src in runs:
             run_dir = Path(tmp) / name
             sides[name] = side(name, src, args, run_dir)
@@ -184,12 +195,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     report["metric_difference_new_minus_base"] = {
         m: new["metrics"][m] - base["metrics"][m] for m in METRICS
     }
-    if "fast" in sides:
-        fast = sides["fast"]
-        report["fast_settings"] = args.fast
-        report["speedup_fast"] = base["total_seconds"] / fast["total_seconds"]
-        report["speedup_fast_vstar"] = base["phases"]["targets"] / fast["phases"]["targets"]
-        report["metric_difference_fast_minus_base"] = {
+    for settings in args.fast or []:
+        fast = sides[settings]
+        report[f"speedup {settings}"] = base["total_seconds"] / fast["total_seconds"]
+        report[f"speedup_vstar {settings}"] = base["phases"]["targets"] / fast["phases"]["targets"]
+        report[f"metric_difference {settings} minus base"] = {
             m: fast["metrics"][m] - base["metrics"][m] for m in METRICS
         }
     return report
@@ -198,8 +208,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(report: dict[str, Any]) -> None:
     sides = report["sides"]
     base = sides["base"]
-    others = [name for name in ("new", "fast") if name in sides]
-    head = "".join(f"{name:>10}{'×':>7}" for name in others)
+    others = [name for name in sides if name != "base"]
+    head = "".join(f"{chr(ord('A') + i):>10}{'×':>7}" for i in range(len(others)))
     print(f"\n{'phase':<34}{'base 29a451e':>14}{head}")
     for phase in base["phases"]:
         b = base["phases"][phase]
@@ -221,8 +231,8 @@ def print_table(report: dict[str, Any]) -> None:
         )
         print(f"{metric:<34}{b:>14.3f}{cells}")
     print(f"precision of the new side: {'bf16' if sides['new']['bf16'] else 'fp32'}")
-    if "fast" in sides:
-        print(f"fast side: v* {report['fast_settings']} (optimizer:steps:lr)")
+    for i, name in enumerate(others):
+        print(f"{chr(ord('A') + i)}: {name} (v* optimizer:steps:lr[:attention] for a fast side)")
     print(f"load average: start {report['load_average_start']}, end {report['load_average_end']}")
 
 
@@ -237,11 +247,16 @@ def main() -> None:
     parser.add_argument("--base-src", type=Path, default=BASE_SRC)
     parser.add_argument("--out", type=Path)
     parser.add_argument(
-        "--fast", help="also run the new code with these v* settings, OPTIMIZER:STEPS:LR"
+        "--fast",
+        action="append",
+        help="also run the new code with these v* settings, OPTIMIZER:STEPS:LR[:ATTENTION]"
+        " (repeatable)",
     )
-    parser.add_argument("--side", choices=("base", "new", "fast"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for settings in args.fast or []:
+        fast_overrides(settings)  # a malformed side fails here, before any side runs
     if args.side is not None:
         run_side(args)
         return

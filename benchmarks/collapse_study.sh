@@ -35,7 +35,7 @@ common=(
     --dataset "$data/counterfact/train.json" --batch-size 100 --seed 0
     --checkpoint-every 500 --corpus "$data/corpus/wiki_corpus.jsonl"
     --general-every 1000 --general-items 200 --general-tasks gsm8k
-    --general-data "$data/general"
+    --general-data "$data/general" --repeats edit
 )
 
 names=()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from _output import DATA_HELP, data_folder, print_and_save  # benchmarks/, the script's folder
 
+from sphere_edit.common.precision import resolve_precision
 from sphere_edit.editing.build import build_session, parse_layers
 from sphere_edit.editing.journal import snapshot_weights
 from sphere_edit.editing.presets import preset_for
@@ -62,7 +63,7 @@ def run_one(
         layers = parse_layers(args.ultraedit_layers, loaded.layout.num_layers)
     session = build_session(
         loaded, spec, corpus=corpus, stats_tokens=args.stats_tokens, method_overrides=options,
-        seed=0, progress=False, log=lambda _: None, layers=layers,
+        seed=0, progress=False, log=lambda _: None, layers=layers, precision=args.precision,
     )  # fmt: skip
     session.context_templates()  # sampled once per session, not part of a batch's cost
     base = snapshot_weights(loaded.layout, session.layers, session.modules)
@@ -98,6 +99,7 @@ def main() -> None:
     add("--corpus", default=None, help="AlphaEdit's C0 text (default: sampled from the model)")
     add("--batch-size", type=int, default=64, help="rows per evaluation pass")
     add("--threads", type=int, default=None, help="torch.set_num_threads")
+    add("--precision", default="auto", help="both methods' passes: auto, fp32 or bf16")
     add("--out", type=Path)
     args = parser.parse_args()
     if args.threads:
@@ -110,7 +112,10 @@ def main() -> None:
     loaded = load_model(args.model)
     cases = list(load_cases(data / "counterfact" / "train.json", limit=args.n, download=False))
     preset = preset_for(loaded.name, loaded.layout.num_layers, loaded.model.config)
-    result: dict[str, Any] = {"model": loaded.name, "preset": preset.name, "n": len(cases)}
+    precision = resolve_precision(args.precision, "cpu")
+    print(f"precision: {precision} (--precision {args.precision})")
+    result: dict[str, Any] = {"model": loaded.name, "preset": preset.name, "n": len(cases),
+                              "precision": precision}  # fmt: skip
     result["base"] = scores(loaded, cases, args.batch_size)
     print(f"base: {result['base']}")
 

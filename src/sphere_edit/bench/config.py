@@ -27,6 +27,10 @@ PRE_EDIT_SETTINGS = (
 )  # fmt: skip
 
 
+# What a batch with two cases of one prompt and subject does (BenchConfig.repeats).
+REPEATS = ("refuse", "edit")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """The settings of one benchmark run, checked when made: each error names the field
@@ -68,6 +72,9 @@ class BenchConfig:
     # The v* and key passes' arithmetic, resolved ("fp32" or "bf16", never "auto"): a run
     # resumed on another machine continues in the precision it began with.
     precision: str = "fp32"
+    # A batch holding two cases of one prompt and subject: "refuse" stops the run before
+    # any work; "edit" edits both, as the authors' code does (CounterFact has such pairs).
+    repeats: str = "refuse"
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -101,6 +108,8 @@ class BenchConfig:
                 f"precision: must be 'fp32' or 'bf16' (auto is resolved before), "
                 f"got {self.precision!r}"
             )
+        if self.repeats not in REPEATS:
+            raise ValueError(f"repeats: must be one of {', '.join(REPEATS)}, got {self.repeats!r}")
         if self.transform_order not in (None, "inside", "after"):
             raise ValueError(
                 f"transform_order: must be 'inside' or 'after', got {self.transform_order!r}"
@@ -146,9 +155,11 @@ def order_cases(cases: list[EditCase], case_order: str | None) -> list[EditCase]
     return shuffled
 
 
-# Runs started before these were recorded: 256-token pieces, 10 tokens, float32 passes.
+# Runs started before these were recorded: 256-token pieces, 10 tokens, float32 passes,
+# repeated facts refused.
 LEGACY_RECIPE = {
     "stats_pieces": "256", "stats_samples": None, "template_tokens": 10, "precision": "fp32",
+    "repeats": "refuse",
 }  # fmt: skip
 
 
@@ -158,6 +169,10 @@ def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
     layout = BenchRunDir(run_dir)
     stored = {**LEGACY_RECIPE, **layout.read_config()["config"]}
     mine = json.loads(json.dumps(asdict(config)))
+    if (stored["repeats"], mine["repeats"]) == ("refuse", "edit"):
+        # A run that refused repeats has edited no batch holding one, so its journal is
+        # also the journal of the same run with repeats edited: it may go on that way.
+        stored["repeats"] = "edit"
     difference = first_difference(stored, mine)
     if difference is not None:
         key, theirs, value = difference

@@ -42,22 +42,19 @@ from ..common.progress import Progress
 from ..common.settings import first_difference
 from ..editing.build import build_session
 from ..editing.presets import load_preset_file
-from ..editing.requests import RequestError, validate_batch
+from ..editing.requests import RequestError, repeated_facts, validate_batch
 from ..editing.session import EditSession
 from ..editing.vstar import VStarResult
 from ..evaluation.data import CaseSet, EditCase, load_cases
-from ..evaluation.metrics import (
-    aggregate,
-    evaluate_cases,
-    evaluate_generation,
-    merge_results,
-)
+from ..evaluation.metrics import aggregate, evaluate_generation, merge_results
+from ..evaluation.sharded import evaluate_sharded
 from ..model.loading import LoadedModel, load_model
 from ..model.placement import input_device
 from ..sphere.warning import EnergyWarning
 from .analysis import case_intervals
 from .config import PRE_EDIT_SETTINGS, load_resume_state, order_cases
 from .config import BenchConfig as BenchConfig  # re-exported: the runner's settings
+from .ranks import share_edited
 from .record import HEADLINE_METRICS, MethodRun
 from .rundir import SUMMARY, BenchRunDir, MethodDir
 from .snapshots import restore_edited, snapshot_edited
@@ -116,6 +113,7 @@ class Benchmark:
         # Every method edits the same first batch of the same base model: the v* of
         # methods that take precomputed targets is computed once per targets key.
         self._first_targets: dict[str, tuple[str, VStarResult]] = {}  # key: (method, v*)
+        self._edited: list[int] = []  # the layers of the method being run
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -146,25 +144,33 @@ class Benchmark:
             )
         return case_set
 
-    def _check_batches(self, cases: Sequence[EditCase]) -> None:
+    def _check_batches(self, cases: Sequence[EditCase]) -> list[list[Any]]:
         """Every batch's requests, checked before the pre-edit evaluation and any edit: a
         batch the session would refuse (a duplicate or contradiction inside it) stops the
-        run now, not hours in."""
-        size = self.config.batch_size
+        run now, not hours in. Returns the case ids of the repeats edited together."""
+        size, pairs = self.config.batch_size, []
         for begin in range(0, len(cases), size):
+            batch = cases[begin : begin + size]
+            requests = [case.request for case in batch]
             try:
-                validate_batch([case.request for case in cases[begin : begin + size]])
+                validate_batch(requests, repeats=self.config.repeats == "edit")
             except RequestError as error:
                 raise ValueError(
                     f"dataset: batch {begin // size + 1} (cases {begin}-"
                     f"{min(begin + size, len(cases)) - 1} in edit order): {error} (in a "
-                    "benchmark: through the dataset, --n-edits, --offset or --batch-size)"
+                    "benchmark: through the dataset, --n-edits, --offset or --batch-size, "
+                    "or edit both with --repeats edit)"
                 ) from None
+            pairs += [[batch[i].case_id, batch[j].case_id] for i, j in repeated_facts(requests)]
+        for first, later in pairs:
+            self.log(f"repeats: cases {first} and {later} (one prompt and subject) edited together")
+        return pairs
 
     # -- evaluation -------------------------------------------------------------------------
 
     def _evaluate(self, loaded: LoadedModel, cases: Sequence[EditCase]) -> list[dict[str, Any]]:
-        return evaluate_cases(
+        share_edited(loaded, self._edited)  # under torchrun: every rank scores rank 0's model
+        return evaluate_sharded(
             loaded.model, loaded.tokenizer, cases, batch_size=self.config.eval_batch_size,
             progress=self.progress,
         )  # fmt: skip
@@ -199,7 +205,7 @@ class Benchmark:
         load_seconds = time.perf_counter() - clock
         case_set = self._cases()
         cases = order_cases(list(case_set), c.case_order)
-        self._check_batches(cases)
+        repeats = self._check_batches(cases)
         # Checked before the folder is created: a refused source leaves nothing behind.
         borrowed = self._pre_edit_source(loaded) if self.pre_edit_from is not None else None
         if not resuming:
@@ -219,6 +225,7 @@ class Benchmark:
             "model": loaded.name,
             "n_edits": c.n_edits,
             "batch_size": c.batch_size,
+            "repeats": {"policy": c.repeats, "case_pairs": repeats},
             "pre_edit": pre,
             "methods": {},
             # Only a load this run did is timed (the CLI hands in a loaded model).
@@ -341,6 +348,7 @@ class Benchmark:
             precision=c.precision,
         )
         record = MethodRun(spec=spec, layers=list(session.layers))
+        self._edited = list(session.layers)
         if c.he_warning is not None:
             record.warning = EnergyWarning(k=c.he_warning)
         record.add_time("statistics", time.perf_counter() - clock)
@@ -356,7 +364,7 @@ class Benchmark:
             batch_cases = cases[begin : begin + c.batch_size]
             requests = [case.request for case in batch_cases]
             key, shared = self._shared_targets(spec, session, begin)
-            result = session.apply(requests, precomputed_vstar=shared)
+            result = session.apply(requests, precomputed_vstar=shared, repeats=c.repeats == "edit")
             if key is not None and shared is None and result.vstar is not None:
                 self._first_targets[key] = (spec, result.vstar)
             fault_point("bench-record")

@@ -259,11 +259,14 @@ def locked(fn: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from ..common.fileio import run_lock
+        from ..editing.stats_dist import is_writer
 
         resume = kwargs.get("resume")
         run_dir = resume if isinstance(resume, Path) else kwargs.get("out")
         if run_dir is None or (isinstance(resume, Path) and not resume.exists()):
             return fn(*args, **kwargs)  # refused by the command itself
+        if not is_writer():  # a torchrun rank other than 0: rank 0 holds the lock
+            return fn(*args, **kwargs)
         option = "--resume" if isinstance(resume, Path) else "--out"
         with run_lock(run_dir, option):
             return fn(*args, **kwargs)

@@ -99,11 +99,21 @@ def bench(
     ] = None,
     preset: PresetOpt = None,
     precision: PrecisionOpt = "auto",
+    repeats: Annotated[
+        str,
+        typer.Option(
+            help="A batch with two cases of one prompt and subject: 'refuse' (stop before "
+            "any work) or 'edit' (both, as the authors' code does)."
+        ),
+    ] = "refuse",
 ) -> None:
     """Sequential editing benchmark: every method from the same base model on the same cases."""
+    from ..bench.ranks import rank_run_dir
     from ..bench.runner import BenchConfig, Benchmark
     from ..editing.build import parse_layers
+    from ..editing.stats_dist import is_writer, rank_device
     from ..evaluation.general import task_list
+    from ..model.placement import input_device
 
     if out is None:
         raise ValueError("--out: give the run directory (a new one, or a run with --resume)")
@@ -122,7 +132,7 @@ def bench(
         **{k: v for k, v in recipe.items() if v is not None},
     )  # fmt: skip
     config = replace(
-        config, case_order=case_order, he_warning=he_warning,
+        config, case_order=case_order, he_warning=he_warning, repeats=repeats,
         general_tasks=tuple(task_list(general_tasks)) if general_tasks else None,
     )  # fmt: skip
     _check_bench_data(config)  # a data error before minutes of model loading
@@ -130,22 +140,22 @@ def bench(
         from ..editing.presets import load_preset_file
 
         load_preset_file(preset)  # a bad file fails before the model loads
-    loaded = load_for_command(model, device, device_map)
+    loaded = load_for_command(model, rank_device(device), device_map)
     preset_file(preset, loaded)
     if resume and precision == "auto":
         precision = _recorded_precision(run_dir) or precision
     config = replace(config, precision=announce_precision(precision, loaded))
     if layers:
         config = replace(config, layers=tuple(parse_layers(layers, loaded.layout.num_layers)))
-    bench_run = Benchmark(
-        config,
-        run_dir,
-        log=console.print,
-        loaded=loaded,
-        resume=bool(resume),
-        pre_edit_from=pre_edit_from,
-    )
-    summary = bench_run.run()
+    # Under torchrun every rank runs the benchmark and rank 0 alone writes and prints.
+    writer = is_writer()
+    with rank_run_dir(run_dir, input_device(loaded.model), resume=bool(resume)) as own_dir:
+        summary = Benchmark(
+            config, own_dir, log=console.print if writer else lambda _: None, loaded=loaded,
+            resume=bool(resume), pre_edit_from=pre_edit_from, progress=writer,
+        ).run()  # fmt: skip
+    if not writer:
+        return
     _print_table([run_dir])
     _print_intervals([run_dir])
     console.print(f"run directory {run_dir}; {summary['wall_seconds']:.0f}s")

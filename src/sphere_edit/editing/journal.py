@@ -421,6 +421,11 @@ class Journal:
                 pass
             else:
                 theirs["target"] = json.loads(json.dumps(stored))
+        for side in (theirs, mine):
+            # How the steps run, not what they compute (the same math, other rounding, as
+            # on a machine with other threads): a journal resumes under any of them.
+            if isinstance(side.get("target"), dict):
+                side["target"] = {k: v for k, v in side["target"].items() if k != "attention"}
         if theirs.get("stats_tokens") is not None:
             # Journals written before the statistics recipe was recorded used 256-token pieces.
             theirs.setdefault("stats_pieces", "256")

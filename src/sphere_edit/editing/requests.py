@@ -153,24 +153,37 @@ def _unwrap_target(value: Any, index: int | None, field: str) -> Any:
     return value
 
 
-def validate_batch(requests: Sequence[EditRequest]) -> None:
-    """Reject empty batches, duplicates and contradictions within one batch."""
-    if not requests:
-        raise RequestError("the batch is empty; give at least one request")
+def repeated_facts(requests: Sequence[EditRequest]) -> list[tuple[int, int]]:
+    """Pairs ``(first, later)`` of requests with the same prompt and subject, in order of
+    the later one: one key for two (or the same) targets."""
     seen: dict[tuple[str, str], int] = {}
+    pairs = []
     for i, request in enumerate(requests):
         key = (request.prompt, request.subject)
         if key in seen:
-            first = seen[key]
-            same = requests[first].target_new.strip() == request.target_new.strip()
-            kind = "duplicates" if same else "contradicts"
-            raise RequestError(
-                f"{kind} request {first} (same prompt and subject); "
-                "remove one or put them in different batches",
-                index=i,
-                field="prompt",
-            )
-        seen[key] = i
+            pairs.append((seen[key], i))
+        else:
+            seen[key] = i
+    return pairs
+
+
+def validate_batch(requests: Sequence[EditRequest], *, repeats: bool = False) -> None:
+    """Reject empty batches and, unless ``repeats``, duplicates and contradictions within
+    one batch. With ``repeats`` they are edited together, as the authors' code does: the
+    requests share one key, so a solve can meet at most one of two different targets."""
+    if not requests:
+        raise RequestError("the batch is empty; give at least one request")
+    pairs = [] if repeats else repeated_facts(requests)
+    if pairs:
+        first, later = pairs[0]
+        same = requests[first].target_new.strip() == requests[later].target_new.strip()
+        kind = "duplicates" if same else "contradicts"
+        raise RequestError(
+            f"{kind} request {first} (same prompt and subject); "
+            "remove one or put them in different batches",
+            index=later,
+            field="prompt",
+        )
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:

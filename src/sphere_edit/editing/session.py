@@ -241,6 +241,7 @@ class EditSession:
         requests: Sequence[EditRequest],
         *,
         precomputed_vstar: VStarResult | None = None,
+        repeats: bool = False,
     ) -> BatchResult:
         """Edit the model so that every request holds; on any error the weights stay as
         they were before the call.
@@ -254,9 +255,12 @@ class EditSession:
         instead; they must come from :func:`compute_vstar` for the same requests, the
         same templates and layer ``layers[-1]``, on the weights the model has now (e.g.
         to give several methods applied to the same base model the same v*).
+
+        ``repeats`` lets two requests of one prompt and subject into the batch (see
+        :func:`.requests.validate_batch`); without it such a batch is refused.
         """
         requests = list(requests)
-        validate_batch(requests)
+        validate_batch(requests, repeats=repeats)
         if precomputed_vstar is not None:
             if not self.takes_precomputed_vstar:
                 raise ValueError(

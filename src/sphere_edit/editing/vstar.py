@@ -43,9 +43,9 @@ from .vstar_passes import _CachedPass as _CachedPass  # re-exported for the test
 
 Route = Literal["cached", "reference"]
 Optimizer = Literal["adam", "adam-warm", "adam-adapt"]
-Attention = Literal["model", "eager"]
+Attention = Literal["auto", "model", "eager"]
 OPTIMIZERS = ("adam", "adam-warm", "adam-adapt")
-ATTENTIONS = ("model", "eager")
+ATTENTIONS = ("auto", "model", "eager")
 # adam-warm: the first step's learning rate over ``lr``; it falls linearly to
 # WARM_FLOOR · lr at the last step.
 WARM_FACTOR = 2.0
@@ -86,11 +86,12 @@ class VStarConfig:
       size per request: halved after a step that raised the request's loss, grown by a
       quarter (up to 1) after one that lowered it. The variants are options for
       measurement (``benchmarks/vstar_steps.py``), not MEMIT's method.
-    - ``attention``: the attention implementation of the optimisation steps. ``"model"``
-      (default): the model's own (usually PyTorch's SDPA). ``"eager"``: Hugging Face's
-      plain matmul-softmax attention, the same math with other rounding; on a CPU its
-      backward is much cheaper for the steps' few query positions
-      (``benchmarks/vstar_step_cost.py``). An option until measured at 1,000 edits.
+    - ``attention``: the attention implementation of the optimisation steps. ``"model"``:
+      the model's own (usually PyTorch's SDPA). ``"eager"``: Hugging Face's plain
+      matmul-softmax attention, the same math with other rounding; under bf16 on a CPU
+      its backward is much cheaper for the steps' few query positions, in float32 it is
+      slower (``benchmarks/vstar_step_cost.py``). ``"auto"`` (default): eager under bf16 on
+      a CPU, the model's own otherwise. How, not what: a journal resumes under any of them.
     """
 
     steps: int = 25
@@ -107,7 +108,7 @@ class VStarConfig:
     positions_per_pass: int | None = 256
     route: Route = "cached"
     optimizer: Optimizer = "adam"
-    attention: Attention = "model"
+    attention: Attention = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -130,6 +131,14 @@ class VStarConfig:
             raise ValueError(
                 f"target attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}"
             )
+
+    def eager_attention(self, device: torch.device) -> bool:
+        """Whether the steps run with eager attention on ``device`` (``attention``
+        resolved: auto is eager for bf16 on a CPU, where it was measured to pay; a GPU's
+        fused attention kernels are left alone)."""
+        if self.attention == "auto":
+            return self.bf16 and device.type == "cpu"
+        return self.attention == "eager"
 
 
 @dataclass
@@ -239,7 +248,7 @@ def compute_vstar(
             steps_run = [layout.layer(i) for i in range(z_layer + 1, layout.num_layers)]
             within = None if config.route == "reference" else [*steps_run, unembed]
             stack.enter_context(linear_weights_as(model, torch.bfloat16, within))
-        if config.attention == "eager":
+        if config.eager_attention(device):
             stack.enter_context(attention_implementation(model, "eager"))
         for step in range(config.steps):
             fault_point("vstar")

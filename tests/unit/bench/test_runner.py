@@ -47,6 +47,7 @@ def _config(**overrides) -> BenchConfig:
         ({"methods": ("memit", "memit")}, "methods"),
         ({"general_every": 5, "batch_size": 2, "checkpoint_every": 2}, "general_every"),
         ({"precision": "auto"}, "precision"),
+        ({"repeats": "skip"}, "repeats"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
@@ -350,7 +351,36 @@ def test_a_batch_with_contradicting_requests_is_refused_before_anything_runs(
     loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer, name="tiny-llama")
     run_dir = tmp_path / "run"
     config = _config(dataset=str(dataset), batch_size=3, checkpoint_every=3)
-    refused = r"dataset: batch 1 \(cases 0-2 in edit order\).*contradicts"
+    refused = r"dataset: batch 1 \(cases 0-2 in edit order\).*contradicts.*--repeats edit"
     with pytest.raises(ValueError, match=refused):
         Benchmark(config, run_dir, log=lambda _: None, progress=False, loaded=loaded).run()
     assert not run_dir.exists()
+
+    # Edited together, as the authors' code does: the run goes through and names the pair.
+    logs: list[str] = []
+    config = _config(
+        dataset=str(dataset), batch_size=3, checkpoint_every=3, methods=("memit",),
+        repeats="edit",
+    )  # fmt: skip
+    summary = Benchmark(config, run_dir, log=logs.append, progress=False, loaded=loaded).run()
+    pair = [records[0]["case_id"], 9999]
+    assert summary["repeats"] == {"policy": "edit", "case_pairs": [pair]}
+    assert any(f"cases {pair[0]} and 9999" in line for line in logs)
+    assert len(summary["methods"]["memit"]["final"]["metrics"]) > 0
+
+
+def test_a_run_that_refused_repeats_resumes_editing_them(finished_run, tmp_path):
+    """refuse → edit on resume is accepted (a refusing run edited no batch with a repeat);
+    edit → refuse is not: the journal may hold such a batch."""
+    run_dir, _, loaded, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    again = Benchmark(_config(repeats="edit"), copy, log=lambda _: None, progress=False,
+                      loaded=loaded, resume=True).run()  # fmt: skip
+    assert again["repeats"]["policy"] == "edit"
+    config = json.loads((copy / "config.json").read_text())
+    config["config"]["repeats"] = "edit"
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="--resume: repeats differs"):
+        Benchmark(_config(), copy, log=lambda _: None, progress=False, loaded=loaded,
+                  resume=True).run()  # fmt: skip

@@ -120,6 +120,12 @@ def test_verify_names_the_first_field_that_differs(run):
         journal.verify({**header, "layers": [2], "seed": 5}, fingerprint)
     with pytest.raises(JournalError, match="seed differs"):
         journal.verify({**header, "seed": 5}, fingerprint)
+    # The steps' attention implementation is how v* runs, not what it computes.
+    for attention in ("model", "eager"):
+        journal.verify({**header, "target": {**header["target"], "attention": attention}},
+                       fingerprint)  # fmt: skip
+    with pytest.raises(JournalError, match="target differs"):
+        journal.verify({**header, "target": {**header["target"], "lr": 9.0}}, fingerprint)
     with pytest.raises(JournalError, match="different base model"):
         journal.verify(header, "f" * 64)
 

@@ -11,6 +11,7 @@ from sphere_edit.editing.requests import (
     EditRequest,
     RequestError,
     load_requests,
+    repeated_facts,
     validate_batch,
 )
 
@@ -124,6 +125,18 @@ def test_contradictory_requests_in_a_batch():
     c = EditRequest.create("{} is located in", "Rome", "Japan")
     with _fails("prompt", index=2, match="contradicts request 0"):
         validate_batch([a, b, c])
+
+
+def test_repeats_edited_together_when_allowed():
+    a = EditRequest.create("{} is located in", "Rome", "France")
+    b = EditRequest.create("{} plays the", "Glenn Gould", "guitar")
+    c = EditRequest.create("{} is located in", "Rome", "Japan")
+    d = EditRequest.create("{} is located in", "Rome", " France")
+    assert repeated_facts([a, b, c, d]) == [(0, 2), (0, 3)]
+    assert repeated_facts([a, b]) == []
+    validate_batch([a, b, c, d], repeats=True)
+    with pytest.raises(RequestError, match="empty"):
+        validate_batch([], repeats=True)
 
 
 def test_valid_batches():

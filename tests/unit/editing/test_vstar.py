@@ -420,6 +420,20 @@ def test_eager_attention_option_is_close_to_sdpa_and_puts_sdpa_back(tiny_tokeniz
     torch.testing.assert_close(eager.loss, sdpa.loss, rtol=1e-4, atol=1e-5)
 
 
+def test_auto_attention_is_eager_under_bf16_and_the_model_s_own_in_float32(tiny_tokenizer):
+    model = make_tiny_model("llama", tiny_tokenizer, seed=0)
+    model.set_attn_implementation("sdpa")
+    for bf16, chosen in ((True, "eager"), (False, "model")):
+        config = VStarConfig(steps=3, lr=0.1, loss_tolerance=0.0, bf16=bf16)
+        auto = _targets(model, tiny_tokenizer, requests_abc(), config)
+        named = _targets(
+            model, tiny_tokenizer, requests_abc(), dataclasses.replace(config, attention=chosen)
+        )
+        assert torch.equal(auto.vectors, named.vectors), chosen
+        assert config.eager_attention(torch.device("cpu")) == bf16
+        assert not config.eager_attention(torch.device("cuda"))
+
+
 def test_unknown_attention_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="target attention must be one of model, eager"):
+    with pytest.raises(ValueError, match="target attention must be one of auto, model, eager"):
         VStarConfig(attention="flash")
