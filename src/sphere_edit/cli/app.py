@@ -101,7 +101,7 @@ CorpusOpt = Annotated[
 DeviceOpt = Annotated[
     str | None,
     typer.Option(help="Where the model runs: cpu, cuda, cuda:N, or auto (a GPU when there "
-                 "is one). The closed-form solves stay on the CPU in float64. Default: cpu."),
+                 "is one). MEMIT's and AlphaEdit's solves run there too. Default: cpu."),
 ]  # fmt: skip
 DeviceMapOpt = Annotated[
     str | None,

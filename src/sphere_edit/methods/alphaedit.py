@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..common.linalg import solve
+from ..common.linalg import solve_on
 from .base import LayerState
 from .registry import Option, register_method
 
@@ -64,14 +64,16 @@ class AlphaEdit:
     def update(
         self, keys: torch.Tensor, residuals: torch.Tensor, state: LayerState
     ) -> torch.Tensor:
-        p = self.projector(state)
-        k = keys.double().T  # (d_k, n)
-        r = residuals.double().T  # (d_out, n)
+        # On a GPU the d³ products and the solve run there (a no-op move on the CPU).
+        at = state.current_weight().device
+        p = self.projector(state).to(at)
+        k = keys.to(at).double().T  # (d_k, n)
+        r = residuals.to(at).double().T  # (d_out, n)
         d = k.shape[0]
-        system = p @ (state.edited_keys.double() + k @ k.T)
-        system += self.l2 * torch.eye(d, dtype=system.dtype)
+        system = p @ (state.edited_keys.to(at).double() + k @ k.T)
+        system += self.l2 * torch.eye(d, dtype=system.dtype, device=at)
         what = f"alphaedit system of layer {state.layer}"
-        return solve(system, p @ k @ r.T, what=what).T
+        return solve_on(at, system, p @ k @ r.T, what=what).T.to(keys.device)
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self)}

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..common.linalg import solve
+from ..common.linalg import solve_on
 from .base import LayerState
 from .registry import Option, register_method
 
@@ -31,11 +31,12 @@ class MEMIT:
     def update(
         self, keys: torch.Tensor, residuals: torch.Tensor, state: LayerState
     ) -> torch.Tensor:
+        at = state.current_weight().device  # a GPU's model: the solve runs there
         k = keys.double().T  # (d_k, n)
         r = residuals.double().T  # (d_out, n)
         system = self.mom2_weight * state.second_moment.double() + k @ k.T
         # ΔW = R Kᵀ A⁻¹ = R (A⁻¹ K)ᵀ since A is symmetric.
-        return r @ solve(system, k, what=f"memit system of layer {state.layer}").T
+        return r @ solve_on(at, system, k, what=f"memit system of layer {state.layer}").T
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self)}
