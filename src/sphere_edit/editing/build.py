@@ -14,7 +14,7 @@ from ..methods.base import edits_single_layer, needs_statistics
 from ..model.loading import LoadedModel
 from ..model.placement import input_device, require_resident
 from ..sphere.projection import SphereProjection
-from ..sphere.variants import EnergyBudget, SphereVariant
+from ..sphere.variants import EnergyBudget, NormCap, SphereVariant
 from .presets import Preset, describe_choice, preset_for
 from .routes import edited_modules
 from .sampling import parse_template_tokens
@@ -23,11 +23,13 @@ from .stats import Corpus, StatsRecipe, layer_second_moments, load_corpus
 from .vstar import VStarConfig
 
 # The spec suffixes after the method's name, and the SPHERE variant each selects.
-SPHERE_SUFFIXES = {"sphere": "project", "sphere-solve": "solve", "sphere-budget": "budget"}
+SPHERE_SUFFIXES = {
+    "sphere": "project", "sphere-solve": "solve", "sphere-budget": "budget", "sphere-cap": "cap",
+}  # fmt: skip
 # ``:name=value`` options a SPHERE spec may carry, and their types (see sphere/variants.py).
 SPHERE_OPTIONS: dict[str, type] = {
     "eta": float, "alpha": float, "basis": str, "last_alpha": float,
-    "budget_factor": float, "budget_batches": int, "alpha_max": float,
+    "budget_factor": float, "budget_batches": int, "alpha_max": float, "cap_factor": float,
 }  # fmt: skip
 
 
@@ -39,9 +41,9 @@ class MethodSpec:
 
     Beyond the paper (none of them the default): ``+sphere-solve`` puts the projection
     inside the closed form, ``+sphere-budget`` chooses α per layer and batch from a
-    budget on the change of HE, and ``:name=value`` options after the suffix set the
-    projection for this spec, e.g. ``alphaedit+sphere:alpha=0.3:last_alpha=0``
-    (names: :data:`SPHERE_OPTIONS`)."""
+    budget on the change of HE, ``+sphere-cap`` caps each projected update's norm, and
+    ``:name=value`` options after the suffix set the projection for this spec, e.g.
+    ``alphaedit+sphere:alpha=0.3:last_alpha=0`` (names: :data:`SPHERE_OPTIONS`)."""
 
     method: str
     sphere: bool
@@ -266,4 +268,5 @@ def sphere_variant(
         last_alpha=given.get("last_alpha"),
         last_layer=last_layer,
         budget=budget,
+        cap=NormCap(factor=given.get("cap_factor", 1.0)),
     )

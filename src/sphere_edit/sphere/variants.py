@@ -11,6 +11,9 @@ agnostic, and change one thing each:
 - ``budget``: α per layer and batch, the smallest in [0, α_max] that keeps the change of
   the layer's hyperspherical energy within a budget learnt from the method's own first
   batches (see :class:`EnergyBudget`).
+- ``cap``: the paper's projection, then the update's Frobenius norm capped at a multiple
+  of the pre-edit weight's (see :class:`NormCap`): an outlier batch's update is scaled
+  down instead of taking over the layer.
 - ``last_alpha``: the last edited layer, the one the targets v* are set at, projected with
   its own strength (lighter, or exempt with 0).
 
@@ -30,7 +33,7 @@ from ..methods.base import LayerState
 from .energy import hyperspherical_energy
 from .projection import SphereProjection
 
-Mode = Literal["project", "solve", "budget"]
+Mode = Literal["project", "solve", "budget", "cap"]
 
 
 def project_keys(keys: torch.Tensor, directions: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -128,6 +131,27 @@ class EnergyBudget:
         return high
 
 
+@dataclass(frozen=True)
+class NormCap:
+    """A cap on each (projected) update: ‖ΔW‖_F at most ``factor`` × ‖W₀‖_F, W₀ the
+    layer's pre-edit weight; a larger update is scaled down to the cap (its direction
+    kept). The reference is the pre-edit weight rather than earlier updates, so a resumed
+    session caps exactly as an uninterrupted one. MEMIT's schedule gives what a capped
+    layer leaves unmet to the layers after it; the last layer's shortfall stays unmet."""
+
+    factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0:
+            raise ValueError(f"cap factor must be > 0, got {self.factor}")
+
+    def scale(self, delta: torch.Tensor, pre_edit: torch.Tensor) -> float:
+        """The factor in (0, 1] that brings ``delta`` within the cap."""
+        limit = self.factor * float(pre_edit.double().norm())
+        size = float(delta.norm())
+        return 1.0 if size <= limit else limit / size
+
+
 class SphereVariant:
     """A closed-form method with a SPHERE variant inside its ``update``.
 
@@ -149,8 +173,9 @@ class SphereVariant:
         last_alpha: float | None = None,
         last_layer: int | None = None,
         budget: EnergyBudget | None = None,
+        cap: NormCap | None = None,
     ) -> None:
-        if mode not in ("project", "solve", "budget"):
+        if mode not in ("project", "solve", "budget", "cap"):
             raise ValueError(f"sphere variant: unknown mode {mode!r}")
         if callable(getattr(method, "compute", None)):
             raise ValueError(
@@ -166,7 +191,9 @@ class SphereVariant:
         self.last_alpha = last_alpha
         self.last_layer = last_layer
         self.budget = budget if budget is not None else EnergyBudget()
-        # α chosen per layer, batch after batch (budget mode): what diagnostics read.
+        self.cap = cap if cap is not None else NormCap()
+        # α (budget mode) or the cap's scale (cap mode) per layer, batch after batch: what
+        # diagnostics read.
         self.chosen: dict[int, list[float]] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -192,7 +219,12 @@ class SphereVariant:
         delta = self.inner.update(keys, residuals, state).double()
         if self.mode == "budget":
             alpha = self._budget_alpha(state, current, delta, u)
-        return delta - alpha * (delta @ u) @ u.T
+        projected = delta - alpha * (delta @ u) @ u.T
+        if self.mode == "cap":
+            scale = self.cap.scale(projected, state.pre_edit)
+            self.chosen.setdefault(state.layer, []).append(scale)
+            projected = scale * projected
+        return projected
 
     def _budget_alpha(
         self, state: LayerState, current: torch.Tensor, delta: torch.Tensor, u: torch.Tensor
@@ -223,4 +255,6 @@ class SphereVariant:
         }
         if self.mode == "budget":
             variant["budget"] = asdict(self.budget)
+        if self.mode == "cap":
+            variant["cap"] = asdict(self.cap)
         return {**self.inner.describe(), "sphere_variant": variant}

@@ -11,7 +11,7 @@ from sphere_edit.methods.base import LayerState
 from sphere_edit.methods.memit import MEMIT
 from sphere_edit.sphere.energy import hyperspherical_energy
 from sphere_edit.sphere.projection import SphereProjection, principal_directions
-from sphere_edit.sphere.variants import EnergyBudget, SphereVariant
+from sphere_edit.sphere.variants import EnergyBudget, NormCap, SphereVariant
 from tests.unit._helpers import requests_abc, tiny_loaded
 
 D_OUT, D_K, N = 12, 20, 5
@@ -200,3 +200,29 @@ def test_plain_sphere_session_is_unchanged_and_variants_wrap_the_method(tiny_tok
     assert all(torch.isfinite(torch.tensor(v)) for v in result.update_norms.values())
     with pytest.raises(ValueError, match="gradient descent"):
         build_session(loaded, "ft+sphere-solve", **kwargs)
+
+
+def test_cap_scales_only_an_update_above_the_cap_and_keeps_its_direction():
+    state, keys, residuals = _problem(8)
+    projection = SphereProjection(eta=0.5, alpha=0.5)
+    projected = SphereVariant(MEMIT(mom2_weight=1.0), projection).update(keys, residuals, state)
+    ratio = float(projected.norm() / state.pre_edit.norm())
+    below = SphereVariant(MEMIT(mom2_weight=1.0), projection, mode="cap", cap=NormCap(2 * ratio))
+    assert torch.equal(below.update(keys, residuals, state), projected)  # under the cap
+    above = SphereVariant(MEMIT(mom2_weight=1.0), projection, mode="cap", cap=NormCap(ratio / 4))
+    capped = above.update(keys, residuals, state)
+    torch.testing.assert_close(capped.norm(), state.pre_edit.norm() * ratio / 4)
+    torch.testing.assert_close(capped, projected / 4)
+    assert above.chosen[3] == [pytest.approx(0.25)]
+    assert above.describe()["sphere_variant"]["cap"] == {"factor": ratio / 4}
+    with pytest.raises(ValueError, match="cap factor must be > 0"):
+        NormCap(0.0)
+
+
+def test_cap_spec_parses_and_builds(tiny_tokenizer):
+    spec = MethodSpec.parse("alphaedit+sphere-cap:cap_factor=0.5")
+    assert spec.variant == "cap" and dict(spec.options) == {"cap_factor": 0.5}
+    session = build_session(tiny_loaded(tiny_tokenizer), spec, layers=[1, 2], stats_tokens=500, progress=False,
+                            log=lambda _: None)  # fmt: skip
+    assert session.method.cap == NormCap(0.5)
+    session.apply(requests_abc())
