@@ -222,7 +222,8 @@ def test_cap_scales_only_an_update_above_the_cap_and_keeps_its_direction():
 def test_cap_spec_parses_and_builds(tiny_tokenizer):
     spec = MethodSpec.parse("alphaedit+sphere-cap:cap_factor=0.5")
     assert spec.variant == "cap" and dict(spec.options) == {"cap_factor": 0.5}
-    session = build_session(tiny_loaded(tiny_tokenizer), spec, layers=[1, 2], stats_tokens=500, progress=False,
+    loaded = tiny_loaded(tiny_tokenizer)
+    session = build_session(loaded, spec, layers=[1, 2], stats_tokens=500, progress=False,
                             log=lambda _: None)  # fmt: skip
     assert session.method.cap == NormCap(0.5)
     session.apply(requests_abc())
