@@ -254,10 +254,7 @@ class EditSession:
         ``precomputed_vstar`` skips the v* optimisation and uses these target vectors
         instead; they must come from :func:`compute_vstar` for the same requests, the
         same templates and layer ``layers[-1]``, on the weights the model has now (e.g.
-        to give several methods applied to the same base model the same v*).
-
-        ``repeats`` lets two requests of one prompt and subject into the batch (see
-        :func:`.requests.validate_batch`); without it such a batch is refused.
+        to give several methods the same v*). ``repeats``: see :func:`.validate_batch`.
         """
         requests = list(requests)
         validate_batch(requests, repeats=repeats)
