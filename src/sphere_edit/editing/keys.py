@@ -161,7 +161,9 @@ def residual_to_mlp_delta(
         y = norm(mlp_out.to(where, dtype)).double()
         scale = m.pow(2).mean(-1, keepdim=True).sqrt()
         unit = _closest_unit_rms(gain, y + residual_delta.to(where).double(), m / scale)
-        return (unit * scale - m).to(residual_delta.device, residual_delta.dtype)
+        # (m / scale) * scale need not round back to m: zero-gain channels get an exact 0.
+        delta = torch.where(gain == 0, 0.0, unit * scale - m)
+        return delta.to(residual_delta.device, residual_delta.dtype)
 
 
 def _closest_unit_rms(
