@@ -2,9 +2,9 @@
 # The collapse study (issue 21): thousands of sequential edits, where methods collapse,
 # with HE tracked after every batch. CounterFact train.json, batches of 100, seed 0,
 # checkpoints every 500 edits, GSM8K (200 items) every 1,000 edits:
-#   SmolLM2-135M: AlphaEdit, AlphaEdit+SPHERE, PRUNE, UltraEdit and UltraEdit+SPHERE to
-#   5,000 edits (UltraEdit: issue 24's 5,000-edit run, one pre-edit evaluation); MEMIT to
-#   2,000;
+#   SmolLM2-135M: AlphaEdit, AlphaEdit+SPHERE, PRUNE, UltraEdit, UltraEdit+SPHERE and the
+#   variant AlphaEdit+SPHERE-cap (issue 20) to 5,000 edits (UltraEdit: issue 24's
+#   5,000-edit run, one pre-edit evaluation); MEMIT to 2,000;
 #   Gemma-3-270M: AlphaEdit, AlphaEdit+SPHERE to 2,000;
 #   SmolLM2-135M, the first 2,000 cases in two shuffled orders (shuffle:1, shuffle:2):
 #   AlphaEdit, AlphaEdit+SPHERE, PRUNE and MEMIT (the run-to-run spread; the file-order
@@ -48,7 +48,7 @@ study() {  # study NAME METHODS [bench options...]: one parallel_bench.sh call
     studies+=("$(printf '%q ' "${command[@]}")")
 }
 
-study smollm2_5000 alphaedit,alphaedit+sphere,prune,ultraedit,ultraedit+sphere --model smollm2-135m --n-edits 5000
+study smollm2_5000 alphaedit,alphaedit+sphere,prune,ultraedit,ultraedit+sphere,alphaedit+sphere-cap --model smollm2-135m --n-edits 5000
 study smollm2_2000 memit --model smollm2-135m --n-edits 2000
 study gemma3_2000 alphaedit,alphaedit+sphere --model gemma3-270m --n-edits 2000
 for seed in 1 2; do
