@@ -22,11 +22,13 @@ tokenizer; the embedding keeps the shape's vocabulary size, so the unembedding c
 what it would.
 
     python benchmarks/cost_model.py [--quick] [--out runs/cost_model.json]
+    python benchmarks/cost_model.py --batch-from runs/cost_model.json  # batch costs again
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -243,6 +245,52 @@ def exponent(x0: float, y0: float, x1: float, y1: float) -> float:
     return math.log(y1 / y0) / math.log(x1 / x0)
 
 
+# One batch as the presets run it: 100 requests, at most 25 v* steps each, five edited
+# layers (SmolLM2's preset window; the paper's 4-8 for the Llama shapes).
+BATCH_REQUESTS, VSTAR_STEPS = 100, 25
+WINDOWS = {SMOLLM2.name: range(7, 12), LLAMA_1B.name: range(4, 9), "Llama3-8B": range(4, 9)}
+
+
+def batch_costs(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Seconds of every phase of one batch of 100 edits per shape, from the measured rates.
+
+    Statistics are per 1 M corpus tokens (one pass captures every edited layer, so it runs
+    to the last one); keys are read once per edited layer up to that layer; the
+    eigendecomposition is once per layer and run (cached after the first batch); the
+    evaluation is per 100 scored prompts. Widths not measured use the fitted exponents."""
+    fits, ladder, big = result["fits"], result["ladder"], result["llama3_8b"]
+    lo, hi = ladder[0], ladder[-1]
+
+    def width_cost(key: str, d_out: int, d_key: int) -> float:
+        for row in (*ladder, big):
+            if row["d_key"] == d_key and key in row:
+                return row[key]
+        if key in ("eig_s", "solve_s"):
+            return hi[key] * (d_key / hi["d_key"]) ** fits[f"{key}_exponent_in_d_key"]
+        p = fits[f"{key}_exponent_in_dout_dkey"]
+        return lo[key] * (d_out * d_key / (lo["d_out"] * lo["d_key"])) ** p
+
+    costs: dict[str, dict[str, float]] = {}
+    widths = {SMOLLM2.name: (SMOLLM2.hidden, SMOLLM2.intermediate),
+              LLAMA_1B.name: (LLAMA_1B.hidden, LLAMA_1B.intermediate),
+              "Llama3-8B": (LLAMA3_8B_HIDDEN, LLAMA3_8B_KEY)}  # fmt: skip
+    phases = {row["shape"]: row for row in result["phases"]}
+    for name, (d_out, d_key) in widths.items():
+        window = WINDOWS[name]
+        row: dict[str, float] = {}
+        if name in phases:
+            rates = phases[name]
+            row["stats_s_per_Mtok"] = rates["stats_s_per_Mtok_per_depth_layer"] * (window[-1] + 1)
+            row["vstar_s"] = rates["vstar_s_per_req_step"] * BATCH_REQUESTS * VSTAR_STEPS
+            depth_layers = sum(layer + 1 for layer in window)
+            row["keys_s"] = rates["keys_s_per_req_per_depth_layer"] * BATCH_REQUESTS * depth_layers
+            row["eval_s_per_100_prompts"] = rates["eval_s_per_req"] * 100
+        for key in ("eig_s", "solve_s", "sphere_s", "he_s"):
+            row[key.replace("_s", "_s_all_layers")] = width_cost(key, d_out, d_key) * len(window)
+        costs[name] = row
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4)
@@ -250,7 +298,14 @@ def main() -> None:
     parser.add_argument("--stats-tokens", type=int, default=2048)
     parser.add_argument("--quick", action="store_true", help="SmolLM2 shape and ladder only")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--batch-from", type=Path, default=None, help="a saved --out: print its batch costs only"
+    )
     args = parser.parse_args()
+    if args.batch_from:
+        saved = json.loads(args.batch_from.read_text())
+        print_and_save({"header": saved["header"], "batch": batch_costs(saved)}, None)
+        return
     torch.set_grad_enabled(True)
     threads = torch.get_num_threads()
     print("WEIGHTS ARE RANDOM: costs only, no edit quality is measured.")
@@ -304,10 +359,10 @@ def main() -> None:
             fits[f"{key}_exponent_in_hidden"] = exponent(
                 SMOLLM2.hidden, small[key], LLAMA_1B.hidden, large[key]
             )
-    print_and_save(
-        {"header": header, "phases": phases, "ladder": ladder, "llama3_8b": big, "fits": fits},
-        args.out,
-    )
+    result = {"header": header, "phases": phases, "ladder": ladder, "llama3_8b": big, "fits": fits}
+    if len(phases) == 2:
+        result["batch"] = batch_costs(result)
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":
