@@ -8,7 +8,7 @@ Three steps, each small enough for a CPU:
    Adam moves each coordinate by about ``lr`` per step, so ``lr · steps`` is kept the same
    fraction of the residual's per-coordinate size (mean norm / √hidden) as in SmolLM2's
    preset (lr 0.5, 25 steps, :data:`REFERENCE_RMS` at its last edited layer 11).
-3. A sweep over windows (the suggestion and its neighbours shifted by ±2, ±4, ...) and
+3. A sweep over windows (the suggestion and its neighbours shifted by ±step, ±2·step, ...) and
    MEMIT's λ (``mom2_weight``): one batch of CounterFact cases per candidate on the base
    model, scored by efficacy, then paraphrase (generalization), then specificity. The v*
    of a window is computed once and shared by its λ values (the targets do not depend on
@@ -44,7 +44,8 @@ REFERENCE_MODEL = "smollm2-135m"
 @dataclass(frozen=True)
 class SearchConfig:
     """Settings of the search: ``n_facts`` traced facts (``samples`` noise draws each),
-    ``window`` layers per candidate, ``windows`` candidate windows, ``cases`` CounterFact
+    ``window`` layers per candidate, ``windows`` candidate windows ``window_step`` layers
+    apart, ``cases`` CounterFact
     cases from ``offset`` in one batch per candidate, ``mom2_weights`` MEMIT's λ values,
     ``stats_tokens`` corpus tokens for C0 during the sweep, ``steps`` v* steps, ``min_prob``
     the tracer's threshold for a known fact, ``precision`` the trace's and the v* and key
@@ -54,6 +55,7 @@ class SearchConfig:
     samples: int = 3
     window: int = 5
     windows: int = 3
+    window_step: int = 2
     cases: int = 24
     offset: int = 0
     mom2_weights: tuple[float, ...] = (1000.0, 5000.0, 15000.0)
@@ -64,7 +66,7 @@ class SearchConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        for name in ("n_facts", "samples", "window", "windows", "cases", "steps"):
+        for name in ("n_facts", "samples", "window", "windows", "window_step", "cases", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be at least 1")
         if self.offset < 0:
@@ -77,9 +79,11 @@ class SearchConfig:
             raise ValueError(f"--precision: {self.precision!r} is not fp32 or bf16")
 
 
-def candidate_windows(suggested: Sequence[int], count: int, n_layers: int) -> list[list[int]]:
-    """The suggested window, then it shifted by -2, +2, -4, +4, ... (kept inside the
-    model), without repeats, at most ``count`` of them."""
+def candidate_windows(
+    suggested: Sequence[int], count: int, n_layers: int, step: int = 2
+) -> list[list[int]]:
+    """The suggested window, then it shifted by -step, +step, -2·step, +2·step, ... (kept
+    inside the model), without repeats, at most ``count`` of them."""
     width = len(suggested)
     start = suggested[0]
     windows: list[list[int]] = []
@@ -90,7 +94,7 @@ def candidate_windows(suggested: Sequence[int], count: int, n_layers: int) -> li
             window = list(range(first, first + width))
             if window not in windows and len(windows) < count:
                 windows.append(window)
-        shift += 2
+        shift += step
     return windows
 
 
@@ -169,7 +173,7 @@ def search_preset(
     traced = trace["counts"]["facts_traced"]
     log(f"trace: suggested layers {suggested[0]}-{suggested[-1]} ({traced} facts, "
         f"{time.perf_counter() - started:.0f}s)")  # fmt: skip
-    windows = candidate_windows(suggested, config.windows, n_layers)
+    windows = candidate_windows(suggested, config.windows, n_layers, config.window_step)
     requests = [case.request for case in cases]
     norm_prompts = [(r.prompt, r.subject) for r in requests]
     source = load_corpus(corpus, loaded, seed=config.seed)
@@ -218,7 +222,8 @@ def search_preset(
     data = _preset_data(loaded, best, config)
     data["notes"] = (
         f"sphere-edit preset {loaded.name}: traced {trace['counts']['facts_traced']} facts "
-        f"(window of {window}), swept {len(windows)} windows x mom2_weight "
+        f"(window of {window}), swept {len(windows)} windows {config.window_step} layers apart "
+        "x mom2_weight "
         f"{','.join(f'{w:g}' for w in config.mom2_weights)} on {len(cases)} cases; chosen by "
         "efficacy, then paraphrase, then specificity"
     )
@@ -243,6 +248,7 @@ def search_preset(
             "offset": config.offset,
             "stats_tokens": config.stats_tokens,
             "steps": config.steps,
+            "window_step": config.window_step,
             "ranking": "efficacy, then generalization (paraphrase), then specificity",
         },
         "candidates": candidates,

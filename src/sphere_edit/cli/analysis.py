@@ -413,8 +413,12 @@ def preset(
     ] = 0.1,
     window: Annotated[int, typer.Option(min=1, help="Layers per candidate window.")] = 5,
     windows: Annotated[
-        int, typer.Option(min=1, help="Candidate windows: the traced one, then shifted ±2, ±4.")
+        int,
+        typer.Option(min=1, help="Candidate windows: the traced one, then shifted ±step, ±2·step."),
     ] = 3,
+    window_step: Annotated[
+        int, typer.Option(min=1, help="Layers between neighbouring candidate windows.")
+    ] = 2,
     dataset: Annotated[
         Path | None,
         typer.Option(
@@ -451,7 +455,7 @@ def preset(
             f"--mom2-weights: expected numbers like 1000,5000, got {mom2_weights!r}"
         ) from None
     config = SearchConfig(n_facts=n_facts, samples=samples, window=window, windows=windows,
-                          cases=cases, offset=offset, mom2_weights=weights,
+                          window_step=window_step, cases=cases, offset=offset, mom2_weights=weights,
                           stats_tokens=stats_tokens, seed=seed, min_prob=min_prob)  # fmt: skip
     if out.exists() and out.is_dir():
         raise ValueError(f"--out: {out} is a folder; give a file name such as my-model.json")

@@ -39,6 +39,8 @@ def test_candidate_windows_are_the_suggestion_then_its_neighbours():
     assert candidate_windows([0, 1, 2], 3, 18) == [[0, 1, 2], [2, 3, 4], [4, 5, 6]]
     assert candidate_windows([2, 3], 5, 4) == [[2, 3], [0, 1]]  # shifts are even
     assert candidate_windows([0, 1, 2, 3], 3, 4) == [[0, 1, 2, 3]]
+    assert candidate_windows([2, 3, 4], 3, 18, step=1) == [[2, 3, 4], [1, 2, 3], [3, 4, 5]]
+    assert candidate_windows([0, 1, 2], 3, 18, step=1) == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
 
 
 def test_the_lr_rule_keeps_lr_times_steps_over_the_residual_size():
@@ -97,6 +99,8 @@ def test_candidates_rank_by_efficacy_then_paraphrase_then_specificity():
 def test_search_config_refuses_bad_values():
     with pytest.raises(ValueError, match="--cases"):
         SearchConfig(cases=0)
+    with pytest.raises(ValueError, match="--window-step"):
+        SearchConfig(window_step=0)
     with pytest.raises(ValueError, match="--mom2-weights"):
         SearchConfig(mom2_weights=())
 
