@@ -7,7 +7,8 @@ Three steps, each small enough for a CPU:
    the window's last layer (:func:`scaled_lr`): v* adds ``delta`` to that hidden state and
    Adam moves each coordinate by about ``lr`` per step, so ``lr · steps`` is kept the same
    fraction of the residual's per-coordinate size (mean norm / √hidden) as in SmolLM2's
-   preset (lr 0.5, 25 steps, :data:`REFERENCE_RMS` at its last edited layer 11).
+   preset (lr 0.5, 25 steps, :data:`REFERENCE_RMS` at its last edited layer 11); with
+   ``lr_scales`` the sweep also tries that lr times each factor.
 3. A sweep over windows (the suggestion and its neighbours shifted by ±step, ±2·step, ...) and
    MEMIT's λ (``mom2_weight``): one batch of CounterFact cases per candidate on the base
    model, scored by efficacy, then paraphrase (generalization), then specificity. The v*
@@ -45,7 +46,7 @@ REFERENCE_MODEL = "smollm2-135m"
 class SearchConfig:
     """Settings of the search: ``n_facts`` traced facts (``samples`` noise draws each),
     ``window`` layers per candidate, ``windows`` candidate windows ``window_step`` layers
-    apart, ``cases`` CounterFact
+    apart, ``lr_scales`` factors on each window's v* lr, ``cases`` CounterFact
     cases from ``offset`` in one batch per candidate, ``mom2_weights`` MEMIT's λ values,
     ``stats_tokens`` corpus tokens for C0 during the sweep, ``steps`` v* steps, ``min_prob``
     the tracer's threshold for a known fact, ``precision`` the trace's and the v* and key
@@ -56,6 +57,7 @@ class SearchConfig:
     window: int = 5
     windows: int = 3
     window_step: int = 2
+    lr_scales: tuple[float, ...] = (1.0,)
     cases: int = 24
     offset: int = 0
     mom2_weights: tuple[float, ...] = (1000.0, 5000.0, 15000.0)
@@ -71,6 +73,8 @@ class SearchConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: must be at least 1")
         if self.offset < 0:
             raise ValueError("--offset: must be >= 0")
+        if not self.lr_scales or any(f <= 0 for f in self.lr_scales):
+            raise ValueError("--lr-scales: give one or more factors > 0, e.g. 1,0.25")
         if not self.mom2_weights or any(w < 0 for w in self.mom2_weights):
             raise ValueError("--mom2-weights: give one or more values >= 0, e.g. 1000,5000")
         if self.stats_tokens < 1000:
@@ -180,10 +184,14 @@ def search_preset(
     base = snapshot_weights(loaded, range(n_layers))
     hidden_size = int(loaded.model.config.get_text_config().hidden_size)
     candidates: list[dict[str, Any]] = []
-    total = len(windows) * len(config.mom2_weights)
-    for layers in windows:
-        norm = mean_residual_norm(loaded, norm_prompts, layers[-1])
-        lr = scaled_lr(norm, hidden_size, config.steps)
+    total = len(windows) * len(config.lr_scales) * len(config.mom2_weights)
+    sweep = [(layers, scale) for layers in windows for scale in config.lr_scales]
+    norms: dict[tuple[int, ...], float] = {}
+    for layers, scale in sweep:
+        if tuple(layers) not in norms:
+            norms[tuple(layers)] = mean_residual_norm(loaded, norm_prompts, layers[-1])
+        norm = norms[tuple(layers)]
+        lr = scale * scaled_lr(norm, hidden_size, config.steps)
         shared = None
         for weight in config.mom2_weights:
             clock = time.perf_counter()
@@ -205,6 +213,7 @@ def search_preset(
             candidate = {
                 "layers": layers,
                 "lr": lr,
+                "lr_scale": scale,
                 "residual_norm": norm,
                 "mom2_weight": weight,
                 "efficacy": metrics.get("efficacy"),
@@ -223,7 +232,7 @@ def search_preset(
     data["notes"] = (
         f"sphere-edit preset {loaded.name}: traced {trace['counts']['facts_traced']} facts "
         f"(window of {window}), swept {len(windows)} windows {config.window_step} layers apart "
-        "x mom2_weight "
+        f"x lr factors {','.join(f'{f:g}' for f in config.lr_scales)} x mom2_weight "
         f"{','.join(f'{w:g}' for w in config.mom2_weights)} on {len(cases)} cases; chosen by "
         "efficacy, then paraphrase, then specificity"
     )
@@ -249,6 +258,7 @@ def search_preset(
             "stats_tokens": config.stats_tokens,
             "steps": config.steps,
             "window_step": config.window_step,
+            "lr_scales": list(config.lr_scales),
             "ranking": "efficacy, then generalization (paraphrase), then specificity",
         },
         "candidates": candidates,

@@ -395,6 +395,13 @@ def trace(
     console.print(f"wrote {out / 'trace.json'} and {out / 'trace.png'}")
 
 
+def _numbers(option: str, text: str, example: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{option}: expected numbers like {example}, got {text!r}") from None
+
+
 @app.command()
 @friendly
 def preset(
@@ -433,6 +440,12 @@ def preset(
     mom2_weights: Annotated[
         str, typer.Option(help="MEMIT's λ values, comma-separated.")
     ] = "1000,5000,15000",
+    lr_scales: Annotated[
+        str,
+        typer.Option(
+            help="Factors on each window's v* lr (from the residual norm), comma-separated."
+        ),
+    ] = "1",
     corpus: CorpusOpt = None,
     stats_tokens: Annotated[
         int, typer.Option(min=1000, help="Corpus tokens for C0 during the sweep.")
@@ -448,15 +461,12 @@ def preset(
     from ..analysis.tracing import default_facts_path, load_facts
     from ..evaluation.data import load_cases
 
-    try:
-        weights = tuple(float(w) for w in mom2_weights.split(",") if w.strip())
-    except ValueError:
-        raise ValueError(
-            f"--mom2-weights: expected numbers like 1000,5000, got {mom2_weights!r}"
-        ) from None
+    weights = _numbers("--mom2-weights", mom2_weights, "1000,5000")
+    scales = _numbers("--lr-scales", lr_scales, "1,0.25")
     config = SearchConfig(n_facts=n_facts, samples=samples, window=window, windows=windows,
-                          window_step=window_step, cases=cases, offset=offset, mom2_weights=weights,
-                          stats_tokens=stats_tokens, seed=seed, min_prob=min_prob)  # fmt: skip
+                          window_step=window_step, lr_scales=scales, cases=cases, offset=offset,
+                          mom2_weights=weights, stats_tokens=stats_tokens, seed=seed,
+                          min_prob=min_prob)  # fmt: skip
     if out.exists() and out.is_dir():
         raise ValueError(f"--out: {out} is a folder; give a file name such as my-model.json")
     facts_path = facts or default_facts_path()

@@ -103,6 +103,8 @@ def test_search_config_refuses_bad_values():
         SearchConfig(window_step=0)
     with pytest.raises(ValueError, match="--mom2-weights"):
         SearchConfig(mom2_weights=())
+    with pytest.raises(ValueError, match="--lr-scales"):
+        SearchConfig(lr_scales=(1.0, 0.0))
 
 
 def test_the_preset_command_writes_a_preset_that_preset_reads(tmp_path, tiny_tokenizer):
@@ -119,12 +121,16 @@ def test_the_preset_command_writes_a_preset_that_preset_reads(tmp_path, tiny_tok
         "preset", str(folder), "--out", str(out), "--facts", str(facts), "--n-facts", "1",
         "--samples", "1", "--min-prob", "0", "--window", "2", "--windows", "2",
         "--dataset", str(FIXTURES_DIR / "counterfact_rome.json"), "--cases", "2",
-        "--mom2-weights", "100,1000", "--stats-tokens", "1000",
+        "--mom2-weights", "100,1000", "--lr-scales", "1,0.5", "--stats-tokens", "1000",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     candidates = data["measurements"]["candidates"]
-    assert len(candidates) == 2 * 2  # windows x weights
+    assert len(candidates) == 2 * 2 * 2  # windows x lr factors x weights
+    for c in candidates:  # the factor multiplies the window's own rule lr
+        rule = [d["lr"] for d in candidates if d["layers"] == c["layers"] and d["lr_scale"] == 1]
+        assert c["lr"] == pytest.approx(c["lr_scale"] * rule[0], rel=1e-12)
+    assert {c["lr_scale"] for c in candidates} == {1.0, 0.5}
     assert {tuple(c["layers"]) for c in candidates} == {
         tuple(w)
         for w in candidate_windows(
