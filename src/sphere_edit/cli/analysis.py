@@ -25,6 +25,7 @@ from .app import (
     announce_precision,
     app,
     check_precision,
+    check_preset_early,
     check_stats_options,
     console,
     friendly,
@@ -61,6 +62,7 @@ def stats(
 
     check_stats_options(stats_tokens or tokens, stats_pieces, stats_samples)
 
+    check_preset_early(preset)  # a bad file fails before the model loads
     # Under torchrun every rank takes its own GPU and a shard of the corpus.
     loaded = load_for_command(model, rank_device(device), device_map)
     chosen_preset = preset_file(preset, loaded)
@@ -125,6 +127,8 @@ def energy(
     from ..editing.presets import describe_choice, preset_for
     from ..sphere.energy import hyperspherical_energy
 
+    if not layers:
+        check_preset_early(preset)  # a bad file fails before the model loads
     loaded = load_for_command(model, device, device_map)
     n = loaded.layout.num_layers
     chosen_preset = preset_file(preset, loaded) if not layers else None

@@ -207,6 +207,15 @@ def load_for_command(model: str, device: str | None = None, device_map: str | No
         return load_model(model, device=where)
 
 
+def check_preset_early(path: Path | None) -> None:
+    """Read the ``--preset`` file once before the model loads, so a bad file fails at once
+    (its layers are checked against the model in :func:`preset_file`)."""
+    if path is not None:
+        from ..editing.presets import load_preset_file
+
+        load_preset_file(path)
+
+
 def preset_file(path: Path | None, loaded: Any) -> Any:
     """The ``--preset`` file checked against the model, its EasyEdit mapping printed;
     ``None`` without ``--preset``."""

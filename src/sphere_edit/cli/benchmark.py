@@ -27,6 +27,7 @@ from .app import (
     app,
     bench_recipe,
     check_precision,
+    check_preset_early,
     check_stats_options,
     console,
     friendly,
@@ -136,10 +137,7 @@ def bench(
         general_tasks=tuple(task_list(general_tasks)) if general_tasks else None,
     )  # fmt: skip
     _check_bench_data(config)  # a data error before minutes of model loading
-    if preset is not None:
-        from ..editing.presets import load_preset_file
-
-        load_preset_file(preset)  # a bad file fails before the model loads
+    check_preset_early(preset)  # a bad file fails before the model loads
     loaded = load_for_command(model, rank_device(device), device_map)
     preset_file(preset, loaded)
     if resume and precision == "auto":

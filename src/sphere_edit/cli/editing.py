@@ -31,6 +31,7 @@ from .app import (
     announce_precision,
     app,
     check_precision,
+    check_preset_early,
     check_stats_options,
     console,
     friendly,
@@ -62,10 +63,7 @@ def demo(
 
     check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
     check_precision(precision)
-    if preset is not None:
-        from ..editing.presets import load_preset_file
-
-        load_preset_file(preset)  # a bad file fails before the model loads
+    check_preset_early(preset)  # a bad file fails before the model loads
     loaded = load_for_command(model, device, device_map)
     chosen = announce_precision(precision, loaded)
     run_demo(
@@ -160,10 +158,7 @@ def edit(
     check_precision(precision)
     if export is not None:
         _check_export(export)
-    if preset is not None:
-        from ..editing.presets import load_preset_file
-
-        load_preset_file(preset)  # a bad file fails before the model loads
+    check_preset_early(preset)  # a bad file fails before the model loads
     all_requests = load_requests(requests)
     batches = [all_requests[i : i + batch_size] for i in range(0, len(all_requests), batch_size)]
     for b, batch in enumerate(batches):

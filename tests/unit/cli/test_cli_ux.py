@@ -83,3 +83,26 @@ def test_bench_too_few_cases_come_before_the_model_load(tmp_path, no_model_load)
     message = " ".join(result.output.split())
     assert "the model was loaded" not in message
     assert "--n-edits" in message and "fewer than 1000" in message
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["stats", "--model", "smollm2-135m"],
+        ["energy", "--model", "smollm2-135m"],
+        ["demo", "--model", "smollm2-135m"],
+        ["bench", "--n-edits", "2", "--methods", "memit"],
+    ],
+)
+def test_a_bad_preset_file_fails_before_the_model_load(tmp_path, no_model_load, command):
+    bad = tmp_path / "hparams.yaml"
+    fixture = FIXTURES_DIR / "easyedit_alphaedit_llama3-8b.yaml"
+    bad.write_text(fixture.read_text() + "mom2_update_rank: 5\n")
+    if command[0] == "bench":
+        command = [*command, "--out", str(tmp_path / "run"),
+                   "--dataset", str(FIXTURES_DIR / "counterfact_rome.json")]  # fmt: skip
+    result = runner.invoke(app, [*command, "--preset", str(bad)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "the model was loaded" not in message
+    assert "mom2_update_rank" in message
