@@ -185,48 +185,45 @@ def search_preset(
     hidden_size = int(loaded.model.config.get_text_config().hidden_size)
     candidates: list[dict[str, Any]] = []
     total = len(windows) * len(config.lr_scales) * len(config.mom2_weights)
-    sweep = [(layers, scale) for layers in windows for scale in config.lr_scales]
-    norms: dict[tuple[int, ...], float] = {}
-    for layers, scale in sweep:
-        if tuple(layers) not in norms:
-            norms[tuple(layers)] = mean_residual_norm(loaded, norm_prompts, layers[-1])
-        norm = norms[tuple(layers)]
-        lr = scale * scaled_lr(norm, hidden_size, config.steps)
-        shared = None
-        for weight in config.mom2_weights:
-            clock = time.perf_counter()
-            preset = Preset(name="search", models=(), layers=tuple(layers),
-                            target={"lr": lr, "steps": config.steps},
-                            methods={"memit": {"mom2_weight": weight}})  # fmt: skip
-            session = build_session(
-                loaded, "memit", preset=preset, corpus=source, stats_tokens=config.stats_tokens,
-                seed=config.seed, progress=progress, log=lambda _line: None,
-                precision=config.precision,
-            )  # fmt: skip
-            try:
-                result = session.apply(requests, precomputed_vstar=shared)
-                shared = result.vstar
-                metrics = aggregate(evaluate_cases(loaded.model, loaded.tokenizer, cases))
-            finally:
-                restore_weights(loaded, base)
-            losses = [x for x in result.target_loss if x is not None]
-            candidate = {
-                "layers": layers,
-                "lr": lr,
-                "lr_scale": scale,
-                "residual_norm": norm,
-                "mom2_weight": weight,
-                "efficacy": metrics.get("efficacy"),
-                "generalization": metrics.get("generalization"),
-                "specificity": metrics.get("specificity"),
-                "mean_vstar_loss": sum(losses) / len(losses) if losses else None,
-                "seconds": time.perf_counter() - clock,
-            }
-            candidates.append(candidate)
-            log(f"candidate {len(candidates)}/{total}: layers {layers[0]}-{layers[-1]}, "
-                f"lr {lr:.3g}, mom2_weight {weight:g}: efficacy {_fmt(candidate['efficacy'])}, "
-                f"paraphrase {_fmt(candidate['generalization'])}, specificity "
-                f"{_fmt(candidate['specificity'])} ({candidate['seconds']:.0f}s)")  # fmt: skip
+    for layers in windows:
+        norm = mean_residual_norm(loaded, norm_prompts, layers[-1])
+        for scale in config.lr_scales:
+            lr = scale * scaled_lr(norm, hidden_size, config.steps)
+            shared = None
+            for weight in config.mom2_weights:
+                clock = time.perf_counter()
+                preset = Preset(name="search", models=(), layers=tuple(layers),
+                                target={"lr": lr, "steps": config.steps},
+                                methods={"memit": {"mom2_weight": weight}})  # fmt: skip
+                session = build_session(
+                    loaded, "memit", preset=preset, corpus=source, stats_tokens=config.stats_tokens,
+                    seed=config.seed, progress=progress, log=lambda _line: None,
+                    precision=config.precision,
+                )  # fmt: skip
+                try:
+                    result = session.apply(requests, precomputed_vstar=shared)
+                    shared = result.vstar
+                    metrics = aggregate(evaluate_cases(loaded.model, loaded.tokenizer, cases))
+                finally:
+                    restore_weights(loaded, base)
+                losses = [x for x in result.target_loss if x is not None]
+                candidate = {
+                    "layers": layers,
+                    "lr": lr,
+                    "lr_scale": scale,
+                    "residual_norm": norm,
+                    "mom2_weight": weight,
+                    "efficacy": metrics.get("efficacy"),
+                    "generalization": metrics.get("generalization"),
+                    "specificity": metrics.get("specificity"),
+                    "mean_vstar_loss": sum(losses) / len(losses) if losses else None,
+                    "seconds": time.perf_counter() - clock,
+                }
+                candidates.append(candidate)
+                log(f"candidate {len(candidates)}/{total}: layers {layers[0]}-{layers[-1]}, "
+                    f"lr {lr:.3g}, mom2_weight {weight:g}: efficacy {_fmt(candidate['efficacy'])}, "
+                    f"paraphrase {_fmt(candidate['generalization'])}, specificity "
+                    f"{_fmt(candidate['specificity'])} ({candidate['seconds']:.0f}s)")  # fmt: skip
     best = max(candidates, key=rank_key)  # the first of equals: the suggestion wins ties
     data = _preset_data(loaded, best, config)
     data["notes"] = (
