@@ -28,7 +28,7 @@ BOOTSTRAP_SEED = 0
 BOOTSTRAP_LEVEL = 0.95
 COLLAPSE_METRICS = ("efficacy", "generalization", "specificity")
 # Batches after an alarm within which a collapse makes it a hit (else a false alarm).
-DEFAULT_HORIZON = 10
+DEFAULT_HORIZON = 2
 NO_COLLAPSE = "no collapse"
 TOO_FEW = "too few checkpoints"
 
@@ -313,7 +313,9 @@ def warning_evaluation(
     - ``alarms``: every alarm (batch, edits, layer, change, threshold);
     - ``flagged``: whether an alarm came at most ``horizon`` batches before (or at) the
       collapse batch, and ``first_lead`` the lead of the first such alarm;
-    - ``false_alarms``: alarms not followed by the collapse within ``horizon`` batches.
+    - ``false_alarms``: alarms earlier than ``horizon`` batches before the collapse (every
+      alarm when there is none); ``late_alarms``: alarms after the collapse batch, on a
+      model already broken (neither a warning nor a false one).
     """
     batches = layer_changes(energy_rows)
     rule = EnergyWarning(k=k, warmup=warmup)
@@ -332,6 +334,7 @@ def warning_evaluation(
         return collapse_batch is not None and 0 <= collapse_batch - alarm["batch"] <= horizon
 
     hits = [a for a in alarms if leads(a)]
+    late = [a for a in alarms if collapse_batch is not None and a["batch"] > collapse_batch]
     return {
         "k": k,
         "warmup": warmup,
@@ -347,7 +350,8 @@ def warning_evaluation(
         "alarms": alarms,
         "flagged": bool(hits),
         "first_lead": collapse_batch - hits[0]["batch"] if hits else None,
-        "false_alarms": len(alarms) - len(hits),
+        "false_alarms": len(alarms) - len(hits) - len(late),
+        "late_alarms": len(late),
     }  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from ..editing.build import MethodSpec
 from ..editing.sampling import parse_template_tokens
 from ..editing.stats import StatsRecipe
 from ..evaluation.data import EditCase
+from ..sphere.warning import DEFAULT_K
 from .rundir import BenchRunDir
 
 # The settings the pre-edit evaluation depends on (a run may reuse another run's pre-edit
@@ -62,8 +63,9 @@ class BenchConfig:
     positions_per_pass: int | None = None
     # None: the data set's order; "shuffle:SEED": a seeded shuffle of the selected cases.
     case_order: str | None = None
-    # The HE early warning's k (sphere.warning.EnergyWarning); None: off.
-    he_warning: float | None = None
+    # The HE early warning's k (sphere.warning.EnergyWarning); 0: off. It watches the
+    # edits and changes none of them, so a resumed run may change it (load_resume_state).
+    he_warning: float = DEFAULT_K
     general_tasks: tuple[str, ...] | None = None  # None: every general-abilities task
     # Where MEMIT's schedule applies SPHERE and RECT's mask: None each method's default.
     transform_order: str | None = None
@@ -101,8 +103,11 @@ class BenchConfig:
         StatsRecipe.parse(self.stats_pieces, self.stats_samples, self.stats_tokens)
         parse_template_tokens(self.template_tokens)
         order_seed(self.case_order)
-        if self.he_warning is not None and not self.he_warning > 0:
-            raise ValueError(f"he_warning: must be positive, got {self.he_warning}; e.g. 5")
+        if not self.he_warning >= 0:
+            raise ValueError(
+                f"he_warning: must be 0 (off) or positive, got {self.he_warning}; "
+                f"e.g. {DEFAULT_K:g}"
+            )
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(
                 f"precision: must be 'fp32' or 'bf16' (auto is resolved before), "
@@ -169,6 +174,7 @@ def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
     layout = BenchRunDir(run_dir)
     stored = {**LEGACY_RECIPE, **layout.read_config()["config"]}
     mine = json.loads(json.dumps(asdict(config)))
+    stored["he_warning"] = mine["he_warning"]  # a watch on the edits, not part of them
     if (stored["repeats"], mine["repeats"]) == ("refuse", "edit"):
         # A run that refused repeats has edited no batch holding one, so its journal is
         # also the journal of the same run with repeats edited: it may go on that way.

@@ -481,7 +481,7 @@ def warning_table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[
 
     header = [
         "run", "method", "collapse batch", "largest ΔHE batch", "its lead (batches)",
-        "alarms", "flagged", "first alarm lead", "false alarms",
+        "alarms", "flagged", "first alarm lead", "false alarms", "after the collapse",
     ]  # fmt: skip
     rows = []
     for run_dir in run_dirs:
@@ -495,6 +495,7 @@ def warning_table(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[
                     ("yes" if r["flagged"] else "no") if r["collapse_batch"] else "no collapse",
                     "–" if r["first_lead"] is None else str(r["first_lead"]),
                     str(r["false_alarms"]),
+                    str(r["late_alarms"]),
                 ]
             )
     return header, rows
@@ -564,8 +565,8 @@ def study_sections(run_dirs: Sequence[str | Path]) -> list[str]:
         f"median of the earlier absolute changes, after {DEFAULT_WARMUP} batches of "
         "warm-up) replayed on each method's he.csv. Lead: batches before the collapse "
         f"batch; flagged: an alarm at most {DEFAULT_HORIZON} batches before it; false "
-        f"alarms: alarms not followed by the collapse within {DEFAULT_HORIZON} "
-        "batches.</p>",
+        "alarms: alarms earlier than that, or in a run that does not collapse; the last "
+        "column counts alarms after the collapse.</p>",
         _html_table(header, rows),
     ]
     header, rows = spread_table(run_dirs)

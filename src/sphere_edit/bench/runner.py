@@ -349,7 +349,7 @@ class Benchmark:
         )
         record = MethodRun(spec=spec, layers=list(session.layers))
         self._edited = list(session.layers)
-        if c.he_warning is not None:
+        if c.he_warning:
             record.warning = EnergyWarning(k=c.he_warning)
         record.add_time("statistics", time.perf_counter() - clock)
         for layer, energy in session.energy().items():

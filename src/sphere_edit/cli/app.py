@@ -16,6 +16,7 @@ from typer._click import exceptions as usage  # typer vendors click here
 from typer.core import TyperGroup
 
 from ..methods.registry import method_help
+from ..sphere.warning import DEFAULT_WARMUP
 
 
 class _OneLineUsageErrors(TyperGroup):
@@ -284,11 +285,12 @@ def locked(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 HeWarningOpt = Annotated[
-    float | None,
+    float,
     typer.Option(
         help="HE early warning: say (and record) when a layer's HE change exceeds K times "
-        "the median of its earlier absolute changes (after a warm-up of 5 batches). "
-        "Off by default."
+        f"the median of its earlier absolute changes (after a warm-up of {DEFAULT_WARMUP} "
+        "batches); 0 turns it off.",
+        min=0,
     ),
 ]
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..sphere.warning import DEFAULT_K
 from .app import (
     CorpusOpt,
     DeviceMapOpt,
@@ -94,7 +95,7 @@ def bench(
         str | None,
         typer.Option(help="'file' (default) or 'shuffle:SEED': a seeded shuffle of the cases."),
     ] = None,
-    he_warning: HeWarningOpt = None,
+    he_warning: HeWarningOpt = DEFAULT_K,
     general_tasks: Annotated[
         str | None, typer.Option(help="General-abilities tasks, e.g. gsm8k. Default: all.")
     ] = None,

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from ..common.fileio import run_dir_entries
 from ..methods.registry import get_method, options_help
+from ..sphere.warning import DEFAULT_K
 from .app import (
     METHOD_HELP,
     CorpusOpt,
@@ -129,7 +130,7 @@ def edit(
         bool,
         typer.Option(help="Continue an interrupted run in --out after its last journaled batch."),
     ] = False,
-    he_warning: HeWarningOpt = None,
+    he_warning: HeWarningOpt = DEFAULT_K,
     preset: PresetOpt = None,
 ) -> None:
     """Apply edit requests sequentially in batches, journaling every batch."""
@@ -151,8 +152,6 @@ def edit(
         raise ValueError(f"--transform-order must be 'inside' or 'after', got {transform_order!r}")
     _check_edit_options(spec, layers, eta=eta, alpha=alpha, basis=basis)
     check_stats_options(stats_tokens, stats_pieces, stats_samples, template_tokens)
-    if he_warning is not None and not he_warning > 0:
-        raise ValueError(f"--he-warning: must be positive, got {he_warning}; e.g. 5")
     _check_run_dir(out, resume)
     precision = "bf16" if bf16 else precision
     check_precision(precision)
@@ -212,12 +211,12 @@ def edit(
 HE_WARNINGS = "he_warnings.jsonl"  # an edit run's alarms, one JSON object a line
 
 
-def _he_warning_rule(k: float | None, session: Any, done: int) -> Any:
-    """The early-warning rule for ``edit --he-warning K`` (None when off), fed the HE
+def _he_warning_rule(k: float, session: Any, done: int) -> Any:
+    """The early-warning rule for ``edit --he-warning K`` (None when K is 0), fed the HE
     changes of the ``done`` batches a resumed run replayed, so it judges as if unbroken."""
     from ..sphere.warning import EnergyWarning
 
-    if k is None:
+    if not k:
         return None
     rule = EnergyWarning(k=k)
     for entry in session.journal.index()["batches"][:done] if done else []:

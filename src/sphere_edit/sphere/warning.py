@@ -6,10 +6,12 @@ raises an alarm. The median (not the mean) keeps one earlier jump from raising t
 for the next one; the magnitude is used because collapse shows as HE falling as well as
 rising.
 
-The defaults (``k`` = :data:`DEFAULT_K`, ``warmup`` = :data:`DEFAULT_WARMUP`) are a first
-guess, not a measured choice: ``sphere-edit bench`` leaves the rule off unless
-``--he-warning K`` is given, and :func:`sphere_edit.bench.analysis.warning_evaluation`
-measures hits and false alarms on a finished run's ``he.csv`` to choose them.
+The defaults (``k`` = :data:`DEFAULT_K`, ``warmup`` = :data:`DEFAULT_WARMUP`) were chosen
+by replaying the rule (:func:`sphere_edit.bench.analysis.warning_evaluation`) on the
+finished runs of ``docs/results.md``, section "The HE early warning replayed": the
+smallest warm-up and k that flag the collapses that can be flagged without raising more
+false alarms. ``sphere-edit edit`` and ``bench`` run the rule by default
+(``--he-warning 0`` turns it off).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-DEFAULT_K = 5.0
-DEFAULT_WARMUP = 5
+DEFAULT_K = 10.0
+DEFAULT_WARMUP = 2
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class EnergyWarning:
 
     def __post_init__(self) -> None:
         if not self.k > 0:
-            raise ValueError(f"he_warning: k must be positive, got {self.k}; e.g. 5")
+            raise ValueError(f"he_warning: k must be positive, got {self.k}; e.g. {DEFAULT_K:g}")
         if self.warmup < 1:
             raise ValueError(f"he_warning: warmup must be at least 1 batch, got {self.warmup}")
 

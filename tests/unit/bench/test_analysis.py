@@ -193,6 +193,7 @@ def test_the_warning_evaluation_counts_lead_hits_and_false_alarms():
     steps = [{0: 1e-3, 1: 1e-3} for _ in range(20)]
     steps[5] = {0: 5e-2, 1: 1e-3}  # an alarm far from any collapse: false
     steps[12] = {0: 1e-3, 1: -8e-2}  # the largest change, 3 batches before the collapse
+    steps[17] = {0: 6e-2, 1: 1e-3}  # after the collapse: neither a hit nor a false alarm
     efficacy = [0.9 if b < 15 else 0.2 for b in range(1, 21)]
     checkpoints = [
         {"edits": 100 * b, "metrics": {"efficacy": e}} for b, e in enumerate(efficacy, 1)
@@ -200,12 +201,12 @@ def test_the_warning_evaluation_counts_lead_hits_and_false_alarms():
     result = warning_evaluation(_he_rows(steps), checkpoints, k=5, warmup=3, horizon=5)
     assert result["collapse"] == 1500 and result["collapse_batch"] == 15
     assert result["largest_batch"] == 13 and result["largest_lead"] == 2
-    assert [(a["batch"], a["layer"]) for a in result["alarms"]] == [(6, 0), (13, 1)]
+    assert [(a["batch"], a["layer"]) for a in result["alarms"]] == [(6, 0), (13, 1), (18, 0)]
     assert result["flagged"] and result["first_lead"] == 2
-    assert result["false_alarms"] == 1
+    assert (result["false_alarms"], result["late_alarms"]) == (1, 1)
     quiet = warning_evaluation(_he_rows(steps), checkpoints[:10], k=5, warmup=3, horizon=5)
     assert quiet["collapse_batch"] is None and not quiet["flagged"]
-    assert quiet["false_alarms"] == 2
+    assert (quiet["false_alarms"], quiet["late_alarms"]) == (3, 0)
 
 
 # -- case orders and their spread ---------------------------------------------------------

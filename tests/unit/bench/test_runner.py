@@ -384,3 +384,18 @@ def test_a_run_that_refused_repeats_resumes_editing_them(finished_run, tmp_path)
     with pytest.raises(ValueError, match="--resume: repeats differs"):
         Benchmark(_config(), copy, log=lambda _: None, progress=False, loaded=loaded,
                   resume=True).run()  # fmt: skip
+
+
+def test_a_resumed_run_may_change_the_he_warning(finished_run, tmp_path):
+    """The rule watches the edits and changes none, so a run started without it (as every
+    run before it was on by default) resumes with it, and the other way round."""
+    run_dir, _, loaded, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["config"]["he_warning"] = None
+    (copy / "config.json").write_text(json.dumps(config))
+    for k in (10.0, 0.0):
+        again = Benchmark(_config(he_warning=k), copy, log=lambda _: None, progress=False,
+                          loaded=loaded, resume=True).run()  # fmt: skip
+        assert again["methods"]
