@@ -325,6 +325,10 @@ def sweep(
     corpus: CorpusOpt = None,
     stats_tokens: StatsTokensOpt = None,
     seed: int = 0,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate the edits so far every K edits.")
+    ] = None,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """A grid of SPHERE options: one benchmark run per point, a table and a plot."""
     from ..bench.runner import BenchConfig
@@ -334,10 +338,12 @@ def sweep(
     config = BenchConfig(
         model=model, methods=(method,), dataset=dataset, n_edits=n_edits,
         batch_size=batch_size, seed=seed, offset=offset, corpus=corpus,
-        stats_tokens=stats_tokens,
+        stats_tokens=stats_tokens, checkpoint_every=checkpoint_every,
     )  # fmt: skip
+    check_precision(precision)
     _check_bench_data(config)
     loaded = load_for_command(model, device, device_map)
+    config = replace(config, precision=announce_precision(precision, loaded))
     run_sweep(config, method, axes, out, resume=resume, loaded=loaded, log=console.print)
     console.print((out / TABLE_FILE).read_text())
     console.print(f"wrote {out / TABLE_FILE} and {out / PLOT_FILE}")

@@ -92,3 +92,13 @@ def test_cli_sweep_rejects_a_bad_grid_in_one_line(tmp_path):
     assert "grid: cannot parse 'gamma=1'" in result.output
     assert "Traceback" not in result.output
     assert not out.exists() or not any(p.name != ".sphere-edit.lock" for p in out.iterdir())
+
+
+def test_cli_sweep_checks_its_precision_before_the_model_loads(tmp_path):
+    out = tmp_path / "x"
+    args = ["sweep", "--out", str(out), "--method", "alphaedit+sphere", "--grid", "alpha=0.5",
+            "--model", str(tmp_path / "no-such-model"), "--precision", "fp16"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert "--precision: unknown value 'fp16'" in result.output
+    assert "Traceback" not in result.output
