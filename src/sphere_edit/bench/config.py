@@ -103,7 +103,7 @@ class BenchConfig:
         StatsRecipe.parse(self.stats_pieces, self.stats_samples, self.stats_tokens)
         parse_template_tokens(self.template_tokens)
         order_seed(self.case_order)
-        if not self.he_warning >= 0:
+        if not isinstance(self.he_warning, (int, float)) or not self.he_warning >= 0:
             raise ValueError(
                 f"he_warning: must be 0 (off) or positive, got {self.he_warning}; "
                 f"e.g. {DEFAULT_K:g}"
