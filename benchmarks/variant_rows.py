@@ -20,33 +20,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sphere_edit.bench.rundir import read_jsonl
+from sphere_edit.bench.rundir import BenchRunDir, MethodDir, read_jsonl
 from sphere_edit.bench.sweep import point_row
-from sphere_edit.editing.build import MethodSpec
 
 P_COLUMNS = ("rewrite_prob_success", "paraphrase_prob_success", "neighborhood_prob_success")
 
 
-def largest_batch_change(method_dir: Path) -> tuple[float, int, str] | None:
+def largest_batch_change(folder: MethodDir) -> tuple[float, int, str] | None:
     """(change, batch, layer) of the largest |HE change| of one layer in one batch."""
-    path = method_dir / "batches.jsonl"
-    if not path.is_file():
-        return None
     best = None
-    for batch in read_jsonl(path):
+    for batch in read_jsonl(folder.batches):
         for layer, change in batch.get("energy_change", {}).items():
             if best is None or abs(change) > abs(best[0]):
                 best = (float(change), int(batch["batch"]), layer)
     return best
 
 
-def phase_seconds(method_dir: Path) -> float | None:
+def phase_seconds(folder: MethodDir) -> float | None:
     """The method's summed phase times (``progress.json``), which add up over resumed
     processes where ``wall_seconds`` is the last process's alone."""
-    path = method_dir / "progress.json"
-    if not path.is_file():
-        return None
-    return float(sum(json.loads(path.read_text()).get("timings", {}).values()))
+    timings = folder.read_progress().get("timings")
+    return float(sum(timings.values())) if timings else None
 
 
 def gsm8k(path: Path | None) -> float | None:
@@ -57,16 +51,17 @@ def gsm8k(path: Path | None) -> float | None:
 
 
 def method_rows(run_dir: Path, general: Path | None) -> list[dict[str, Any]]:
-    summary = json.loads((run_dir / "summary.json").read_text())
+    layout = BenchRunDir(run_dir)
+    summary = json.loads(layout.summary.read_text())
     rows = []
     for spec, data in summary["methods"].items():
+        folder = layout.method(spec)
         row = point_row(spec, summary)
         metrics = data["final"]["metrics"]
         row.update({name: metrics.get(name) for name in ("fluency", *P_COLUMNS)})
         row["gsm8k"] = gsm8k(general)
-        largest = largest_batch_change(run_dir / MethodSpec.parse(spec).dirname)
-        row["largest_batch_he_change"] = largest
-        row["phase_seconds"] = phase_seconds(run_dir / MethodSpec.parse(spec).dirname)
+        row["largest_batch_he_change"] = largest_batch_change(folder)
+        row["phase_seconds"] = phase_seconds(folder)
         row["run_dir"] = str(run_dir)
         rows.append(row)
     return rows

@@ -2,15 +2,13 @@
 many collapses it flags ahead, with what lead, and how many false alarms it raises.
 
     python benchmarks/warning_replay.py RUN_DIR ... [--k 5,10,20] [--warmup 1,2,3,5]
-        [--horizon 2] [--not-collapse ultraedit] [--out replay.json]
+        [--horizon 2] [--out replay.json]
 
 Each RUN_DIR is a ``sphere-edit bench`` directory; every started method in it counts.
-A collapse is :func:`~sphere_edit.bench.analysis.collapse_point` (efficacy of the edits
-so far below half its first checkpoint's). A steady decline crosses that line too: the
-methods named by ``--not-collapse`` (a substring of the spec) are counted as runs without
-a collapse, and the table says so. False alarms are counted as batches with at least one
-alarm, earlier than ``horizon`` batches before the collapse (any batch in a run without
-one); alarms after the collapse are not counted (the model is already broken).
+Collapse, flagged, lead and false alarm are :func:`~sphere_edit.bench.analysis.
+warning_evaluation`'s; false alarms are counted here as batches with at least one (its
+``false_alarm_batches``), against the batches watched: up to the collapse, or all of a
+run without one.
 """
 
 from __future__ import annotations
@@ -27,40 +25,26 @@ def _numbers(text: str, kind: type) -> list[Any]:
     return [kind(v) for v in text.split(",") if v.strip()]
 
 
-def replay(
-    runs: list[Path], k: float, warmup: int, horizon: int, not_collapse: list[str]
-) -> dict[str, Any]:
+def replay(runs: list[Path], k: float, warmup: int, horizon: int) -> dict[str, Any]:
     """One grid point over every method of ``runs``."""
-    flagged, leads, collapses, false, batches, per_run = 0, [], 0, 0, 0, []
+    per_run = []
     for run in runs:
         results = run_warning_evaluation(run, k=k, warmup=warmup, horizon=horizon)
         for spec, r in results.items():
-            collapse = r["collapse_batch"]
-            if any(name in spec for name in not_collapse):
-                collapse = None
-            alarm_batches = sorted({a["batch"] for a in r["alarms"]})
-            if collapse is None:
-                wrong = alarm_batches
-                batches += r["batches"]
-                lead = None
-            else:
-                collapses += 1
-                wrong = [b for b in alarm_batches if b < collapse - horizon]
-                ahead = [b for b in alarm_batches if 0 <= collapse - b <= horizon]
-                lead = collapse - ahead[0] if ahead else None
-                if ahead:
-                    flagged += 1
-                    leads.append(lead)
-                batches += collapse
-            false += len(wrong)
             per_run.append(
                 {"run": run.name, "method": spec, "batches": r["batches"],
-                 "collapse_batch": collapse, "lead": lead, "false_alarm_batches": wrong}
+                 "collapse_batch": r["collapse_batch"],
+                 "lead": r["first_lead"] if r["flagged"] else None,
+                 "false_alarm_batches": r["false_alarm_batches"]}
             )  # fmt: skip
+    collapsed = [r for r in per_run if r["collapse_batch"] is not None]
     return {
-        "k": k, "warmup": warmup, "horizon": horizon, "collapses": collapses,
-        "flagged": flagged, "leads": leads, "false_alarm_batches": false,
-        "batches_watched": batches, "runs": per_run,
+        "k": k, "warmup": warmup, "horizon": horizon, "collapses": len(collapsed),
+        "flagged": sum(r["lead"] is not None for r in collapsed),
+        "leads": [r["lead"] for r in collapsed if r["lead"] is not None],
+        "false_alarm_batches": sum(len(r["false_alarm_batches"]) for r in per_run),
+        "batches_watched": sum(r["collapse_batch"] or r["batches"] for r in per_run),
+        "runs": per_run,
     }  # fmt: skip
 
 
@@ -70,19 +54,17 @@ def main() -> None:
     parser.add_argument("--k", default="5,10,20", help="comma-separated k values")
     parser.add_argument("--warmup", default="1,2,3,5", help="comma-separated warm-ups")
     parser.add_argument("--horizon", type=int, default=2, help="batches ahead that count")
-    parser.add_argument("--not-collapse", default="", help="comma-separated spec parts")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     for run in args.runs:
         if not (run / "config.json").is_file():
             raise SystemExit(f"error: {run}: no config.json; give a bench run directory")
-    not_collapse = [v.strip() for v in args.not_collapse.split(",") if v.strip()]
     points = [
-        replay(args.runs, k, warmup, args.horizon, not_collapse)
+        replay(args.runs, k, warmup, args.horizon)
         for warmup in _numbers(args.warmup, int)
         for k in _numbers(args.k, float)
     ]
-    print(f"{len(args.runs)} runs; horizon {args.horizon} batches; not collapses: {not_collapse}")
+    print(f"{len(args.runs)} runs; horizon {args.horizon} batches")
     print("| warm-up | k | collapses flagged | leads (batches) | false-alarm batches |")
     print("| --- | --- | --- | --- | --- |")
     for p in points:

@@ -314,8 +314,9 @@ def warning_evaluation(
     - ``flagged``: whether an alarm came at most ``horizon`` batches before (or at) the
       collapse batch, and ``first_lead`` the lead of the first such alarm;
     - ``false_alarms``: alarms earlier than ``horizon`` batches before the collapse (every
-      alarm when there is none); ``late_alarms``: alarms after the collapse batch, on a
-      model already broken (neither a warning nor a false one).
+      alarm when there is none), and ``false_alarm_batches`` the batches they fall in;
+      ``late_alarms``: alarms after the collapse batch, on a model already broken
+      (neither a warning nor a false one).
     """
     batches = layer_changes(energy_rows)
     rule = EnergyWarning(k=k, warmup=warmup)
@@ -335,6 +336,7 @@ def warning_evaluation(
 
     hits = [a for a in alarms if leads(a)]
     late = [a for a in alarms if collapse_batch is not None and a["batch"] > collapse_batch]
+    false = [a for a in alarms if a not in hits and a not in late]
     return {
         "k": k,
         "warmup": warmup,
@@ -350,7 +352,8 @@ def warning_evaluation(
         "alarms": alarms,
         "flagged": bool(hits),
         "first_lead": collapse_batch - hits[0]["batch"] if hits else None,
-        "false_alarms": len(alarms) - len(hits) - len(late),
+        "false_alarms": len(false),
+        "false_alarm_batches": sorted({a["batch"] for a in false}),
         "late_alarms": len(late),
     }  # fmt: skip
 

@@ -26,6 +26,8 @@ PRE_EDIT_SETTINGS = (
     "general_data", "general_items", "skip_invalid", "eval_batch_size",
     "case_order", "general_tasks",
 )  # fmt: skip
+# Settings that watch a run without changing its edits: a resumed run may change them.
+WATCH_SETTINGS = ("he_warning",)
 
 
 # What a batch with two cases of one prompt and subject does (BenchConfig.repeats).
@@ -63,8 +65,8 @@ class BenchConfig:
     positions_per_pass: int | None = None
     # None: the data set's order; "shuffle:SEED": a seeded shuffle of the selected cases.
     case_order: str | None = None
-    # The HE early warning's k (sphere.warning.EnergyWarning); 0: off. It watches the
-    # edits and changes none of them, so a resumed run may change it (load_resume_state).
+    # The HE early warning's k (sphere.warning.EnergyWarning); 0: off. One of
+    # WATCH_SETTINGS: a resumed run may change it.
     he_warning: float = DEFAULT_K
     general_tasks: tuple[str, ...] | None = None  # None: every general-abilities task
     # Where MEMIT's schedule applies SPHERE and RECT's mask: None each method's default.
@@ -174,12 +176,12 @@ def load_resume_state(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
     layout = BenchRunDir(run_dir)
     stored = {**LEGACY_RECIPE, **layout.read_config()["config"]}
     mine = json.loads(json.dumps(asdict(config)))
-    stored["he_warning"] = mine["he_warning"]  # a watch on the edits, not part of them
     if (stored["repeats"], mine["repeats"]) == ("refuse", "edit"):
         # A run that refused repeats has edited no batch holding one, so its journal is
         # also the journal of the same run with repeats edited: it may go on that way.
         stored["repeats"] = "edit"
-    difference = first_difference(stored, mine)
+    compared = sorted((set(stored) | set(mine)) - set(WATCH_SETTINGS))
+    difference = first_difference(stored, mine, compared)
     if difference is not None:
         key, theirs, value = difference
         raise ValueError(

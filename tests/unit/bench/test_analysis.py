@@ -204,9 +204,11 @@ def test_the_warning_evaluation_counts_lead_hits_and_false_alarms():
     assert [(a["batch"], a["layer"]) for a in result["alarms"]] == [(6, 0), (13, 1), (18, 0)]
     assert result["flagged"] and result["first_lead"] == 2
     assert (result["false_alarms"], result["late_alarms"]) == (1, 1)
+    assert result["false_alarm_batches"] == [6]
     quiet = warning_evaluation(_he_rows(steps), checkpoints[:10], k=5, warmup=3, horizon=5)
     assert quiet["collapse_batch"] is None and not quiet["flagged"]
     assert (quiet["false_alarms"], quiet["late_alarms"]) == (3, 0)
+    assert quiet["false_alarm_batches"] == [6, 13, 18]
 
 
 # -- case orders and their spread ---------------------------------------------------------
