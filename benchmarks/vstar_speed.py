@@ -214,7 +214,11 @@ def main() -> None:
         scored["reference"] = (requests[:n_ref], cases[:n_ref], reference)
     for name, (edited, edited_cases, result) in scored.items():
         session.apply(edited, precomputed_vstar=result)
-        runs[name]["efficacy"] = evaluate(loaded, edited_cases, 64)["rewrite"]
+        summary = evaluate(loaded, edited_cases, 64)["summary"]
+        runs[name]["efficacy"] = {
+            "p_new_gt_old": summary["rewrite_prob_success"],
+            "top1": summary["rewrite_top1"],
+        }
         session.rollback(1)
     if "reference" in runs:
         for name in results:

@@ -67,3 +67,21 @@ def test_edits_become_top_predictions_and_leave_unrelated_prompts(smollm2, tmp_p
         assert set(result.energy_change) == set(session.layers)
     finally:
         session.rollback(len(session.batches))
+
+
+def test_the_lr_rules_reference_sizes_are_smollm2s(smollm2, data_dir):
+    """The preset command's lr rule is referenced to these numbers: they must be what the
+    embedded model gives (layer 11, last subject token, the first 24 train cases)."""
+    from sphere_edit.analysis.preset_search import (
+        LR_RULES,
+        REFERENCE_SIZES,
+        coordinate_size,
+        subject_last_states,
+    )
+    from sphere_edit.evaluation.data import load_cases
+
+    cases = load_cases(data_dir / "counterfact" / "train.json", limit=24)
+    prompts = [(c.request.prompt, c.request.subject) for c in cases]
+    states = subject_last_states(smollm2, prompts, 11)
+    for rule in LR_RULES:
+        assert coordinate_size(states, rule) == pytest.approx(REFERENCE_SIZES[rule], rel=1e-4)

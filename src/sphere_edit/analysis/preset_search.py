@@ -3,12 +3,15 @@
 Three steps, each small enough for a CPU:
 
 1. Causal tracing (:mod:`.tracing`) of a few known facts suggests a window of layers.
-2. The v* learning rate of each candidate window follows the model's residual norm at
-   the window's last layer (:func:`scaled_lr`): v* adds ``delta`` to that hidden state and
-   Adam moves each coordinate by about ``lr`` per step, so ``lr · steps`` is kept the same
-   fraction of the residual's per-coordinate size (mean norm / √hidden) as in SmolLM2's
-   preset (lr 0.5, 25 steps, :data:`REFERENCE_RMS` at its last edited layer 11); with
-   ``lr_scales`` the sweep also tries that lr times each factor.
+2. The v* learning rate of each candidate window follows the size of one coordinate of
+   the model's residual at the window's last layer (:func:`scaled_lr`): v* adds ``delta``
+   to that hidden state and Adam moves each coordinate by about ``lr`` per step, so
+   ``lr · steps`` is kept the same fraction of that size as in SmolLM2's preset (lr 0.5,
+   25 steps, :data:`REFERENCE_SIZES` at its last edited layer 11). The size is the median
+   |coordinate| (``lr_rule="median"``, default) or the root mean square (``"rms"``, the
+   first rule): a few massive coordinates (Gemma-3's reach thousands) inflate the RMS
+   without making the other coordinates any larger. With ``lr_scales`` the sweep also
+   tries that lr times each factor.
 3. A sweep over windows (the suggestion and its neighbours shifted by ±step, ±2·step, ...) and
    MEMIT's λ (``mom2_weight``): one batch of CounterFact cases per candidate on the base
    model, scored by efficacy, then paraphrase (generalization), then specificity. The v*
@@ -33,13 +36,15 @@ from ..editing.presets import Preset, model_identity, preset_to_data
 from ..model.loading import LoadedModel
 from ..model.placement import input_device
 
-# SmolLM2-135M's preset, the reference of the lr rule: v* lr, Adam steps, and the mean
-# norm of the hidden state after its last edited layer (11) at the last subject token of
-# the first 24 CounterFact train cases (:func:`mean_residual_norm`: 154.28) over √576.
+# SmolLM2-135M's preset, the reference of the lr rule: v* lr, Adam steps, and the size of
+# one coordinate of the hidden state after its last edited layer (11) at the last subject
+# token of the first 24 CounterFact train cases (:func:`coordinate_size` under each rule;
+# the mean norm there is 154.28).
 REFERENCE_LR = 0.5
 REFERENCE_STEPS = 25
-REFERENCE_RMS = 154.28 / 576**0.5
 REFERENCE_MODEL = "smollm2-135m"
+REFERENCE_SIZES = {"median": 2.0218, "rms": 154.28 / 576**0.5}
+LR_RULES = tuple(REFERENCE_SIZES)
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ class SearchConfig:
     cases from ``offset`` in one batch per candidate, ``mom2_weights`` MEMIT's λ values,
     ``stats_tokens`` corpus tokens for C0 during the sweep, ``steps`` v* steps, ``min_prob``
     the tracer's threshold for a known fact, ``precision`` the trace's and the v* and key
-    passes' arithmetic (resolved: "fp32" or "bf16")."""
+    passes' arithmetic (resolved: "fp32" or "bf16"), ``lr_rule`` how the size of a
+    residual coordinate is read (:data:`LR_RULES`)."""
 
     n_facts: int = 8
     samples: int = 3
@@ -66,6 +72,7 @@ class SearchConfig:
     seed: int = 0
     min_prob: float = 0.1
     precision: str = "fp32"
+    lr_rule: str = "median"
 
     def __post_init__(self) -> None:
         for name in ("n_facts", "samples", "window", "windows", "window_step", "cases", "steps"):
@@ -81,6 +88,8 @@ class SearchConfig:
             raise ValueError("--stats-tokens: must be at least 1000")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision: {self.precision!r} is not fp32 or bf16")
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"--lr-rule: {self.lr_rule!r} is not one of {', '.join(LR_RULES)}")
 
 
 def candidate_windows(
@@ -122,17 +131,21 @@ def subject_last_states(
     return torch.stack(rows)
 
 
-def mean_residual_norm(
-    loaded: LoadedModel, prompts: Sequence[tuple[str, str]], layer: int
-) -> float:
-    """The mean Euclidean norm of :func:`subject_last_states`."""
-    return float(subject_last_states(loaded, prompts, layer).norm(dim=1).mean())
+def coordinate_size(states: torch.Tensor, rule: str) -> float:
+    """The size of one coordinate of the rows of ``states`` (hidden states), averaged over
+    rows: the median |coordinate| (torch's median, the lower middle value) under
+    ``"median"``, the norm over √hidden under ``"rms"``."""
+    if rule == "median":
+        return float(states.abs().median(dim=1).values.mean())
+    if rule == "rms":
+        return float(states.norm(dim=1).mean()) / states.shape[1] ** 0.5
+    raise ValueError(f"lr rule {rule!r} is not one of {', '.join(LR_RULES)}")
 
 
-def scaled_lr(norm: float, hidden_size: int, steps: int) -> float:
-    """The v* lr for which ``lr · steps / (norm / √hidden_size)`` equals SmolLM2's
-    ``0.5 · 25 / REFERENCE_RMS``."""
-    return REFERENCE_LR * REFERENCE_STEPS / REFERENCE_RMS * (norm / hidden_size**0.5) / steps
+def scaled_lr(size: float, steps: int, rule: str) -> float:
+    """The v* lr for which ``lr · steps / size`` equals SmolLM2's ``0.5 · 25 /
+    REFERENCE_SIZES[rule]``; ``size`` is :func:`coordinate_size` under ``rule``."""
+    return REFERENCE_LR * REFERENCE_STEPS / REFERENCE_SIZES[rule] * size / steps
 
 
 def rank_key(metrics: dict[str, Any]) -> tuple[float, float, float]:
@@ -179,16 +192,16 @@ def search_preset(
         f"{time.perf_counter() - started:.0f}s)")  # fmt: skip
     windows = candidate_windows(suggested, config.windows, n_layers, config.window_step)
     requests = [case.request for case in cases]
-    norm_prompts = [(r.prompt, r.subject) for r in requests]
+    subject_prompts = [(r.prompt, r.subject) for r in requests]
     source = load_corpus(corpus, loaded, seed=config.seed)
     base = snapshot_weights(loaded, range(n_layers))
-    hidden_size = int(loaded.model.config.get_text_config().hidden_size)
     candidates: list[dict[str, Any]] = []
     total = len(windows) * len(config.lr_scales) * len(config.mom2_weights)
     for layers in windows:
-        norm = mean_residual_norm(loaded, norm_prompts, layers[-1])
+        states = subject_last_states(loaded, subject_prompts, layers[-1])
+        sizes = {rule: coordinate_size(states, rule) for rule in LR_RULES}
         for scale in config.lr_scales:
-            lr = scale * scaled_lr(norm, hidden_size, config.steps)
+            lr = scale * scaled_lr(sizes[config.lr_rule], config.steps, config.lr_rule)
             shared = None
             for weight in config.mom2_weights:
                 clock = time.perf_counter()
@@ -211,7 +224,8 @@ def search_preset(
                     "layers": layers,
                     "lr": lr,
                     "lr_scale": scale,
-                    "residual_norm": norm,
+                    "residual_norm": float(states.norm(dim=1).mean()),
+                    "coordinate_size": sizes,
                     "mom2_weight": weight,
                     "efficacy": metrics.get("efficacy"),
                     "generalization": metrics.get("generalization"),
@@ -229,7 +243,8 @@ def search_preset(
     data["notes"] = (
         f"sphere-edit preset {loaded.name}: traced {trace['counts']['facts_traced']} facts "
         f"(window of {window}), swept {len(windows)} windows {config.window_step} layers apart "
-        f"x lr factors {','.join(f'{f:g}' for f in config.lr_scales)} x mom2_weight "
+        f"x lr factors {','.join(f'{f:g}' for f in config.lr_scales)} on the "
+        f"{config.lr_rule} rule lr x mom2_weight "
         f"{','.join(f'{w:g}' for w in config.mom2_weights)} on {len(cases)} cases; chosen by "
         "efficacy, then paraphrase, then specificity"
     )
@@ -242,10 +257,11 @@ def search_preset(
             "window_curve": trace["last_subject_token"]["window"],
         },
         "lr_rule": (
-            f"lr = {REFERENCE_LR} * {REFERENCE_STEPS} / {REFERENCE_RMS:.4g} * (norm / "
-            f"sqrt({hidden_size})) / steps: lr * steps is the fraction of the residual's "
-            "per-coordinate size (mean norm at the last subject token after the last edited "
-            f"layer, over sqrt(hidden)) that {REFERENCE_MODEL}'s preset uses"
+            f"lr = {REFERENCE_LR} * {REFERENCE_STEPS} / {REFERENCE_SIZES[config.lr_rule]:.4g} * "
+            f"size / steps, size = {_RULE_TEXT[config.lr_rule]} of the hidden state after the "
+            "last edited layer at the last subject token (mean over the sweep's cases): lr * "
+            f"steps is the fraction of one coordinate's size that {REFERENCE_MODEL}'s preset "
+            "uses"
         ),
         "sweep": {
             "method": "memit",
@@ -267,6 +283,9 @@ def search_preset(
 
     write_json(out, data)
     return data
+
+
+_RULE_TEXT = {"median": "the median |coordinate|", "rms": "the norm over sqrt(hidden)"}
 
 
 def _fmt(value: float | None) -> str:

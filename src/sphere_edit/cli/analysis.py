@@ -446,10 +446,15 @@ def preset(
     ] = "1000,5000,15000",
     lr_scales: Annotated[
         str,
-        typer.Option(
-            help="Factors on each window's v* lr (from the residual norm), comma-separated."
-        ),
+        typer.Option(help="Factors on each window's v* lr (from --lr-rule), comma-separated."),
     ] = "1",
+    lr_rule: Annotated[
+        str,
+        typer.Option(
+            help="How a window's v* lr follows its residual: median (the median |coordinate| "
+            "against SmolLM2's) or rms (the norm over sqrt(hidden), the first rule)."
+        ),
+    ] = "median",
     corpus: CorpusOpt = None,
     stats_tokens: Annotated[
         int, typer.Option(min=1000, help="Corpus tokens for C0 during the sweep.")
@@ -470,7 +475,7 @@ def preset(
     config = SearchConfig(n_facts=n_facts, samples=samples, window=window, windows=windows,
                           window_step=window_step, lr_scales=scales, cases=cases, offset=offset,
                           mom2_weights=weights, stats_tokens=stats_tokens, seed=seed,
-                          min_prob=min_prob)  # fmt: skip
+                          min_prob=min_prob, lr_rule=lr_rule)  # fmt: skip
     if out.exists() and out.is_dir():
         raise ValueError(f"--out: {out} is a folder; give a file name such as my-model.json")
     facts_path = facts or default_facts_path()

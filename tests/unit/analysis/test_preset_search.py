@@ -4,19 +4,19 @@ hooks written here, and the command on a tiny model writing a preset --preset re
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from sphere_edit.analysis.preset_search import (
+    LR_RULES,
     REFERENCE_LR,
-    REFERENCE_RMS,
+    REFERENCE_SIZES,
     REFERENCE_STEPS,
     SearchConfig,
     candidate_windows,
-    mean_residual_norm,
+    coordinate_size,
     rank_key,
     scaled_lr,
     subject_last_states,
@@ -43,16 +43,28 @@ def test_candidate_windows_are_the_suggestion_then_its_neighbours():
     assert candidate_windows([0, 1, 2], 3, 18, step=1) == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
 
 
-def test_the_lr_rule_keeps_lr_times_steps_over_the_residual_size():
-    hidden = 576
-    assert scaled_lr(REFERENCE_RMS * math.sqrt(hidden), hidden, REFERENCE_STEPS) == (
-        pytest.approx(REFERENCE_LR)
-    )
-    # lr * steps / (norm / sqrt(hidden)) is the same for any model.
-    for norm, size, steps in ((6000.0, 640, 25), (300.0, 2048, 10), (5.0, 64, 50)):
-        lr = scaled_lr(norm, size, steps)
-        ratio = lr * steps / (norm / math.sqrt(size))
-        assert ratio == pytest.approx(REFERENCE_LR * REFERENCE_STEPS / REFERENCE_RMS)
+def test_the_lr_rule_keeps_lr_times_steps_over_one_coordinates_size():
+    for rule in LR_RULES:
+        assert scaled_lr(REFERENCE_SIZES[rule], REFERENCE_STEPS, rule) == (
+            pytest.approx(REFERENCE_LR)
+        )
+        # lr * steps / size is the same for any model.
+        for size, steps in ((12.4, 25), (300.0, 10), (0.05, 50)):
+            lr = scaled_lr(size, steps, rule)
+            assert lr * steps / size == pytest.approx(
+                REFERENCE_LR * REFERENCE_STEPS / REFERENCE_SIZES[rule]
+            )
+
+
+def test_coordinate_size_is_the_median_magnitude_or_the_rms():
+    # One massive coordinate moves the RMS far and the median not at all.
+    states = torch.tensor([[1.0, -2.0, 3.0, 1000.0], [-4.0, 1.0, 1.0, 2.0]])
+    # torch's median of 4 values is the lower middle one: |.| sorted 1 2 3 1000 -> 2; 1 1 2 4 -> 1
+    assert coordinate_size(states, "median") == pytest.approx((2.0 + 1.0) / 2)
+    rms = (states.norm(dim=1) / 2.0).mean()
+    assert coordinate_size(states, "rms") == pytest.approx(float(rms))
+    with pytest.raises(ValueError, match="lr rule"):
+        coordinate_size(states, "mean")
 
 
 def test_residual_states_are_the_decoder_layer_outputs_at_the_last_subject_token(
@@ -84,8 +96,6 @@ def test_residual_states_are_the_decoder_layer_outputs_at_the_last_subject_token
         expected.append(seen["h"][0, last])
     states = subject_last_states(loaded, prompts, layer)
     torch.testing.assert_close(states, torch.stack(expected))
-    norm = mean_residual_norm(loaded, prompts, layer)
-    assert norm == pytest.approx(float(torch.stack(expected).norm(dim=1).mean()), rel=1e-6)
 
 
 def test_candidates_rank_by_efficacy_then_paraphrase_then_specificity():
@@ -105,6 +115,8 @@ def test_search_config_refuses_bad_values():
         SearchConfig(mom2_weights=())
     with pytest.raises(ValueError, match="--lr-scales"):
         SearchConfig(lr_scales=(1.0, 0.0))
+    with pytest.raises(ValueError, match="--lr-rule"):
+        SearchConfig(lr_rule="mean")
 
 
 def test_the_preset_command_writes_a_preset_that_preset_reads(tmp_path, tiny_tokenizer):
@@ -130,6 +142,8 @@ def test_the_preset_command_writes_a_preset_that_preset_reads(tmp_path, tiny_tok
     for c in candidates:  # the factor multiplies the window's own rule lr
         rule = [d["lr"] for d in candidates if d["layers"] == c["layers"] and d["lr_scale"] == 1]
         assert c["lr"] == pytest.approx(c["lr_scale"] * rule[0], rel=1e-12)
+        size = c["coordinate_size"]["median"]  # the default rule
+        assert rule[0] == pytest.approx(scaled_lr(size, REFERENCE_STEPS, "median"), rel=1e-12)
     assert {c["lr_scale"] for c in candidates} == {1.0, 0.5}
     assert {tuple(c["layers"]) for c in candidates} == {
         tuple(w)
