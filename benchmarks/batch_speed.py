@@ -156,21 +156,12 @@ def score(run_dir: Path, args: argparse.Namespace) -> tuple[dict[str, float], fl
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    from _output import machine_facts
 
-    from sphere_edit.common.precision import bf16_support, cpu_flags, matmul_gflops
-
-    flags = sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx"))
-    support = bf16_support("cpu")
-    peaks = {
-        "fp32": matmul_gflops(torch.float32, size=2048, seconds=1.0),
-        "bf16": matmul_gflops(torch.bfloat16, size=2048, seconds=1.0),
-    }
     report: dict[str, Any] = {
         "n": args.n,
         "threads": torch.get_num_threads(),
-        "cpu_bf16_flags": flags,
-        "native_bf16": support.native,
-        "matmul_peak_gflops": peaks,
+        **machine_facts(),
         "load_average_start": load_average(),
     }
     print(json.dumps(report, indent=2), flush=True)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _output import print_and_save  # benchmarks/, the script's folder
+from _output import machine_facts, print_and_save  # benchmarks/, the script's folder
 from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,28 +79,6 @@ SMOLLM2 = Shape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, 30)
 LLAMA_1B = Shape("Llama-1B", 2048, 8192, 16, 32, 8, 128256, 4)
 LLAMA3_8B_KEY = 14336
 LLAMA3_8B_HIDDEN = 4096
-
-
-def cpu_flags() -> dict[str, bool]:
-    """Whether the CPU has the bfloat16 and AMX instructions that make bf16 matmuls fast."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    return {name: name in flags for name in ("avx512_bf16", "amx_bf16", "amx_tile")}
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """Best GFLOP/s of an n × n matmul in ``dtype``."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    a @ b  # warm-up: first call allocates and picks kernels
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def rss_mib() -> float:
@@ -311,10 +289,8 @@ def main() -> None:
     print("WEIGHTS ARE RANDOM: costs only, no edit quality is measured.")
     header = {
         "cpu": platform.processor() or platform.machine(),
-        **cpu_flags(),
         "threads": threads,
-        "fp32_2048_gflops": matmul_peak(torch.float32),
-        "bf16_2048_gflops": matmul_peak(torch.bfloat16),
+        **machine_facts(),
     }
     print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in header.items()))  # fmt: skip

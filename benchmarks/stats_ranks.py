@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _output import print_and_save  # benchmarks/, the script's folder
-from cost_model import cpu_flags, matmul_peak
+from _output import machine_facts, print_and_save  # benchmarks/, the script's folder
 from safetensors import safe_open
 
 
@@ -64,10 +63,8 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     header = {
-        "cpu": " ".join(f"{k}={v}" for k, v in cpu_flags().items()),
         "cores": cores,
-        "fp32_2048_gflops": matmul_peak(torch.float32),
-        "bf16_2048_gflops": matmul_peak(torch.bfloat16),
+        **machine_facts(),
     }
     print(header, flush=True)
     stats_args = ["--model", args.model, "--corpus", args.corpus,

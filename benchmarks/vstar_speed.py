@@ -29,10 +29,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _output import DATA_HELP, data_folder  # noqa: E402
+from _output import DATA_HELP, data_folder, machine_facts  # noqa: E402
 from counterfact_100 import evaluate, load_cases, log  # noqa: E402
 
-from sphere_edit.common.precision import bf16_support  # noqa: E402
 from sphere_edit.editing.build import build_session  # noqa: E402
 from sphere_edit.editing.vstar import VStarResult, compute_vstar  # noqa: E402
 from sphere_edit.model.loading import DEFAULT_MODEL, load_model, resolve_device  # noqa: E402
@@ -42,24 +41,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work, so that a wall-clock time covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_peak(
-    dtype: torch.dtype, size: int = 2048, repeats: int = 10, device: torch.device | None = None
-) -> float:
-    """GFLOP/s of a square matmul (best of ``repeats``)."""
-    device = device or torch.device("cpu")
-    a = torch.randn(size, size).to(device, dtype)
-    b = torch.randn(size, size).to(device, dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def cat_results(parts: list[VStarResult]) -> VStarResult:
@@ -136,15 +117,9 @@ def main() -> None:
     templates = session.context_templates()
     z_layer = session.layers[-1]
     config = session.target
-    if device.type == "cuda":  # a GPU needs large products to reach its peak
-        peaks = {name: matmul_peak(dtype, 8192, 10, device) for name, dtype in
-                 (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
-    else:
-        peaks = {"fp32": matmul_peak(torch.float32)}
-        # Without native bf16 units (e.g. AVX2-only CPUs) a bf16 matmul is emulated and
-        # slow: a small one is enough to show it.
-        native = bf16_support("cpu", probe=False).native
-        peaks["bf16"] = matmul_peak(torch.bfloat16, *((2048, 10) if native else (512, 2)))
+    machine = machine_facts(device)
+    peaks = machine["matmul_peak_gflops"]
+    log(f"bf16 flags {machine['cpu_bf16_flags']} (native: {machine['native_bf16']})")
     log(f"matmul peak GFLOP/s: {peaks}")
 
     runs: dict[str, dict] = {}
@@ -237,7 +212,8 @@ def main() -> None:
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"peaks": peaks, "runs": runs, "n": args.n}, indent=2))
+        report = {"machine": machine, "peaks": peaks, "runs": runs, "n": args.n}
+        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

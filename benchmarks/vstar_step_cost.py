@@ -30,9 +30,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from _output import machine_facts  # benchmarks/, the script's folder
 
 import sphere_edit.editing.vstar as vstar
-from sphere_edit.common.precision import bf16_support, cpu_flags, matmul_gflops
 from sphere_edit.editing.presets import preset_for
 from sphere_edit.editing.requests import EditRequest
 from sphere_edit.editing.sampling import generate_context_templates
@@ -60,11 +60,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    flags = sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx"))
-    peaks = {d: matmul_gflops(getattr(torch, d), size=2048) for d in ("float32", "bfloat16")}
+    machine = machine_facts()
+    peaks = machine["matmul_peak_gflops"]
     print(
-        f"threads {torch.get_num_threads()}, bf16 flags {flags} (native: "
-        f"{bf16_support('cpu').native}), matmul peak GFLOP/s {json.dumps(peaks)}, "
+        f"threads {torch.get_num_threads()}, bf16 flags {machine['cpu_bf16_flags']} (native: "
+        f"{machine['native_bf16']}), matmul peak GFLOP/s {json.dumps(peaks)}, "
         f"load {os.getloadavg()}",
         flush=True,
     )
@@ -92,8 +92,9 @@ def main() -> None:
             print(f"{name}: {seconds[name][-1]:.2f} s", flush=True)
     reference = vectors["fp32"]
     report = {
-        "n": args.n, "steps": args.steps, "repeats": args.repeats, "bf16_flags": flags,
-        "matmul_peak_gflops": peaks, "load_average_end": os.getloadavg(), "variants": {},
+        "n": args.n, "steps": args.steps, "repeats": args.repeats,
+        "bf16_flags": machine["cpu_bf16_flags"], "matmul_peak_gflops": peaks,
+        "load_average_end": os.getloadavg(), "variants": {},
     }  # fmt: skip
     print(f"\n{'variant':<14}{'median s':>10}{'× fp32':>8}{'max |Δv*| vs fp32':>20}")
     for name, times in seconds.items():
