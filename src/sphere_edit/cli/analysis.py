@@ -451,10 +451,11 @@ def preset(
     lr_rule: Annotated[
         str,
         typer.Option(
-            help="How a window's v* lr follows its residual: median (the median |coordinate| "
-            "against SmolLM2's) or rms (the norm over sqrt(hidden), the first rule)."
+            help="How a window's v* lr follows its residual, against SmolLM2's: rms (the norm "
+            "over sqrt(hidden)) or median (the median |coordinate|, robust to a few massive "
+            "coordinates)."
         ),
-    ] = "median",
+    ] = "rms",
     corpus: CorpusOpt = None,
     stats_tokens: Annotated[
         int, typer.Option(min=1000, help="Corpus tokens for C0 during the sweep.")
