@@ -7,9 +7,9 @@ Three steps, each small enough for a CPU:
    the model's residual at the window's last layer (:func:`scaled_lr`): v* adds ``delta``
    to that hidden state and Adam moves each coordinate by about ``lr`` per step, so
    ``lr · steps`` is kept the same fraction of that size as in SmolLM2's preset (lr 0.5,
-   25 steps, :data:`REFERENCE_SIZES` at its last edited layer 11). The size is the root
-   mean square (``lr_rule="rms"``, default) or the median |coordinate| (``"median"``, an
-   option): a few massive coordinates (Gemma-3's reach thousands) inflate the RMS
+   25 steps, :data:`REFERENCE_SIZES` at its last edited layer 11). The size is the median
+   |coordinate| (``lr_rule="median"``, default) or the root mean square (``"rms"``, the
+   first rule): a few massive coordinates (Gemma-3's reach thousands) inflate the RMS
    without making the other coordinates any larger. With ``lr_scales`` the sweep also
    tries that lr times each factor.
 3. A sweep over windows (the suggestion and its neighbours shifted by ±step, ±2·step, ...) and
@@ -43,7 +43,7 @@ from ..model.placement import input_device
 REFERENCE_LR = 0.5
 REFERENCE_STEPS = 25
 REFERENCE_MODEL = "smollm2-135m"
-REFERENCE_SIZES = {"rms": 154.28 / 576**0.5, "median": 2.0218}
+REFERENCE_SIZES = {"median": 2.0218, "rms": 154.28 / 576**0.5}
 LR_RULES = tuple(REFERENCE_SIZES)
 
 
@@ -72,7 +72,7 @@ class SearchConfig:
     seed: int = 0
     min_prob: float = 0.1
     precision: str = "fp32"
-    lr_rule: str = "rms"
+    lr_rule: str = "median"
 
     def __post_init__(self) -> None:
         for name in ("n_facts", "samples", "window", "windows", "window_step", "cases", "steps"):

@@ -451,11 +451,11 @@ def preset(
     lr_rule: Annotated[
         str,
         typer.Option(
-            help="How a window's v* lr follows its residual, against SmolLM2's: rms (the norm "
-            "over sqrt(hidden)) or median (the median |coordinate|, robust to a few massive "
-            "coordinates)."
+            help="How a window's v* lr follows its residual, against SmolLM2's: median (the "
+            "median |coordinate|, robust to a few massive coordinates) or rms (the norm over "
+            "sqrt(hidden), the first rule)."
         ),
-    ] = "rms",
+    ] = "median",
     corpus: CorpusOpt = None,
     stats_tokens: Annotated[
         int, typer.Option(min=1000, help="Corpus tokens for C0 during the sweep.")

@@ -142,8 +142,8 @@ def test_the_preset_command_writes_a_preset_that_preset_reads(tmp_path, tiny_tok
     for c in candidates:  # the factor multiplies the window's own rule lr
         rule = [d["lr"] for d in candidates if d["layers"] == c["layers"] and d["lr_scale"] == 1]
         assert c["lr"] == pytest.approx(c["lr_scale"] * rule[0], rel=1e-12)
-        size = c["coordinate_size"]["rms"]  # the default rule
-        assert rule[0] == pytest.approx(scaled_lr(size, REFERENCE_STEPS, "rms"), rel=1e-12)
+        size = c["coordinate_size"]["median"]  # the default rule
+        assert rule[0] == pytest.approx(scaled_lr(size, REFERENCE_STEPS, "median"), rel=1e-12)
     assert {c["lr_scale"] for c in candidates} == {1.0, 0.5}
     assert {tuple(c["layers"]) for c in candidates} == {
         tuple(w)
