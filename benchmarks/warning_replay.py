@@ -43,7 +43,9 @@ def replay(runs: list[Path], k: float, warmup: int, horizon: int) -> dict[str, A
         "flagged": sum(r["lead"] is not None for r in collapsed),
         "leads": [r["lead"] for r in collapsed if r["lead"] is not None],
         "false_alarm_batches": sum(len(r["false_alarm_batches"]) for r in per_run),
-        "batches_watched": sum(r["collapse_batch"] or r["batches"] for r in per_run),
+        "batches_watched": sum(
+            r["batches"] if r["collapse_batch"] is None else r["collapse_batch"] for r in per_run
+        ),
         "runs": per_run,
     }  # fmt: skip
 

@@ -334,9 +334,12 @@ def warning_evaluation(
     def leads(alarm: Mapping[str, Any]) -> bool:
         return collapse_batch is not None and 0 <= collapse_batch - alarm["batch"] <= horizon
 
+    def after(alarm: Mapping[str, Any]) -> bool:
+        return collapse_batch is not None and alarm["batch"] > collapse_batch
+
     hits = [a for a in alarms if leads(a)]
-    late = [a for a in alarms if collapse_batch is not None and a["batch"] > collapse_batch]
-    false = [a for a in alarms if a not in hits and a not in late]
+    late = [a for a in alarms if after(a)]
+    false = [a for a in alarms if not leads(a) and not after(a)]
     return {
         "k": k,
         "warmup": warmup,
