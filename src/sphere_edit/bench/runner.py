@@ -97,6 +97,7 @@ class Benchmark:
         loaded: LoadedModel | None = None,
         resume: bool = False,
         pre_edit_from: str | Path | None = None,
+        first_targets: dict[str, tuple[str, VStarResult]] | None = None,
     ):
         self.config = config
         # Another run of the same model, cases and evaluation settings (typically the
@@ -111,8 +112,12 @@ class Benchmark:
         self.resume = resume
         self._state: dict[str, Any] = {"pre_edit": False, "methods": {}}
         # Every method edits the same first batch of the same base model: the v* of
-        # methods that take precomputed targets is computed once per targets key.
-        self._first_targets: dict[str, tuple[str, VStarResult]] = {}  # key: (method, v*)
+        # methods that take precomputed targets is computed once per targets key. A caller
+        # running several benchmarks of one config on one model (a sweep) passes one dict
+        # to all of them, so that the first batch's v* is shared across them too.
+        self._first_targets: dict[str, tuple[str, VStarResult]] = (
+            first_targets if first_targets is not None else {}
+        )  # key: (method, v*)
         self._edited: list[int] = []  # the layers of the method being run
 
     # -- setup ------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 Each grid point is a method spec with ``:name=value`` options (``MethodSpec``), run by
 :class:`~.runner.Benchmark` into its own run directory under the sweep directory; the
-first point's pre-edit results are reused by the others. A finished point is skipped on
-``resume`` and an interrupted one continues where it stopped. ``sweep.json`` names the
-sweep, ``sweep.jsonl`` holds one row per finished point, ``sweep.md`` the table and
-``sweep.png`` each metric against each grid axis (mean over the other axes).
+first point's pre-edit results and its first batch's v* are reused by the others. A
+finished point is skipped on ``resume`` and an interrupted one continues where it stopped.
+``sweep.json`` names the sweep, ``sweep.jsonl`` holds one row per finished point,
+``sweep.md`` the table and ``sweep.png`` each metric against each grid axis (mean over the
+other axes).
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ def run_sweep(
     sweep_file.write_text(json.dumps(described, indent=2) + "\n")
     rows: list[dict[str, Any]] = []
     first: Path | None = None
+    # Every point edits the same first batch of the same base model with the same v*
+    # settings (the grid varies SPHERE options only), so its v* is computed once.
+    first_targets: dict[str, Any] = {}
     for i, spec in enumerate(specs):
         run_dir = out / f"point-{i:03d}"
         log(f"sweep point {i + 1}/{len(specs)}: {spec}")
@@ -164,6 +168,7 @@ def run_sweep(
             loaded=loaded,
             resume=resume and run_dir.exists(),
             pre_edit_from=first if first is not None and not run_dir.exists() else None,
+            first_targets=first_targets,
         )
         summary = bench.run()
         first = first or run_dir

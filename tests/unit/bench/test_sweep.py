@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
 
 from sphere_edit.bench import sweep as sweep_module
 from sphere_edit.bench.rundir import read_jsonl
-from sphere_edit.bench.runner import BenchConfig
+from sphere_edit.bench.runner import BenchConfig, Benchmark
 from sphere_edit.bench.sweep import (
     ROWS_FILE,
     TABLE_FILE,
@@ -19,6 +20,7 @@ from sphere_edit.bench.sweep import (
     run_sweep,
 )
 from sphere_edit.cli.app import app
+from sphere_edit.editing.journal import INDEX
 from sphere_edit.model.loading import LoadedModel
 from tests import FIXTURES_DIR
 from tests.tiny_models import make_tiny_model
@@ -82,6 +84,31 @@ def test_sweep_writes_its_table_and_resumes(tmp_path, tiny_tokenizer, monkeypatc
     again = run_sweep(_config(), "memit+sphere-solve", grid, out, resume=True, **options)
     assert [r["spec"] for r in again] == [r["spec"] for r in rows]
     assert [r["efficacy"] for r in again] == [r["efficacy"] for r in rows]
+
+
+def _delta_hashes(run_dir) -> list[str]:
+    (index,) = run_dir.glob(f"*/journal/{INDEX}")
+    return [entry["delta_sha256"] for entry in json.loads(index.read_text())["batches"]]
+
+
+def test_the_first_batch_v_star_is_computed_once_and_changes_nothing(tmp_path, tiny_tokenizer):
+    """The second point reuses the first point's v* of batch 1; run alone it computes its
+    own, and its journal holds the same deltas, bitwise."""
+    model = make_tiny_model("llama", tiny_tokenizer, seed=0)
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer, name="tiny-llama")
+    logs: list[str] = []
+    grid = {"alpha": ["0.3", "0.8"]}
+    run_sweep(_config(), "memit+sphere", grid, tmp_path / "sweep", loaded=loaded,
+              log=logs.append, progress=False)  # fmt: skip
+    shared = [line for line in logs if "v* of batch 1 shared" in line]
+    assert len(shared) == 1 and shared[0].startswith("memit+sphere:alpha=0.8:")
+
+    alone_logs: list[str] = []
+    alone = tmp_path / "alone"
+    config = replace(_config(), methods=("memit+sphere:alpha=0.8",))
+    Benchmark(config, alone, log=alone_logs.append, progress=False, loaded=loaded).run()
+    assert not any("shared" in line for line in alone_logs)
+    assert _delta_hashes(alone) == _delta_hashes(tmp_path / "sweep" / "point-001")
 
 
 def test_cli_sweep_rejects_a_bad_grid_in_one_line(tmp_path):
