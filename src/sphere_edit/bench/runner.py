@@ -84,6 +84,11 @@ def environment(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
+# The first batch's v* by targets key (``EditSession.vstar_key``): (the method that
+# computed it, the v*).
+FirstTargets = dict[str, tuple[str, VStarResult]]
+
+
 class Benchmark:
     """Runs a :class:`BenchConfig` into a run directory."""
 
@@ -97,7 +102,7 @@ class Benchmark:
         loaded: LoadedModel | None = None,
         resume: bool = False,
         pre_edit_from: str | Path | None = None,
-        first_targets: dict[str, tuple[str, VStarResult]] | None = None,
+        first_targets: FirstTargets | None = None,
     ):
         self.config = config
         # Another run of the same model, cases and evaluation settings (typically the
@@ -115,9 +120,7 @@ class Benchmark:
         # methods that take precomputed targets is computed once per targets key. A caller
         # running several benchmarks of one config on one model (a sweep) passes one dict
         # to all of them, so that the first batch's v* is shared across them too.
-        self._first_targets: dict[str, tuple[str, VStarResult]] = (
-            first_targets if first_targets is not None else {}
-        )  # key: (method, v*)
+        self._first_targets: FirstTargets = first_targets if first_targets is not None else {}
         self._edited: list[int] = []  # the layers of the method being run
 
     # -- setup ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..editing.build import SPHERE_OPTIONS, MethodSpec
 from ..model.loading import LoadedModel
 from .figures import new_figure, save_png
 from .rundir import write_jsonl
-from .runner import BenchConfig, Benchmark
+from .runner import BenchConfig, Benchmark, FirstTargets
 
 SWEEP_FILE = "sweep.json"
 ROWS_FILE = "sweep.jsonl"
@@ -156,7 +156,7 @@ def run_sweep(
     first: Path | None = None
     # Every point edits the same first batch of the same base model with the same v*
     # settings (the grid varies SPHERE options only), so its v* is computed once.
-    first_targets: dict[str, Any] = {}
+    first_targets: FirstTargets = {}
     for i, spec in enumerate(specs):
         run_dir = out / f"point-{i:03d}"
         log(f"sweep point {i + 1}/{len(specs)}: {spec}")

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sphere_edit.bench import sweep as sweep_module
-from sphere_edit.bench.rundir import read_jsonl
+from sphere_edit.bench.rundir import BenchRunDir, read_jsonl
 from sphere_edit.bench.runner import BenchConfig, Benchmark
 from sphere_edit.bench.sweep import (
     ROWS_FILE,
@@ -20,7 +20,7 @@ from sphere_edit.bench.sweep import (
     run_sweep,
 )
 from sphere_edit.cli.app import app
-from sphere_edit.editing.journal import INDEX
+from sphere_edit.editing.journal import Journal
 from sphere_edit.model.loading import LoadedModel
 from tests import FIXTURES_DIR
 from tests.tiny_models import make_tiny_model
@@ -86,9 +86,9 @@ def test_sweep_writes_its_table_and_resumes(tmp_path, tiny_tokenizer, monkeypatc
     assert [r["efficacy"] for r in again] == [r["efficacy"] for r in rows]
 
 
-def _delta_hashes(run_dir) -> list[str]:
-    (index,) = run_dir.glob(f"*/journal/{INDEX}")
-    return [entry["delta_sha256"] for entry in json.loads(index.read_text())["batches"]]
+def _delta_hashes(run_dir, spec: str) -> list[str]:
+    journal = Journal(BenchRunDir(run_dir).method(spec).journal)
+    return [entry["delta_sha256"] for entry in journal.index()["batches"]]
 
 
 def test_the_first_batch_v_star_is_computed_once_and_changes_nothing(tmp_path, tiny_tokenizer):
@@ -108,7 +108,8 @@ def test_the_first_batch_v_star_is_computed_once_and_changes_nothing(tmp_path, t
     config = replace(_config(), methods=("memit+sphere:alpha=0.8",))
     Benchmark(config, alone, log=alone_logs.append, progress=False, loaded=loaded).run()
     assert not any("shared" in line for line in alone_logs)
-    assert _delta_hashes(alone) == _delta_hashes(tmp_path / "sweep" / "point-001")
+    spec = "memit+sphere:alpha=0.8"
+    assert _delta_hashes(alone, spec) == _delta_hashes(tmp_path / "sweep" / "point-001", spec)
 
 
 def test_cli_sweep_rejects_a_bad_grid_in_one_line(tmp_path):
